@@ -1,0 +1,384 @@
+"""MoCo's dictionary (a ring-buffer queue of keys) and the memory bank it is compared with.
+
+Both hold their rows as a (rows, dim) array: a batch write into the queue is one or two
+contiguous slices, never a roll or a concatenation of the whole buffer. Both can be saved and
+restored exactly (rows, ids, pointer, random state), so a resumed run loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from ._checks import check_int, check_unit_interval
+from .backend import array_module, as_array, float_array, is_cupy_array, to_numpy
+
+_DTYPES = ("float32", "float64")
+
+
+def _check_dtype(dtype: Any) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.name not in _DTYPES:
+        raise ValueError(f"dtype: expected 'float32' or 'float64', got {dt.name!r}")
+    return dt
+
+
+def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.dtype):
+    """Standard normal rows, each L2-normalised (MoCo's queue initialisation), drawn on the
+    host in float64 so that every dtype and backend starts from the same rows."""
+    rows = rng.standard_normal((size, dim))
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(dtype)
+
+
+def _readonly(a):
+    if isinstance(a, np.ndarray):
+        v = a.view()
+        v.flags.writeable = False
+        return v
+    return a  # CuPy arrays have no read-only flag
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
+    """Write an ``.npz`` file atomically: a crash mid-write leaves any old file intact."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Queue:
+    r"""MoCo's FIFO dictionary of keys as a ring buffer.
+
+    Parameters
+    ----------
+    size : int
+        ``K``, the number of keys.
+    dim : int
+        ``C``, the key dimension.
+    dtype : {"float32", "float64"}
+    seed : int
+        Seed of the initial keys (standard normal rows, each L2-normalised, as in MoCo).
+    backend : {"numpy", "numba", "cupy"}
+        Where the buffer lives (``"cupy"``: on the GPU).
+
+    Attributes
+    ----------
+    keys : ndarray of shape (size, dim)
+        Read-only view of the buffer in storage order (what the loss uses: the order of the
+        negatives does not change InfoNCE).
+    ids : ndarray of int64, shape (size,)
+        Id of the sample each row came from; -1 for the initial random rows.
+    ptr : int
+        The next row to be written.
+
+    Notes
+    -----
+    ``enqueue`` of ``b`` rows behaves as if the rows were written one at a time: row ``j`` of the
+    batch lands at ``(ptr + j) mod size`` and ``ptr`` advances by ``b mod size``. A batch larger
+    than ``size`` therefore keeps its newest ``size`` rows. Unlike the official MoCo code, ``size``
+    need not be a multiple of the batch size (MoCo asserts ``K % N == 0``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from refmoco import Queue
+    >>> queue = Queue(size=4, dim=2, seed=0)
+    >>> queue.enqueue(np.eye(2, dtype=np.float32)[[0, 1, 0]], ids=[7, 8, 9])
+    >>> queue.ptr, queue.ids.tolist()
+    (3, [7, 8, 9, -1])
+    """
+
+    def __init__(self, size, dim, *, dtype="float32", seed=0, backend="numpy"):
+        self.size = check_int(size, "size", minimum=1)
+        self.dim = check_int(dim, "dim", minimum=1)
+        self.dtype = _check_dtype(dtype)
+        if backend not in ("numpy", "numba", "cupy"):
+            raise ValueError(f"backend: expected 'numpy', 'numba' or 'cupy', got {backend!r}")
+        self.backend = backend
+        self.xp = array_module(backend)
+        self.rng = np.random.default_rng(seed)
+        init = _random_unit_rows(self.rng, self.size, self.dim, self.dtype)
+        self._keys = self.xp.asarray(init)  # (K, C)
+        self._ids = np.full(self.size, -1, dtype=np.int64)  # (K,), kept on the host
+        self._ptr = 0
+
+    @property
+    def keys(self):
+        return _readonly(self._keys)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return _readonly(self._ids)
+
+    @property
+    def ptr(self) -> int:
+        return self._ptr
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Queue(size={self.size}, dim={self.dim}, dtype={self.dtype.name}, ptr={self._ptr})"
+
+    def _check_batch(self, keys, ids):
+        keys = float_array(keys, "keys", ndim=2)
+        if keys.shape[1] != self.dim:
+            raise ValueError(f"keys: expected shape (b, {self.dim}), got {tuple(keys.shape)}")
+        if is_cupy_array(keys) != (self.backend == "cupy"):
+            where = "CuPy" if self.backend == "cupy" else "NumPy"
+            raise TypeError(f"keys: this queue lives on backend={self.backend!r}: pass {where} arrays")
+        if not bool(self.xp.isfinite(keys).all()):
+            raise ValueError("keys: expected finite values, got NaN or inf")
+        b = keys.shape[0]
+        if ids is None:
+            ids = np.full(b, -1, dtype=np.int64)
+        else:
+            ids = to_numpy(as_array(ids, "ids"))
+            if ids.dtype.kind not in "iu":
+                raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
+            if ids.shape != (b,):
+                raise ValueError(f"ids: expected shape ({b},) (one per key), got {ids.shape}")
+        return keys, ids.astype(np.int64)
+
+    def enqueue(self, keys, ids=None) -> None:
+        """Write a batch of keys (and their sample ids), oldest rows overwritten first.
+
+        Parameters
+        ----------
+        keys : ndarray of shape (b, dim)
+            Any ``b >= 0``; cast to the queue's dtype.
+        ids : array of int of shape (b,), optional
+            The sample each key came from (-1 when not given).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Wrong dim, non-finite keys, ids of the wrong length or type. The queue is unchanged.
+        """
+        keys, ids = self._check_batch(keys, ids)
+        b = keys.shape[0]
+        if b == 0:
+            return
+        keep = min(b, self.size)  # a batch larger than the queue keeps its newest rows
+        start = (self._ptr + b - keep) % self.size  # where the first kept row lands
+        first = min(keep, self.size - start)  # rows before the wrap-around
+        rows = keys[b - keep:].astype(self.dtype, copy=False)
+        self._keys[start:start + first] = rows[:first]
+        self._keys[: keep - first] = rows[first:]
+        self._ids[start:start + first] = ids[b - keep: b - keep + first]
+        self._ids[: keep - first] = ids[b - keep + first:]
+        self._ptr = (self._ptr + b) % self.size
+
+    def ordered(self):
+        """A (size, dim) copy of the keys, oldest first (the order a FIFO would give)."""
+        return self.xp.concatenate([self._keys[self._ptr:], self._keys[: self._ptr]])
+
+    def ordered_ids(self) -> np.ndarray:
+        """The ids in the order of ``ordered()``."""
+        return np.concatenate([self._ids[self._ptr:], self._ids[: self._ptr]])
+
+    # -- saving and restoring -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to restore the queue exactly: keys, ids, pointer, random state."""
+        return {
+            "keys": to_numpy(self._keys).copy(),
+            "ids": self._ids.copy(),
+            "ptr": np.int64(self._ptr),
+            "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from ``state_dict()``; everything is checked before anything changes."""
+        missing = {"keys", "ids", "ptr", "rng_state"} - set(state)
+        if missing:
+            raise ValueError(f"state: missing entries {sorted(missing)}")
+        keys = np.asarray(state["keys"])
+        ids = np.asarray(state["ids"])
+        ptr = int(state["ptr"])
+        if keys.shape != (self.size, self.dim):
+            raise ValueError(
+                f"state['keys']: expected shape ({self.size}, {self.dim}), got {keys.shape}"
+            )
+        if keys.dtype != self.dtype:
+            raise ValueError(f"state['keys']: expected dtype {self.dtype}, got {keys.dtype}")
+        if ids.shape != (self.size,) or ids.dtype.kind not in "iu":
+            raise ValueError(f"state['ids']: expected ({self.size},) integers, got {ids.shape}")
+        if not 0 <= ptr < self.size:
+            raise ValueError(f"state['ptr']: expected an integer in [0, {self.size}), got {ptr}")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        self._keys = self.xp.asarray(keys.copy())
+        self._ids = ids.astype(np.int64).copy()
+        self._ptr = ptr
+        self.rng = rng
+
+    def save(self, path) -> None:
+        """Save to an ``.npz`` file, atomically."""
+        atomic_savez(path, **self.state_dict())
+
+    @classmethod
+    def load(cls, path, *, backend="numpy") -> Queue:
+        """A queue restored from a file written by ``save``."""
+        with np.load(path, allow_pickle=False) as f:
+            state = {name: f[name] for name in f.files}
+        if "keys" not in state:
+            raise ValueError(f"{path}: not a saved Queue (no 'keys' array)")
+        size, dim = state["keys"].shape
+        queue = cls(size, dim, dtype=state["keys"].dtype, backend=backend)
+        queue.load_state_dict(state)
+        return queue
+
+
+class MemoryBank:
+    r"""One L2-normalised feature row per training sample (Wu et al. 2018).
+
+    Parameters
+    ----------
+    size : int
+        Number of training samples (rows).
+    dim : int
+    momentum : float in [0, 1]
+        Weight of the old row in ``update``; Wu et al. use 0.5.
+    dtype : {"float32", "float64"}
+    seed : int
+        Seed of the initial rows and of the default sampling generator.
+    backend : {"numpy", "numba", "cupy"}
+
+    Notes
+    -----
+    ``update(i, f)`` sets :math:`v_i \leftarrow \frac{m v_i + (1 - m) f}{\lVert m v_i + (1-m) f
+    \rVert}`. The negatives of a query are drawn uniformly, with replacement, from the other rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from refmoco import MemoryBank
+    >>> bank = MemoryBank(10, 4, seed=0)
+    >>> idx = bank.sample(np.array([3, 5]), num_negatives=6, rng=np.random.default_rng(1))
+    >>> idx.shape, bool((idx[0] != 3).all() and (idx[1] != 5).all())
+    ((2, 6), True)
+    """
+
+    def __init__(self, size, dim, *, momentum=0.5, dtype="float32", seed=0, backend="numpy"):
+        self.size = check_int(size, "size", minimum=1)
+        self.dim = check_int(dim, "dim", minimum=1)
+        self.momentum = check_unit_interval(momentum, "momentum")
+        self.dtype = _check_dtype(dtype)
+        if backend not in ("numpy", "numba", "cupy"):
+            raise ValueError(f"backend: expected 'numpy', 'numba' or 'cupy', got {backend!r}")
+        self.backend = backend
+        self.xp = array_module(backend)
+        self.rng = np.random.default_rng(seed)
+        self._bank = self.xp.asarray(_random_unit_rows(self.rng, self.size, self.dim, self.dtype))
+
+    @property
+    def bank(self):
+        return _readonly(self._bank)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _check_indices(self, indices, name="indices") -> np.ndarray:
+        idx = to_numpy(as_array(indices, name))
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected integers, got dtype {idx.dtype}")
+        if idx.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-d array, got shape {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.size):
+            raise ValueError(f"{name}: expected integers in [0, {self.size})")
+        return idx.astype(np.int64)
+
+    def update(self, indices, feats) -> None:
+        """Move rows ``indices`` towards ``feats`` and renormalise them.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad indices (out of range, repeated), feats of the wrong shape or non-finite. The
+            bank is unchanged.
+        """
+        idx = self._check_indices(indices)
+        if np.unique(idx).size != idx.size:
+            raise ValueError("indices: expected distinct rows (a repeated row's update is ambiguous)")
+        feats = float_array(feats, "feats", ndim=2)
+        if feats.shape != (idx.size, self.dim):
+            raise ValueError(f"feats: expected shape ({idx.size}, {self.dim}), got {feats.shape}")
+        if is_cupy_array(feats) != (self.backend == "cupy"):
+            raise TypeError(f"feats: this bank lives on backend={self.backend!r}")
+        if not bool(self.xp.isfinite(feats).all()):
+            raise ValueError("feats: expected finite values, got NaN or inf")
+        m = self.dtype.type(self.momentum)
+        rows = m * self._bank[idx] + (1 - m) * feats.astype(self.dtype, copy=False)  # (b, C)
+        norms = self.xp.sqrt((rows * rows).sum(axis=1, keepdims=True))
+        self._bank[idx] = rows / self.xp.maximum(norms, self.dtype.type(1e-12))
+
+    def sample(self, indices, num_negatives, rng=None) -> np.ndarray:
+        """(len(indices), num_negatives) row indices drawn uniformly, never the query's own.
+
+        Parameters
+        ----------
+        indices : array of int of shape (b,)
+        num_negatives : int
+        rng : numpy.random.Generator, optional
+            Defaults to the bank's own generator (saved with the bank).
+        """
+        idx = self._check_indices(indices)
+        m = check_int(num_negatives, "num_negatives", minimum=0)
+        if self.size < 2:
+            raise ValueError("size: sampling negatives needs a bank of at least 2 rows")
+        rng = self.rng if rng is None else rng
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+        draws = rng.integers(0, self.size - 1, size=(idx.size, m))  # uniform over size-1 rows
+        return draws + (draws >= idx[:, None])  # skip the query's own row
+
+    def state_dict(self) -> dict:
+        return {
+            "bank": to_numpy(self._bank).copy(),
+            "momentum": np.float64(self.momentum),
+            "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"bank", "momentum", "rng_state"} - set(state)
+        if missing:
+            raise ValueError(f"state: missing entries {sorted(missing)}")
+        bank = np.asarray(state["bank"])
+        if bank.shape != (self.size, self.dim) or bank.dtype != self.dtype:
+            raise ValueError(
+                f"state['bank']: expected ({self.size}, {self.dim}) {self.dtype}, "
+                f"got {bank.shape} {bank.dtype}"
+            )
+        momentum = check_unit_interval(state["momentum"], "state['momentum']")
+        rng = np.random.default_rng()
+        rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        self._bank = self.xp.asarray(bank.copy())
+        self.momentum = momentum
+        self.rng = rng
+
+    def save(self, path) -> None:
+        atomic_savez(path, **self.state_dict())
+
+    @classmethod
+    def load(cls, path, *, backend="numpy") -> MemoryBank:
+        with np.load(path, allow_pickle=False) as f:
+            state = {name: f[name] for name in f.files}
+        if "bank" not in state:
+            raise ValueError(f"{path}: not a saved MemoryBank (no 'bank' array)")
+        size, dim = state["bank"].shape
+        bank = cls(size, dim, dtype=state["bank"].dtype, backend=backend)
+        bank.load_state_dict(state)
+        return bank

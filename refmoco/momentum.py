@@ -1,0 +1,122 @@
+"""The momentum (exponential moving average) update of MoCo's key encoder, and its schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._checks import check_int, check_unit_interval
+from .backend import as_array, resolve
+
+
+def _leaves(target: Any, source: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """Pair the arrays of ``target`` and ``source`` (array, list, tuple or dict), checking
+    structure, shapes and dtypes before anything is written."""
+    if isinstance(target, dict):
+        if not isinstance(source, dict) or set(target) != set(source):
+            raise ValueError(f"source{path}: expected a dict with the keys of target")
+        pairs = []
+        for key in target:
+            pairs += _leaves(target[key], source[key], f"{path}[{key!r}]")
+        return pairs
+    if isinstance(target, (list, tuple)):
+        if not isinstance(source, (list, tuple)) or len(source) != len(target):
+            raise ValueError(f"source{path}: expected a list/tuple of length {len(target)}")
+        pairs = []
+        for i, (t, s) in enumerate(zip(target, source)):
+            pairs += _leaves(t, s, f"{path}[{i}]")
+        return pairs
+    t = as_array(target, f"target{path}")
+    s = as_array(source, f"source{path}")
+    if t is not target and not (
+        hasattr(target, "__dlpack__") and str(target.dtype).endswith(t.dtype.name)
+    ):  # a tensor shared through DLPack is updated in place; a list or a widened copy is not
+        raise TypeError(f"target{path}: expected a writeable float array, got {type(target).__name__}")
+    if t.dtype.kind != "f":
+        raise TypeError(f"target{path}: expected a floating-point array, got dtype {t.dtype}")
+    if s.dtype.kind != "f":
+        raise TypeError(f"source{path}: expected a floating-point array, got dtype {s.dtype}")
+    if t.shape != s.shape:
+        raise ValueError(f"source{path}: expected shape {tuple(t.shape)}, got {tuple(s.shape)}")
+    if hasattr(t, "flags") and not t.flags.writeable:
+        raise ValueError(f"target{path}: the array is read-only")
+    return [(path, t, s)]
+
+
+def momentum_update(target, source, momentum, *, backend=None):
+    r"""In place, ``target = momentum * target + (1 - momentum) * source``.
+
+    MoCo's key encoder follows the query encoder this way, with ``momentum = 0.999``.
+
+    Parameters
+    ----------
+    target : ndarray, or list / tuple / dict of ndarrays
+        Updated in place (the key encoder's parameters).
+    source : same structure and shapes as ``target``
+        Read only (the query encoder's parameters).
+    momentum : float in [0, 1]
+        1 keeps ``target``; 0 copies ``source``.
+    backend : {None, "numpy", "numba", "cupy"}
+
+    Returns
+    -------
+    The same ``target`` object.
+
+    Raises
+    ------
+    ValueError
+        ``momentum`` outside [0, 1], mismatched structure or shapes, a read-only target.
+    TypeError
+        Non-float arrays, a target that is not an array.
+        Every check runs before anything is written: a rejected call changes nothing.
+
+    Notes
+    -----
+    .. math:: \theta_k \leftarrow m\,\theta_k + (1 - m)\,\theta_q
+
+    No gradient flows through this update: the key encoder is never trained by backpropagation.
+    A dtype mismatch is allowed (the source is read in the target's dtype).
+
+    Examples
+    --------
+    >>> import numpy as np, refmoco
+    >>> t = {"w": np.zeros(3)}; s = {"w": np.ones(3)}
+    >>> refmoco.momentum_update(t, s, 0.9)["w"]
+    array([0.1, 0.1, 0.1])
+    """
+    m = check_unit_interval(momentum, "momentum")
+    pairs = _leaves(target, source, "")
+    be = resolve(backend, *(t for _, t, _ in pairs), *(s for _, _, s in pairs))
+    for _, t, s in pairs:
+        if be.kernels is not None and hasattr(be.kernels, "momentum_update"):
+            be.kernels.momentum_update(t, s, m)
+            continue
+        t *= t.dtype.type(m)
+        t += t.dtype.type(1.0 - m) * s.astype(t.dtype, copy=False)
+    return target
+
+
+def cosine_momentum(step, total_steps, base=0.99, final=1.0):
+    r"""The momentum at ``step``: from ``base`` up to ``final`` along a half cosine.
+
+    Used by BYOL and MoCo v3: :math:`m = f - (f - b)\,\tfrac12\,(1 + \cos(\pi\,s / S))`.
+
+    Parameters
+    ----------
+    step : int in [0, total_steps]
+    total_steps : int > 0
+    base, final : float in [0, 1]
+
+    Examples
+    --------
+    >>> from refmoco import cosine_momentum
+    >>> cosine_momentum(0, 100), cosine_momentum(100, 100)
+    (0.99, 1.0)
+    """
+    total = check_int(total_steps, "total_steps", minimum=1)
+    s = check_int(step, "step", minimum=0)
+    if s > total:
+        raise ValueError(f"step: expected an integer in [0, total_steps={total}], got {s}")
+    b = check_unit_interval(base, "base")
+    f = check_unit_interval(final, "final")
+    return f - (f - b) * (1.0 + math.cos(math.pi * s / total)) / 2.0

@@ -1,0 +1,201 @@
+"""Queue against collections.deque(maxlen=size); MemoryBank; saving and restoring."""
+
+from collections import deque
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from strategies import arrays
+
+from refmoco import MemoryBank, Queue
+
+
+class QueueAgainstDeque(RuleBasedStateMachine):
+    """Every enqueue is mirrored row by row into a deque(maxlen=size) pre-filled with the
+    queue's initial rows; ``ordered()`` must equal the deque, and the pointer must be the
+    number of rows written so far modulo size."""
+
+    @initialize(size=st.integers(1, 9), dim=st.integers(1, 3),
+                dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+    def start(self, size, dim, dtype, seed):
+        self.queue = Queue(size, dim, dtype=dtype, seed=seed)
+        self.model = deque(zip(self.queue.keys.copy(), self.queue.ids.tolist()), maxlen=size)
+        self.written = 0
+        self.next_id = 0
+
+    @rule(data=st.data(), b=st.integers(0, 25), with_ids=st.booleans())
+    def enqueue(self, data, b, with_ids):
+        keys = data.draw(arrays((b, self.queue.dim), st.floats(-4, 4, width=32)))
+        ids = np.arange(self.next_id, self.next_id + b) if with_ids else None
+        self.queue.enqueue(keys, ids=ids)
+        for j in range(b):
+            self.model.append((keys[j].astype(self.queue.dtype), -1 if ids is None else ids[j]))
+        self.written += b
+        self.next_id += b
+
+    @precondition(lambda self: hasattr(self, "queue"))
+    @rule(bad=st.sampled_from(["dim", "nan", "ids_length", "ids_float", "int_keys"]))
+    def rejected_enqueue_changes_nothing(self, bad):
+        before = self.queue.state_dict()
+        dim = self.queue.dim
+        args = {
+            "dim": (np.zeros((2, dim + 1)), None),
+            "nan": (np.full((2, dim), np.nan), None),
+            "ids_length": (np.zeros((2, dim)), np.arange(3)),
+            "ids_float": (np.zeros((2, dim)), np.zeros(2)),
+            "int_keys": (np.zeros((2, dim), dtype=int), None),
+        }[bad]
+        with pytest.raises((ValueError, TypeError), match="keys|ids"):
+            self.queue.enqueue(*args)
+        after = self.queue.state_dict()
+        for name in ("keys", "ids", "ptr", "rng_state"):
+            np.testing.assert_array_equal(after[name], before[name])
+
+    @rule()
+    def save_and_restore(self):
+        clone = Queue(self.queue.size, self.queue.dim, dtype=self.queue.dtype, seed=99)
+        clone.load_state_dict(self.queue.state_dict())
+        self.queue = clone
+
+    @invariant()
+    def matches_the_deque(self):
+        if not hasattr(self, "queue"):
+            return
+        expected_keys = np.stack([row for row, _ in self.model])
+        np.testing.assert_array_equal(self.queue.ordered(), expected_keys)
+        np.testing.assert_array_equal(self.queue.ordered_ids(), [i for _, i in self.model])
+        assert self.queue.ptr == self.written % self.queue.size
+        assert self.queue.keys.dtype == self.queue.dtype
+        assert len(self.queue) == self.queue.size
+
+
+TestQueueAgainstDeque = QueueAgainstDeque.TestCase
+TestQueueAgainstDeque.settings = settings(max_examples=60, stateful_step_count=12, deadline=None)
+
+
+def test_initial_rows_are_unit_normal_and_reproducible():
+    a, b = Queue(64, 16, seed=3), Queue(64, 16, seed=3)
+    np.testing.assert_array_equal(a.keys, b.keys)
+    assert not np.array_equal(a.keys, Queue(64, 16, seed=4).keys)
+    np.testing.assert_allclose(np.linalg.norm(a.keys, axis=1), 1.0, rtol=1e-6)
+    assert a.keys.dtype == np.float32 and (a.ids == -1).all() and a.ptr == 0
+
+
+def test_keys_and_ids_are_read_only_views():
+    queue = Queue(4, 2)
+    with pytest.raises(ValueError):
+        queue.keys[0, 0] = 1.0
+    with pytest.raises(ValueError):
+        queue.ids[0] = 1
+
+
+def test_batch_larger_than_the_queue_keeps_its_newest_rows():
+    queue = Queue(3, 1, dtype="float64")
+    queue.enqueue(np.arange(7.0)[:, None], ids=np.arange(7))
+    np.testing.assert_array_equal(queue.ordered()[:, 0], [4.0, 5.0, 6.0])
+    np.testing.assert_array_equal(queue.ordered_ids(), [4, 5, 6])
+    assert queue.ptr == 7 % 3
+
+
+def test_save_and_load_round_trip(tmp_path):
+    queue = Queue(10, 3, seed=1)
+    queue.enqueue(np.ones((4, 3), dtype=np.float32), ids=[1, 2, 3, 4])
+    queue.save(tmp_path / "queue.npz")
+    restored = Queue.load(tmp_path / "queue.npz")
+    np.testing.assert_array_equal(restored.keys, queue.keys)
+    np.testing.assert_array_equal(restored.ids, queue.ids)
+    assert restored.ptr == queue.ptr
+    assert restored.rng.bit_generator.state == queue.rng.bit_generator.state
+
+
+def test_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "queue.npz"
+    Queue(4, 2, seed=1).save(path)
+    good = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="disk full"):
+        Queue(4, 2, seed=2).save(path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["queue.npz"]  # no temporary left behind
+
+
+def test_load_state_dict_rejects_a_mismatched_state_and_changes_nothing():
+    queue = Queue(5, 2, seed=0)
+    before = queue.state_dict()
+    bad = Queue(6, 2).state_dict()
+    with pytest.raises(ValueError, match="keys"):
+        queue.load_state_dict(bad)
+    bad = dict(before, ptr=np.int64(9))
+    with pytest.raises(ValueError, match="ptr"):
+        queue.load_state_dict(bad)
+    np.testing.assert_array_equal(queue.keys, before["keys"])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(size=0, dim=2), "size"), (dict(size=2, dim=0), "dim"),
+    (dict(size=2, dim=2, dtype="int32"), "dtype"), (dict(size=2.5, dim=2), "size"),
+    (dict(size=2, dim=2, backend="torch"), "backend"),
+])
+def test_bad_constructor_arguments(kwargs, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        Queue(**kwargs)
+
+
+# -- MemoryBank ------------------------------------------------------------------------------
+
+
+@given(st.data(), st.floats(0.0, 1.0))
+def test_memory_bank_update_is_the_normalised_moving_average(data, momentum):
+    size, dim = data.draw(st.integers(2, 8)), data.draw(st.integers(1, 4))
+    bank = MemoryBank(size, dim, momentum=momentum, dtype="float64", seed=0)
+    idx = np.array(data.draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=size,
+                                      unique=True)))
+    feats = data.draw(arrays((len(idx), dim), st.floats(0.1, 1.0, width=64)))
+    old = bank.bank.copy()
+    bank.update(idx, feats)
+    for row, i in enumerate(idx):  # loop reference
+        v = momentum * old[i] + (1 - momentum) * feats[row]
+        np.testing.assert_allclose(bank.bank[i], v / np.sqrt(sum(x * x for x in v)), rtol=1e-12)
+    untouched = np.setdiff1d(np.arange(size), idx)
+    np.testing.assert_array_equal(bank.bank[untouched], old[untouched])
+
+
+def test_memory_bank_sampling_is_uniform_over_the_other_rows():
+    bank = MemoryBank(5, 2, seed=0)
+    draws = bank.sample(np.full(20000, 2), num_negatives=1, rng=np.random.default_rng(0))[:, 0]
+    counts = np.bincount(draws, minlength=5)
+    assert counts[2] == 0
+    expected = 20000 / 4  # binomial sd ~ 61: 5 sd bound
+    assert np.all(np.abs(counts[[0, 1, 3, 4]] - expected) < 5 * np.sqrt(20000 * 0.25 * 0.75))
+
+
+def test_memory_bank_bad_update_changes_nothing():
+    bank = MemoryBank(6, 3, seed=0)
+    before = bank.bank.copy()
+    for idx, feats, words in [
+        (np.array([0, 6]), np.ones((2, 3)), "indices"),
+        (np.array([1, 1]), np.ones((2, 3)), "indices"),
+        (np.array([0, 1]), np.ones((2, 2)), "feats"),
+        (np.array([0, 1]), np.full((2, 3), np.inf), "feats"),
+        (np.array([0.0, 1.0]), np.ones((2, 3)), "indices"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=words):
+            bank.update(idx, feats)
+    np.testing.assert_array_equal(bank.bank, before)
+
+
+def test_memory_bank_save_and_load(tmp_path):
+    bank = MemoryBank(6, 3, momentum=0.7, seed=0)
+    bank.update([1, 4], np.ones((2, 3), dtype=np.float32))
+    bank.sample([0], 3)  # advances the bank's own generator
+    bank.save(tmp_path / "bank.npz")
+    restored = MemoryBank.load(tmp_path / "bank.npz")
+    np.testing.assert_array_equal(restored.bank, bank.bank)
+    assert restored.momentum == 0.7
+    np.testing.assert_array_equal(restored.sample([0, 1], 4), bank.sample([0, 1], 4))

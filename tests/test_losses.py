@@ -1,0 +1,349 @@
+"""The losses against three independent oracles: loop references (tests/naive.py), central
+finite differences in float64, and closed forms / invariants."""
+
+import math
+
+import naive
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from strategies import FLOAT, arrays, cpc_inputs, info_nce_inputs, unit_rows
+
+import refmoco
+from refmoco.testing import assert_close, check_grad
+
+REDUCTION = st.sampled_from(["mean", "sum"])
+FD = dict(rtol=1e-6)  # central differences in float64 with eps = 1e-6
+
+
+def logit_scale(*arrays_, temperature=1.0):
+    """Size of the largest logit: the loss is a difference of terms this large."""
+    sizes = [float(np.abs(a).max()) for a in arrays_ if a is not None and a.size]
+    return max(1.0, math.prod(sizes) * max(arrays_[0].shape[-1], 1) / temperature)
+
+
+# -- 1. loop references, float64 -------------------------------------------------------------
+
+
+@given(info_nce_inputs(unit=False), REDUCTION)
+def test_info_nce_matches_loop_reference(inputs, reduction):
+    q, k, negatives, t = inputs
+    out = refmoco.info_nce_loss(q, k, negatives, temperature=t, reduction=reduction)
+    expected = naive.info_nce(q, k, negatives, t, reduction)
+    scale = logit_scale(q, k, temperature=t) * (len(q) if reduction == "sum" else 1)
+    assert_close(out.loss, np.float64(expected), rtol=1e-12, atol=1e-13 * scale)
+
+
+@given(st.data(), REDUCTION)
+def test_softmax_cross_entropy_matches_loop_reference(data, reduction):
+    n, m = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 7))
+    logits = data.draw(arrays((n, m), st.floats(-50, 50, width=64)))
+    labels = data.draw(arrays((n,), st.integers(0, m - 1), dtype=np.int64))
+    out = refmoco.softmax_cross_entropy(logits, labels, reduction=reduction)
+    expected = naive.softmax_cross_entropy(logits, labels, reduction)
+    assert_close(out.loss, np.float64(expected), rtol=1e-12, atol=1e-13 * 50 * n)
+
+
+@given(st.data(), REDUCTION, st.floats(0.1, 3.0))
+def test_contrastive_matches_loop_reference(data, reduction, margin):
+    n, d = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 5))
+    x1, x2 = data.draw(arrays((n, d))), data.draw(arrays((n, d)))
+    y = data.draw(arrays((n,), st.integers(0, 1), dtype=np.int64))
+    out = refmoco.contrastive_loss(x1, x2, y, margin=margin, reduction=reduction)
+    expected = naive.contrastive(x1, x2, y, margin, reduction)
+    assert_close(out.loss, np.float64(expected), rtol=1e-12, atol=1e-14 * n * d)
+
+
+@given(cpc_inputs(), REDUCTION)
+def test_cpc_matches_loop_reference(inputs, reduction):
+    z, c, W = inputs
+    out = refmoco.cpc_loss(z, c, W, reduction=reduction)
+    expected = naive.cpc(z, c, W, reduction)
+    assert_close(out.loss, np.float64(expected), rtol=1e-12, atol=1e-13 * z.size * W.size)
+
+
+# -- 2. gradients against central finite differences, float64 --------------------------------
+
+
+@given(info_nce_inputs(), REDUCTION)
+def test_info_nce_gradients_match_finite_differences(inputs, reduction):
+    q, k, negatives, t = inputs
+    args = {"q": q, "k": k, "negatives": negatives, "temperature": t, "reduction": reduction}
+    check_grad(refmoco.info_nce_loss, args, **FD)
+
+
+@given(st.data(), REDUCTION)
+def test_softmax_cross_entropy_gradient_matches_finite_differences(data, reduction):
+    n, m = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    logits = data.draw(arrays((n, m), st.floats(-5, 5, width=64)))
+    labels = data.draw(arrays((n,), st.integers(0, m - 1), dtype=np.int64))
+    args = {"logits": logits, "labels": labels, "reduction": reduction}
+    check_grad(refmoco.softmax_cross_entropy, args, **FD)
+
+
+@given(st.data(), REDUCTION, st.floats(0.2, 3.0))
+def test_contrastive_gradients_match_finite_differences(data, reduction, margin):
+    n, d = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 4))
+    x1, x2 = data.draw(arrays((n, d))), data.draw(arrays((n, d)))
+    y = data.draw(arrays((n,), st.integers(0, 1), dtype=np.int64))
+    dist = np.linalg.norm(x1 - x2, axis=1)
+    assume(np.all(np.abs(dist - margin) > 1e-3) and np.all(dist > 1e-3))  # off the kinks
+    args = {"x1": x1, "x2": x2, "y": y, "margin": margin, "reduction": reduction}
+    check_grad(refmoco.contrastive_loss, args, **FD)
+
+
+@given(cpc_inputs(), REDUCTION)
+def test_cpc_gradients_match_finite_differences(inputs, reduction):
+    z, c, W = inputs
+    check_grad(refmoco.cpc_loss, {"z": z, "c": c, "W": W, "reduction": reduction}, **FD)
+
+
+@pytest.mark.parametrize("mode", ["queue", "per_query", "in_batch"])
+def test_info_nce_gradients_elementwise_small_case(mode, rng):
+    q, k = unit_rows(rng.normal(size=(3, 4))), unit_rows(rng.normal(size=(3, 4)))
+    negatives = {"queue": unit_rows(rng.normal(size=(5, 4))),
+                 "per_query": unit_rows(rng.normal(size=(3, 2, 4))), "in_batch": None}[mode]
+    args = {"q": q, "k": k, "negatives": negatives, "temperature": 0.2}
+    report = check_grad(refmoco.info_nce_loss, args, mode="elementwise", **FD)
+    assert set(report.errors) == ({"q", "k"} if negatives is None else {"q", "k", "negatives"})
+
+
+@given(arrays(st.tuples(st.integers(1, 4), st.integers(1, 5)),
+              st.floats(-1e3, 1e3, width=64)))
+def test_l2_normalize_backward_matches_finite_differences(x):
+    assume(np.all(np.linalg.norm(x, axis=1) > 1e-3))
+
+    def fun(x, cotangent):
+        y, backward = refmoco.l2_normalize(x)
+        return np.sum(y * cotangent), {"x": backward(cotangent)}
+
+    cotangent = np.random.default_rng(0).normal(size=x.shape)
+    check_grad(fun, {"x": x, "cotangent": cotangent}, wrt=("x",), **FD)
+
+
+# -- 3. closed forms and invariants ----------------------------------------------------------
+
+
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(1, 40), st.floats(0.01, 5.0))
+def test_collapsed_embeddings_give_log_k_plus_one(n, c, k, t):
+    v = unit_rows(np.ones((1, c)))
+    q = np.repeat(v, n, axis=0)
+    out = refmoco.info_nce_loss(q, q, np.repeat(v, k, axis=0), temperature=t)
+    assert_close(out.loss, np.float64(math.log(k + 1)), rtol=1e-12)
+    assert_close(out.grads["q"] * 0, out.grads["q"] * 0)  # finite: no NaN anywhere
+    assert np.isfinite(out.grads["q"]).all()
+
+
+@given(info_nce_inputs(mode="queue"), st.randoms(use_true_random=False))
+def test_permuting_the_negatives_changes_nothing(inputs, random):
+    q, k, negatives, t = inputs
+    tol = 1e-14 * logit_scale(q, k, temperature=t) * len(q)  # terms of this size cancel
+    perm = np.array(random.sample(range(len(negatives)), len(negatives)))
+    a = refmoco.info_nce_loss(q, k, negatives, temperature=t)
+    b = refmoco.info_nce_loss(q, k, negatives[perm], temperature=t)
+    assert_close(b.loss, a.loss, atol=tol)
+    assert_close(b.grads["q"], a.grads["q"], atol=tol)
+    assert_close(b.grads["negatives"], a.grads["negatives"][perm], atol=tol)
+
+
+@given(st.data(), st.floats(-100, 100))
+def test_adding_a_constant_to_every_logit_changes_nothing(data, shift):
+    n, m = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 6))
+    logits = data.draw(arrays((n, m), st.floats(-5, 5, width=64)))
+    labels = data.draw(arrays((n,), st.integers(0, m - 1), dtype=np.int64))
+    a = refmoco.softmax_cross_entropy(logits, labels)
+    b = refmoco.softmax_cross_entropy(logits + shift, labels)
+    assert_close(b.loss, a.loss, rtol=1e-12, atol=1e-13 * (abs(shift) + 5))
+    assert_close(b.grads["logits"], a.grads["logits"], rtol=1e-12, atol=1e-13 * (abs(shift) + 5))
+
+
+@given(info_nce_inputs(mode="in_batch"), REDUCTION)
+def test_in_batch_info_nce_is_cross_entropy_of_q_kT(inputs, reduction):
+    q, k, _, t = inputs
+    tol = 1e-14 * logit_scale(q, k, temperature=t) * len(q)  # terms of this size cancel
+    a = refmoco.info_nce_loss(q, k, temperature=t, reduction=reduction)
+    b = refmoco.softmax_cross_entropy(q @ k.T / t, np.arange(len(q)), reduction=reduction)
+    assert_close(a.loss, b.loss, atol=tol)
+    assert_close(a.grads["q"], b.grads["logits"] @ k / t, atol=tol)
+    assert_close(a.grads["k"], b.grads["logits"].T @ q / t, atol=tol)
+
+
+@given(info_nce_inputs(mode="queue"))
+def test_per_query_negatives_that_are_all_the_queue_equal_the_shared_mode(inputs):
+    q, k, negatives, t = inputs
+    tol = 1e-14 * logit_scale(q, k, temperature=t) * len(q)  # terms of this size cancel
+    shared = refmoco.info_nce_loss(q, k, negatives, temperature=t)
+    tiled = np.broadcast_to(negatives, (len(q),) + negatives.shape).copy()
+    per_query = refmoco.info_nce_loss(q, k, tiled, temperature=t)
+    assert_close(per_query.loss, shared.loss, atol=tol)
+    assert_close(per_query.grads["q"], shared.grads["q"], atol=tol)
+    assert_close(per_query.grads["k"], shared.grads["k"], atol=tol)
+    assert_close(per_query.grads["negatives"].sum(axis=0), shared.grads["negatives"], atol=tol)
+
+
+@given(info_nce_inputs())
+def test_sum_reduction_is_n_times_mean(inputs):
+    q, k, negatives, t = inputs
+    tol = 1e-14 * logit_scale(q, k, temperature=t) * len(q)  # terms of this size cancel
+    mean = refmoco.info_nce_loss(q, k, negatives, temperature=t)
+    total = refmoco.info_nce_loss(q, k, negatives, temperature=t, reduction="sum")
+    assert_close(total.loss, mean.loss * len(q), atol=tol)
+    for name in mean.grads:
+        assert_close(total.grads[name], mean.grads[name] * len(q), atol=tol)
+
+
+def test_contrastive_known_values():
+    x1 = np.zeros((3, 2))
+    x2 = np.array([[3.0, 4.0], [0.3, 0.4], [3.0, 4.0]])
+    out = refmoco.contrastive_loss(x1, x2, np.array([0, 1, 1]), margin=1.0, reduction="sum")
+    # similar pair at distance 5: 25/2; dissimilar at 0.5 inside the margin: 0.25/2; outside: 0
+    assert float(out.loss) == pytest.approx(12.5 + 0.125, rel=1e-15)
+    np.testing.assert_allclose(out.grads["x1"][2], 0.0)  # outside the margin: no gradient
+
+
+def test_contrastive_dissimilar_pair_at_zero_distance_has_zero_gradient():
+    x = np.ones((2, 3))
+    out = refmoco.contrastive_loss(x, x.copy(), np.array([True, True]), margin=2.0)
+    assert float(out.loss) == pytest.approx(2.0)  # (2 - 0)^2 / 2 each, mean
+    assert not out.grads["x1"].any() and not out.grads["x2"].any()
+
+
+@given(st.floats(0.0, 20.0), st.integers(1, 100_000))
+def test_mi_lower_bound(loss, n):
+    assert refmoco.mi_lower_bound(loss, n) == math.log(n) - loss
+    arr = refmoco.mi_lower_bound(np.float32(loss), n)
+    assert arr.dtype == np.float32
+
+
+def test_l2_normalize_known_values_and_zero_rows():
+    y, backward = refmoco.l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    np.testing.assert_array_equal(y, [[0.6, 0.8], [0.0, 0.0]])
+    dx = backward(np.array([[1.0, 0.0], [1.0, 2.0]]))
+    np.testing.assert_allclose(dx[0], [0.64 / 5, -0.48 / 5], rtol=1e-15)
+    np.testing.assert_array_equal(dx[1], [1e12, 2e12])  # clamped norm: dy / eps
+
+
+@given(st.floats(1e-12, 1e30), st.sampled_from([np.float32, np.float64]))  # norm 3x > eps
+def test_l2_normalize_neither_overflows_nor_underflows(scale, dtype):
+    x = (np.array([[1.0, -2.0, 2.0]]) * scale).astype(dtype)
+    assume(np.all(np.isfinite(x)) and np.abs(x).min() > np.finfo(dtype).tiny)
+    y, _ = refmoco.l2_normalize(x)
+    assert y.dtype == dtype
+    assert_close(y, np.array([[1.0, -2.0, 2.0]], dtype=dtype) / 3)
+
+
+# -- numerics and dtypes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["queue", "per_query", "in_batch"])
+def test_tiny_temperature_and_large_norms_stay_finite_in_float32(mode, rng):
+    q = (rng.normal(size=(8, 16)) * 1e3).astype(np.float32)
+    k = (rng.normal(size=(8, 16)) * 1e3).astype(np.float32)
+    negatives = {"queue": rng.normal(size=(32, 16)) * 1e3,
+                 "per_query": rng.normal(size=(8, 4, 16)) * 1e3, "in_batch": None}[mode]
+    negatives = None if negatives is None else negatives.astype(np.float32)
+    out = refmoco.info_nce_loss(q, k, negatives, temperature=0.01)
+    assert out.loss.dtype == np.float32 and np.isfinite(out.loss)
+    expected = refmoco.info_nce_loss(q.astype(np.float64), k.astype(np.float64),
+                                     None if negatives is None else negatives.astype(np.float64),
+                                     temperature=0.01)
+    # float32 logits near 1e9 carry absolute rounding ~1e9 * eps32 = 1e2
+    assert_close(out.loss, expected.loss.astype(np.float32), rtol=1e-5)
+    for name, g in out.grads.items():
+        assert g.dtype == np.float32 and np.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_dtype_is_preserved_and_half_is_computed_in_float32(dtype, rng):
+    q, k = rng.normal(size=(4, 8)).astype(dtype), rng.normal(size=(4, 8)).astype(dtype)
+    queue = rng.normal(size=(16, 8)).astype(dtype)
+    expected = np.float32 if dtype == np.float16 else dtype
+    out = refmoco.info_nce_loss(q, k, queue, temperature=0.5)
+    assert out.loss.dtype == expected and out.loss.shape == ()
+    assert {g.dtype for g in out.grads.values()} == {np.dtype(expected)}
+    cl = refmoco.contrastive_loss(q, k, np.array([0, 1, 0, 1]))
+    assert cl.loss.dtype == expected and cl.grads["x1"].dtype == expected
+    z = rng.normal(size=(2, 4, 3)).astype(dtype)
+    W = rng.normal(size=(1, 3, 3)).astype(dtype)
+    cpc = refmoco.cpc_loss(z, z, W)
+    assert cpc.loss.dtype == expected and cpc.grads["W"].dtype == expected
+
+
+def test_wrt_limits_the_gradients(rng):
+    q, k, queue = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    full = refmoco.info_nce_loss(q, k, queue)
+    only_q = refmoco.info_nce_loss(q, k, queue, wrt=("q",))
+    assert set(only_q.grads) == {"q"}
+    np.testing.assert_array_equal(only_q.grads["q"], full.grads["q"])
+    assert refmoco.info_nce_loss(q, k, queue, wrt=()).grads == {}
+    assert set(refmoco.cpc_loss(rng.normal(size=(2, 3, 2)), rng.normal(size=(2, 3, 2)),
+                                rng.normal(size=(1, 2, 2)), wrt=["W"]).grads) == {"W"}
+
+
+def test_loss_output_is_a_named_tuple_with_a_0d_loss(rng):
+    loss, grads = refmoco.info_nce_loss(rng.normal(size=(2, 3)), rng.normal(size=(2, 3)))
+    assert isinstance(loss, np.ndarray) and loss.shape == ()
+    assert isinstance(float(loss), float) and set(grads) == {"q", "k"}
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(2, 4)), ValueError, "k:"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), r(5, 3)), ValueError, "negatives:"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), r(2, 5, 4)), ValueError, "negatives:"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), temperature=0), ValueError,
+     "temperature"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), temperature=float("nan")), ValueError,
+     "temperature"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), reduction="max"), ValueError,
+     "reduction"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), wrt=("negatives",)), ValueError, "wrt"),
+    (lambda r: refmoco.info_nce_loss(np.ones((3, 4), int), r(3, 4)), TypeError, "q:"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4).astype(np.float32)), TypeError, "dtype"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), backend="jax"), ValueError, "backend"),
+    (lambda r: refmoco.softmax_cross_entropy(r(3, 4), np.array([0, 1, 4])), ValueError,
+     "labels"),
+    (lambda r: refmoco.softmax_cross_entropy(r(3, 4), np.array([0.0, 1, 2])), TypeError,
+     "labels"),
+    (lambda r: refmoco.contrastive_loss(r(3, 4), r(3, 4), np.array([0, 2, 1])), ValueError,
+     "y:"),
+    (lambda r: refmoco.contrastive_loss(r(3, 4), r(3, 4), np.array([0, 1])), ValueError, "y:"),
+    (lambda r: refmoco.contrastive_loss(r(3, 4), r(3, 4), np.array([0, 1, 1]), margin=-1),
+     ValueError, "margin"),
+    (lambda r: refmoco.cpc_loss(r(2, 3, 4), r(2, 3, 5), r(3, 4, 5)), ValueError, "W:"),
+    (lambda r: refmoco.cpc_loss(r(2, 3, 4), r(2, 2, 5), r(1, 4, 5)), ValueError, "c:"),
+    (lambda r: refmoco.mi_lower_bound(1.0, 0), ValueError, "num_candidates"),
+])
+def test_bad_input_raises_naming_the_argument(call, error, words, rng):
+    with pytest.raises(error, match=words):
+        call(lambda *shape: rng.normal(size=shape))
+
+
+def test_numba_backend_without_numba_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("no numba")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    with pytest.raises(refmoco.BackendUnavailableError, match=r"pip install 'refmoco\[numba\]'"):
+        refmoco.info_nce_loss(np.ones((2, 3)), np.ones((2, 3)), backend="numba")
+
+
+@given(arrays(st.tuples(st.integers(1, 4), st.integers(1, 4)), FLOAT))
+def test_torch_cross_entropy_agrees(logits):
+    torch = pytest.importorskip("torch")
+    labels = np.arange(len(logits)) % logits.shape[1]
+    t = torch.tensor(logits, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(t, torch.tensor(labels))
+    loss.backward()
+    out = refmoco.softmax_cross_entropy(t, torch.tensor(labels))  # tensors go in via DLPack
+    assert_close(out.loss, np.float64(loss.item()), rtol=1e-12, atol=1e-15)
+    assert_close(out.grads["logits"], t.grad.numpy(), rtol=1e-12, atol=1e-15)
