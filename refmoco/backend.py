@@ -51,6 +51,24 @@ def is_cupy_array(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "cupy" and "cupy" in sys.modules
 
 
+def _on_gpu(x: Any) -> bool:
+    """A CuPy array, or a tensor whose DLPack device is CUDA (a torch/JAX GPU tensor)."""
+    if isinstance(x, np.ndarray):
+        return False
+    if is_cupy_array(x):
+        return True
+    device = getattr(x, "__dlpack_device__", None)
+    if device is None:
+        return False
+    try:
+        return int(device()[0]) in _CUDA_DEVICES
+    except Exception:
+        return False
+
+
+_CUDA_DEVICES = (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+
+
 def _is_torch_tensor(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
@@ -100,7 +118,7 @@ def as_array(x: Any, name: str) -> Any:
         device_type = int(x.__dlpack_device__()[0])
         if str(getattr(x, "dtype", "")) == "bfloat16":
             x = x.astype("float32")
-        if device_type in (2, 3, 13):  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+        if device_type in _CUDA_DEVICES:
             return _cupy().from_dlpack(x)
         return np.from_dlpack(x)
     try:
@@ -133,7 +151,7 @@ def resolve(backend: str | None, *arrays: Any) -> Backend:
     backend is validated against the arrays: it never copies between host and device behind the
     caller's back, and NumPy and CuPy arrays are never mixed.
     """
-    on_gpu = [is_cupy_array(a) for a in arrays if a is not None]
+    on_gpu = [_on_gpu(a) for a in arrays if a is not None]
     if any(on_gpu) and not all(on_gpu):
         raise TypeError("mixed NumPy and CuPy arrays in one call: move them to one device first")
     gpu = bool(on_gpu) and all(on_gpu)

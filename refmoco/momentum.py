@@ -60,7 +60,8 @@ def momentum_update(target, source, momentum, *, backend=None):
 
     Returns
     -------
-    The same ``target`` object.
+    target : ndarray, or list / tuple / dict of ndarrays
+        The same object that was passed in, updated in place.
 
     Raises
     ------
