@@ -1,0 +1,78 @@
+"""``refmoco train`` and ``refmoco bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .train import TrainConfig
+
+
+def _train_parser(sub) -> None:
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train an encoder by contrastive learning and evaluate it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mechanism", choices=["moco", "memory-bank", "end-to-end"], default=d.mechanism)
+    p.add_argument("--encoder", choices=["mlp", "cnn"], default=d.encoder)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help="K, the queue size (moco); the number of negatives (memory-bank)")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--momentum", type=float, default=d.momentum,
+                   help="the key encoder's EMA momentum (moco)")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--bn-groups", type=int, default=d.bn_groups,
+                   help="shuffle BN: batch-norm groups emulating MoCo's per-GPU batches")
+    p.add_argument("--dataset", default=None,
+                   help="'digits' (default) or 'translated-digits' (each digit at a random "
+                        "place on a 16x16 canvas)")
+    p.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="your own images: arrays images (N,C,H,W) or (N,H,W), labels (N,), "
+                        "optional boolean train mask (N,)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
+    p.add_argument("--backend", choices=["numpy", "numba", "cupy"], default=d.backend)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default="runs/latest", help="folder for metrics, plot, checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args) -> int:
+    from .train import run
+
+    if args.data and args.dataset:
+        raise SystemExit("refmoco train: give --data or --dataset, not both")
+    config = TrainConfig(
+        mechanism=args.mechanism, encoder=args.encoder, epochs=args.epochs,
+        batch_size=args.batch_size, queue_size=args.queue_size, temperature=args.temperature,
+        momentum=args.momentum, lr=args.lr, weight_decay=args.weight_decay,
+        bn_groups=args.bn_groups, data=args.data or args.dataset or "digits",
+        dtype=args.dtype, backend=args.backend, seed=args.seed,
+    )
+    metrics = run(config, args.out, resume=args.resume, progress=not args.no_progress)
+    summary = {k: metrics[k] for k in ("final", "random_init", "raw_pixels")}
+    summary["train_seconds_this_run"] = round(metrics["train_seconds_this_run"], 1)
+    summary["out"] = args.out
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="refmoco", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as exc:
+        print(f"refmoco {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+r"""Forward/backward pairs of the encoder layers, as free functions on arrays.
+
+Each op is a pair ``y, cache = op_forward(x, ...)`` and ``dx, d<param>... = op_backward(dy,
+cache)``; the cache is a small ``NamedTuple`` of the arrays the backward needs (no closures, no
+state). Gradients come back in forward-argument order. All arrays keep their dtype: float32 in,
+float32 out.
+
+Layouts follow PyTorch: a linear map's weight is (out, in), a convolution takes NCHW input and a
+(out, in, kh, kw) weight, batch norm reduces over every axis but the channel axis 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+# ------------------------------------------------------------------------------------ linear
+
+
+class LinearCache(NamedTuple):
+    x: np.ndarray  # (N, in)
+    w: np.ndarray  # (out, in)
+
+
+def linear_forward(x, w, b=None):
+    r"""``y = x W^T + b``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, in)
+    w : ndarray of shape (out, in)
+    b : ndarray of shape (out,) or None
+
+    Returns
+    -------
+    y : ndarray of shape (N, out)
+    cache : LinearCache
+
+    Notes
+    -----
+    .. math:: y = x W^\top + b,\quad \partial x = \partial y\, W,\quad
+              \partial W = \partial y^\top x,\quad \partial b = \textstyle\sum_n \partial y_n
+    """
+    y = x @ w.T  # (N, out)
+    if b is not None:
+        y += b
+    return y, LinearCache(x, w)
+
+
+def linear_backward(dy, cache):
+    """Gradients ``(dx, dw, db)`` of :func:`linear_forward`; ``db`` has shape (out,)."""
+    x, w = cache
+    dx = dy @ w  # (N, in)
+    dw = dy.T @ x  # (out, in)
+    db = dy.sum(axis=0)  # (out,)
+    return dx, dw, db
+
+
+# ------------------------------------------------------------------------------------ conv2d
+
+
+class Conv2dCache(NamedTuple):
+    cols: np.ndarray  # (N*Ho*Wo, kh*kw*C) the im2col matrix, channels last
+    w: np.ndarray  # (O, C, kh, kw)
+    x_shape: tuple  # (N, C, H, W)
+    stride: int
+    padding: int
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
+    r"""2-d cross-correlation (PyTorch's ``conv2d``) by im2col and one matrix product.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, H, W)
+    w : ndarray of shape (O, C, kh, kw)
+    b : ndarray of shape (O,) or None
+    stride, padding : int
+        Zero padding of ``padding`` pixels on every side, then windows every ``stride`` pixels.
+
+    Returns
+    -------
+    y : ndarray of shape (N, O, Ho, Wo)
+        ``Ho = (H + 2 padding - kh) // stride + 1``, likewise ``Wo``. Its memory is channels-last
+        (a transposed view of an (N, Ho, Wo, O) array, like PyTorch's ``channels_last``), so that
+        the next convolution gathers its windows from contiguous channel vectors.
+    cache : Conv2dCache
+
+    Notes
+    -----
+    With :math:`\tilde x` the zero-padded input,
+
+    .. math:: y_{n,o,i,j} = b_o + \sum_{c,a,e} W_{o,c,a,e}\,
+              \tilde x_{n,c,\,s i + a,\,s j + e}.
+
+    The windows of :math:`\tilde x` are gathered as the rows of a matrix ``cols`` (im2col, one row
+    per output pixel, ordered (a, e, c)), so the forward is one product ``cols @ W_mat.T``. The
+    backward is ``dW_mat = dY_mat^T cols`` and ``dcols = dY_mat W_mat``, whose entries are added
+    back to the pixels they came from (col2im), one kernel offset (a, e) at a time.
+    """
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    s, p = stride, padding
+    x_pad = np.zeros((N, H + 2 * p, W + 2 * p, C), x.dtype)  # channels last, zero border
+    x_pad[:, p : p + H, p : p + W, :] = x.transpose(0, 2, 3, 1)
+    win = sliding_window_view(x_pad, (kh, kw), axis=(1, 2))[:, ::s, ::s]  # (N, Ho, Wo, C, kh, kw)
+    Ho, Wo = win.shape[1], win.shape[2]
+    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * C)  # im2col (a copy)
+    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
+    y = cols @ w_mat.T  # (N*Ho*Wo, O)
+    if b is not None:
+        y += b
+    y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
+    return y, Conv2dCache(cols, w, x.shape, s, p)
+
+
+def conv2d_backward(dy, cache):
+    """Gradients ``(dx, dw, db)`` of :func:`conv2d_forward`; ``db`` has shape (O,).
+
+    ``dx`` has channels-last memory, as the forward's output.
+    """
+    cols, w, (N, C, H, W), s, p = cache
+    O, _, kh, kw = w.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
+    dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # (N*Ho*Wo, O)
+    dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
+    db = dy_mat.sum(axis=0)  # (O,)
+    dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
+    dx_pad = np.zeros((N, H + 2 * p, W + 2 * p, C), dy.dtype)
+    for a in range(kh):  # col2im: each kernel offset adds its slice of dcols back
+        for e in range(kw):
+            dx_pad[:, a : a + s * Ho : s, e : e + s * Wo : s, :] += dcols[:, :, :, a, e, :]
+    dx = dx_pad[:, p : p + H, p : p + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W)
+    return dx, np.ascontiguousarray(dw), db
+
+
+# ------------------------------------------------------------------------------------ relu
+
+
+class ReLUCache(NamedTuple):
+    mask: np.ndarray  # x > 0, same shape as x
+
+
+def relu_forward(x):
+    r"""``y = max(x, 0)``; the gradient passes where :math:`x > 0` (PyTorch's convention at 0)."""
+    return np.maximum(x, 0), ReLUCache(x > 0)
+
+
+def relu_backward(dy, cache):
+    """Gradient ``dx = dy * (x > 0)`` of :func:`relu_forward`.
+
+    A product with the mask rather than ``np.where`` (several times slower on random masks);
+    the two differ only for non-finite ``dy`` at inactive units.
+    """
+    return dy * cache.mask
+
+
+# ------------------------------------------------------------------------------------ batch norm
+
+
+class BatchNormCache(NamedTuple):
+    x_hat: np.ndarray  # (x - mean) / sqrt(var + eps), same shape as x
+    inv_std: np.ndarray  # 1 / sqrt(var + eps), broadcastable to x
+    gamma: np.ndarray  # weight, broadcastable to x
+    train: bool  # batch statistics (True) or running statistics (False)
+
+
+def _channel_view(a, ndim):
+    """A (C,) vector as (1, C, 1, ...) to broadcast against an ``ndim``-d NC... array."""
+    return a.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1, eps=1e-5):
+    r"""Batch normalisation over every axis but axis 1, as ``torch.nn.BatchNorm{1,2}d``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C) or (N, C, L) or (N, C, H, W)
+    gamma, beta : ndarray of shape (C,)
+        The affine ``weight`` and ``bias``.
+    running_mean, running_var : ndarray of shape (C,)
+        Updated in place when ``train`` is true.
+    train : bool
+        Normalise with the batch statistics and update the running ones (True), or normalise with
+        the running statistics (False).
+    momentum, eps : float
+
+    Returns
+    -------
+    y : ndarray, same shape as ``x``
+    cache : BatchNormCache
+
+    Raises
+    ------
+    ValueError
+        In training, when a channel has a single value (its unbiased variance is undefined).
+
+    Notes
+    -----
+    With :math:`m` values per channel, :math:`\mu` and :math:`\sigma^2` their mean and biased
+    variance (train) or the running statistics (eval),
+
+    .. math:: \hat x = (x - \mu)/\sqrt{\sigma^2 + \epsilon},\qquad y = \gamma \hat x + \beta.
+
+    Training also updates :math:`\bar\mu \leftarrow (1-\rho)\bar\mu + \rho\mu` and
+    :math:`\bar\sigma^2 \leftarrow (1-\rho)\bar\sigma^2 + \rho\,\sigma^2 m/(m-1)` (unbiased).
+    """
+    axes = (0,) + tuple(range(2, x.ndim))
+    if train:
+        m = x.size // x.shape[1]
+        if m < 2:
+            raise ValueError(
+                f"x: batch norm in training needs more than 1 value per channel, got shape {x.shape}"
+            )
+        mean = x.mean(axis=axes)  # (C,)
+        var = x.var(axis=axes)  # (C,) biased
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * var * (m / (m - 1))  # the unbiased variance
+    else:
+        mean, var = running_mean, running_var
+    inv_std = _channel_view(1 / np.sqrt(var + eps), x.ndim)  # (1, C, 1, ...)
+    x_hat = (x - _channel_view(mean, x.ndim)) * inv_std
+    g = _channel_view(gamma, x.ndim)
+    y = g * x_hat + _channel_view(beta, x.ndim)
+    return y, BatchNormCache(x_hat, inv_std, g, train)
+
+
+def batch_norm_backward(dy, cache):
+    r"""Gradients ``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward`.
+
+    Notes
+    -----
+    .. math:: \partial\gamma = \textstyle\sum \partial y\,\hat x,\qquad
+              \partial\beta = \textstyle\sum \partial y,\qquad
+              \partial\hat x = \gamma\,\partial y
+
+    In training the statistics depend on :math:`x`:
+
+    .. math:: \partial x = \frac{1}{\sqrt{\sigma^2+\epsilon}}\Big(\partial\hat x
+              - \overline{\partial\hat x} - \hat x\,\overline{\partial\hat x\,\hat x}\Big),
+
+    the bars being means over the :math:`m` values of each channel. In evaluation they are
+    constants: :math:`\partial x = \partial\hat x/\sqrt{\sigma^2+\epsilon}`.
+    """
+    x_hat, inv_std, g, train = cache
+    axes = (0,) + tuple(range(2, dy.ndim))
+    dgamma = (dy * x_hat).sum(axis=axes)  # (C,)
+    dbeta = dy.sum(axis=axes)  # (C,)
+    dx_hat = dy * g
+    if not train:
+        return dx_hat * inv_std, dgamma, dbeta
+    mean_dx_hat = dx_hat.mean(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    mean_dx_hat_x_hat = (dx_hat * x_hat).mean(axis=axes, keepdims=True)  # (1, C, 1, ...)
+    dx = inv_std * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
+    return dx, dgamma, dbeta
+
+
+# ------------------------------------------------------------------------------------ pooling
+
+
+def global_avg_pool_forward(x):
+    r"""``y[n, c] = mean over (h, w) of x[n, c, h, w]``: (N, C, H, W) -> (N, C).
+
+    The backward spreads :math:`\partial y_{n,c}/(HW)` over the :math:`H W` pixels; the cache is
+    the input shape.
+    """
+    return x.mean(axis=(2, 3)), x.shape
+
+
+def global_avg_pool_backward(dy, x_shape):
+    """Gradient ``dx`` (N, C, H, W) of :func:`global_avg_pool_forward`."""
+    H, W = x_shape[2], x_shape[3]
+    dx = np.empty(x_shape, dtype=dy.dtype)
+    dx[...] = (dy / (H * W))[:, :, None, None]
+    return dx

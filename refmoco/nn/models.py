@@ -1,0 +1,402 @@
+r"""Models: a network plus its parameter layout, and MoCo's two small encoders.
+
+A :class:`Model` owns no arrays. It creates them (``init``), and every call takes them::
+
+    model = mlp_encoder()
+    params, buffers = model.init(np.random.default_rng(0), "float32")
+    z, cache = model.forward(params, buffers, x, train=True)   # updates BN running stats
+    dx, grads = model.backward(params, cache, dz)              # grads: FlatParams like params
+
+``params`` is a :class:`~refmoco.nn.params.FlatParams` (all parameters as views into one flat
+buffer, keyed by PyTorch's ``state_dict()`` names); ``buffers`` is a plain dict of the batch-norm
+running statistics, kept apart so that optimizers and momentum updates never touch them.
+
+An :class:`Encoder` is ``Sequential(OrderedDict(backbone=..., head=...))``: the backbone gives the
+features ``h`` (what MoCo's linear protocol trains a classifier on), the projection head maps them
+to ``z`` (what the contrastive loss sees, after L2 normalisation). ``forward_features`` returns
+both from one pass; ``backward_features`` takes the gradient of ``z`` and, optionally, of ``h``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from refmoco.backend import as_array, float_array
+from refmoco.nn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    Linear,
+    ReLU,
+    check_dtype,
+)
+from refmoco.nn.params import FlatParams
+from refmoco.nn.sequential import Scoped, Sequential
+
+
+class ModelCache(NamedTuple):
+    net: tuple  # the network's cache: one entry per child layer
+    out_shape: tuple  # shape of the output
+
+
+class EncoderCache(NamedTuple):
+    net: tuple  # (backbone cache, head cache)
+    out_shape: tuple  # shape of z, the head's output
+    feature_shape: tuple  # shape of h, the backbone's output
+
+
+def _params_dtype(params: Mapping) -> np.dtype | None:
+    """The parameters' dtype (``None`` for a network without parameters)."""
+    if isinstance(params, FlatParams):
+        return params.dtype
+    return next(iter(params.values())).dtype if len(params) else None
+
+
+def _cast(a: Any, name: str, dtype: np.dtype | None) -> np.ndarray:
+    """``a`` as a NumPy array of the parameters' dtype (integer input is a TypeError)."""
+    a = float_array(a, name)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: refmoco.nn runs on NumPy arrays, got {type(a).__name__}")
+    return a if dtype is None else a.astype(dtype, copy=False)
+
+
+class Model:
+    """A network (a :class:`~refmoco.nn.layers.Layer`, usually a ``Sequential``) with its layout.
+
+    Parameters
+    ----------
+    net : Layer
+    """
+
+    def __init__(self, net: Layer):
+        if not isinstance(net, Layer):
+            raise ValueError(f"net: expected a Layer, got {type(net).__name__}")
+        self.net = net
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.net!r})"
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter names (PyTorch's ``state_dict()`` names) and shapes, in order."""
+        return self.net.param_shapes()
+
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """Names of the buffers (batch-norm running statistics and batch counters)."""
+        return tuple(self.net.buffer_names)
+
+    def init(self, rng: np.random.Generator, dtype: Any = "float32") -> tuple[FlatParams, dict]:
+        """Fresh parameters and buffers, initialised as PyTorch initialises the same modules.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Every random draw comes from it.
+        dtype : {"float32", "float64"}
+
+        Returns
+        -------
+        params : FlatParams
+        buffers : dict of str to ndarray
+        """
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+        dt = check_dtype(dtype)
+        params = FlatParams(self.param_shapes(), dt)
+        params.load_state_dict(self.net.init_params(rng, dt))
+        return params, self.net.init_buffers(dt)
+
+    def forward(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool):
+        """Run the network.
+
+        Parameters
+        ----------
+        params : FlatParams or mapping of str to ndarray
+        buffers : mapping of str to ndarray
+            Updated in place when ``train`` (batch-norm running statistics).
+        x : ndarray
+            Cast to the parameters' dtype.
+        train : bool
+            Batch statistics and running-statistics updates (True) or running statistics (False).
+
+        Returns
+        -------
+        out : ndarray
+        cache : ModelCache
+            Everything :meth:`backward` needs.
+        """
+        x = _cast(x, "x", _params_dtype(params))
+        out, cache = self.net.forward(params, buffers, x, train=bool(train))
+        return out, ModelCache(cache, out.shape)
+
+    def backward(
+        self,
+        params: Mapping,
+        cache,
+        dout: Any,
+        *,
+        grads: FlatParams | None = None,
+        accumulate: bool = False,
+    ):
+        """Backpropagate ``dout`` through the pass that produced ``cache``.
+
+        Parameters
+        ----------
+        params : FlatParams or mapping of str to ndarray
+            The parameters the forward pass used.
+        cache : ModelCache
+        dout : ndarray, shape of the output
+        grads : FlatParams, optional
+            Where to write the parameter gradients (a new FlatParams when omitted).
+        accumulate : bool
+            Add to ``grads`` instead of overwriting it (two passes through one network).
+
+        Returns
+        -------
+        dx : ndarray, shape of the input
+        grads : FlatParams
+        """
+        dtype = _params_dtype(params)
+        dout = self._check_grad(dout, "dout", cache.out_shape, dtype)
+        dx, g = self.net.backward(params, cache.net, dout)
+        return dx, self._write(g, grads, accumulate, dtype)
+
+    @staticmethod
+    def _check_grad(d: Any, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        d = _cast(d, name, dtype)
+        if d.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {d.shape}")
+        return d
+
+    def _write(self, g: dict, grads: FlatParams | None, accumulate: bool, dtype) -> FlatParams:
+        shapes = self.param_shapes()
+        if grads is None:
+            return FlatParams.from_arrays({k: g[k] for k in shapes}, dtype)
+        if not (
+            isinstance(grads, FlatParams)
+            and list(grads.shapes.items()) == list(shapes.items())
+            and (dtype is None or grads.dtype == dtype)
+        ):
+            raise ValueError(
+                "grads: expected a FlatParams with the model's layout and dtype "
+                "(params.zeros_like())"
+            )
+        for name, value in g.items():
+            if accumulate:
+                grads[name][...] += value
+            else:
+                grads[name][...] = value
+        return grads
+
+    # --- state dicts (PyTorch-compatible) ----------------------------------------------------
+    def state_dict(self, params: Mapping, buffers: Mapping) -> dict[str, np.ndarray]:
+        """Parameters and buffers as one ``{name: array}`` dict (copies) in PyTorch's order.
+
+        ``torch_module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})`` loads it
+        into the same architecture built from ``torch.nn.Sequential``.
+        """
+        merged = {**params, **buffers}
+        return {k: np.array(merged[k], copy=True) for k in self.net.state_names()}
+
+    def load_state_dict(
+        self, params: FlatParams, buffers: dict, state_dict: Mapping, *, strict: bool = True
+    ) -> None:
+        """Load a ``state_dict`` (NumPy arrays or PyTorch tensors) into ``params`` and ``buffers``.
+
+        Every parameter and buffer must be present with its shape; names that are neither are an
+        error when ``strict``. All is checked before anything is written.
+
+        Raises
+        ------
+        ValueError
+            Missing, unexpected (if ``strict``) or mis-shaped entries; the message names the key.
+        TypeError
+            ``params`` is not a FlatParams, or a parameter's array is not floating-point.
+        """
+        if not isinstance(params, FlatParams):
+            raise TypeError(f"params: expected a FlatParams, got {type(params).__name__}")
+        names = set(self.net.state_names())
+        unexpected = [k for k in state_dict if k not in names]
+        if strict and unexpected:
+            raise ValueError(f"state_dict: unexpected key(s) {unexpected}")
+        new_buffers = {}
+        for k in self.buffer_names:
+            if k not in state_dict:
+                raise ValueError(f"state_dict: missing buffer {k!r}")
+            a = np.asarray(as_array(state_dict[k], k))
+            if a.shape != buffers[k].shape:
+                raise ValueError(
+                    f"state_dict[{k!r}]: expected shape {buffers[k].shape}, got {a.shape}"
+                )
+            new_buffers[k] = a
+        params.load_state_dict(state_dict, strict=False)  # checks everything before writing
+        for k, a in new_buffers.items():
+            buffers[k][...] = a
+
+
+class Encoder(Model):
+    """``Sequential(OrderedDict(backbone=backbone, head=head))`` with access to the features.
+
+    Parameter names start with ``"backbone."`` or ``"head."``.
+
+    Attributes
+    ----------
+    backbone, head : Sequential
+    feature_dim : int or None
+        Width of the features ``h`` (the head's first ``Linear`` input).
+    out_dim : int or None
+        Width of the output ``z`` (the head's last ``Linear`` output).
+    """
+
+    def __init__(self, backbone: Layer, head: Layer):
+        super().__init__(Sequential(OrderedDict(backbone=backbone, head=head)))
+        self.backbone, self.head = backbone, head
+        layers = list(head) if isinstance(head, Sequential) else [head]
+        linears = [layer for layer in layers if isinstance(layer, Linear)]
+        self.feature_dim = linears[0].in_features if linears else None
+        self.out_dim = linears[-1].out_features if linears else None
+
+    def forward(self, params, buffers, x, *, train):
+        """As :meth:`Model.forward`; the cache is an :class:`EncoderCache`."""
+        z, _, cache = self.forward_features(params, buffers, x, train=train)
+        return z, cache
+
+    def forward_features(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool):
+        """One pass that returns the head's output and the backbone's features.
+
+        Returns
+        -------
+        z : ndarray of shape (N, out_dim)
+            The projection head's output.
+        h : ndarray of shape (N, feature_dim)
+            The backbone's output, the head's input.
+        cache : EncoderCache
+            For :meth:`backward_features` (or :meth:`backward`).
+        """
+        x = _cast(x, "x", _params_dtype(params))
+        train = bool(train)
+        h, c_backbone = self.backbone.forward(
+            Scoped(params, "backbone"), Scoped(buffers, "backbone"), x, train=train
+        )
+        z, c_head = self.head.forward(
+            Scoped(params, "head"), Scoped(buffers, "head"), h, train=train
+        )
+        return z, h, EncoderCache((c_backbone, c_head), z.shape, h.shape)
+
+    def backward_features(
+        self,
+        params: Mapping,
+        cache: EncoderCache,
+        dz: Any,
+        dh: Any = None,
+        *,
+        grads: FlatParams | None = None,
+        accumulate: bool = False,
+    ):
+        """Backpropagate the gradient of ``z`` and, optionally, a gradient of ``h``.
+
+        The backbone receives ``dh + (gradient of z through the head)``.
+
+        Parameters
+        ----------
+        params : FlatParams or mapping
+        cache : EncoderCache
+        dz : ndarray of shape (N, out_dim)
+        dh : ndarray of shape (N, feature_dim), optional
+        grads, accumulate
+            As in :meth:`Model.backward`.
+
+        Returns
+        -------
+        dx : ndarray, shape of the input
+        grads : FlatParams
+        """
+        dtype = _params_dtype(params)
+        dz = self._check_grad(dz, "dz", cache.out_shape, dtype)
+        c_backbone, c_head = cache.net
+        dh_head, g_head = self.head.backward(Scoped(params, "head"), c_head, dz)
+        if dh is not None:
+            dh_head = dh_head + self._check_grad(dh, "dh", cache.feature_shape, dtype)
+        dx, g_backbone = self.backbone.backward(Scoped(params, "backbone"), c_backbone, dh_head)
+        g = {f"backbone.{k}": v for k, v in g_backbone.items()}
+        g.update({f"head.{k}": v for k, v in g_head.items()})
+        return dx, self._write(g, grads, accumulate, dtype)
+
+    def backward(self, params, cache, dout, *, grads=None, accumulate=False):
+        """As :meth:`Model.backward`: ``backward_features`` with ``dh=None``."""
+        dout = self._check_grad(dout, "dout", cache.out_shape, _params_dtype(params))
+        return self.backward_features(params, cache, dout, grads=grads, accumulate=accumulate)
+
+
+def _head(feature_dim: int, out_dim: int) -> Sequential:
+    """MoCo v2's projection head: Linear(feat, feat) -> ReLU -> Linear(feat, out_dim)."""
+    return Sequential(Linear(feature_dim, feature_dim), ReLU(), Linear(feature_dim, out_dim))
+
+
+def mlp_encoder(
+    in_features: int = 64, hidden: int = 256, feat_dim: int = 256, out_dim: int = 128
+) -> Encoder:
+    """A two-layer MLP backbone with MoCo v2's projection head.
+
+    backbone: Flatten, Linear(in_features, hidden), BatchNorm1d, ReLU, Linear(hidden, feat_dim),
+    BatchNorm1d, ReLU; head: Linear(feat_dim, feat_dim), ReLU, Linear(feat_dim, out_dim). Every
+    layer has PyTorch's default ``bias=True``.
+
+    PyTorch equivalent (same ``state_dict()`` names)::
+
+        nn.Sequential(OrderedDict(
+            backbone=nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(),
+                                   nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU()),
+            head=nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128))))
+
+    Input (N, in_features) or anything that flattens to it, such as (N, 1, 8, 8).
+    """
+    backbone = Sequential(
+        Flatten(),
+        Linear(in_features, hidden), BatchNorm1d(hidden), ReLU(),
+        Linear(hidden, feat_dim), BatchNorm1d(feat_dim), ReLU(),
+    )  # fmt: skip
+    return Encoder(backbone, _head(feat_dim, out_dim))
+
+
+def cnn_encoder(
+    in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 64), out_dim: int = 128
+) -> Encoder:
+    """A small CNN backbone with MoCo v2's projection head.
+
+    backbone: for each width, Conv2d 3x3 (padding 1; stride 1 for the first, 2 for the others),
+    BatchNorm2d, ReLU; then the mean over H and W. head: Linear(widths[-1], widths[-1]), ReLU,
+    Linear(widths[-1], out_dim). Every layer has PyTorch's default ``bias=True``.
+
+    PyTorch equivalent of the default (same ``state_dict()`` names)::
+
+        nn.Sequential(OrderedDict(
+            backbone=nn.Sequential(
+                nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+            head=nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 128))))
+
+    Input (N, in_channels, H, W); an 8x8 image gives 8x8, 4x4, 2x2 feature maps.
+    """
+    if len(widths) == 0:
+        raise ValueError("widths: expected at least one width")
+    layers: list[Layer] = []
+    c_in = in_channels
+    for i, width in enumerate(widths):
+        layers += [
+            Conv2d(c_in, width, 3, stride=1 if i == 0 else 2, padding=1),
+            BatchNorm2d(width),
+            ReLU(),
+        ]
+        c_in = width
+    layers.append(GlobalAvgPool2d())
+    return Encoder(Sequential(*layers), _head(widths[-1], out_dim))

@@ -1,0 +1,163 @@
+"""Every parameter of a model as a named view into one flat buffer.
+
+One contiguous 1-D array ``flat`` holds all the parameters, one after the other in
+``state_dict()`` order; ``params["backbone.0.weight"]`` is a reshaped view of its slice. Whole-model
+operations (the momentum update of the key encoder, an optimizer step, zeroing the gradients) are
+then one vectorised pass over ``flat``, while the layers read their own named arrays.
+
+Gradients and optimizer state use the same layout (:meth:`FlatParams.zeros_like`), so that
+``params.flat``, ``grads.flat`` and a momentum buffer line up entry for entry.
+
+Batch-norm running statistics are buffers, not parameters: they are kept apart, in a plain dict
+(see :mod:`refmoco.nn.models`), so no momentum update or optimizer step ever touches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from refmoco.backend import as_array
+from refmoco.nn.layers import check_dtype
+
+
+class FlatParams(Mapping):
+    """Named parameter arrays that are views into one 1-D buffer.
+
+    Parameters
+    ----------
+    shapes : mapping of str to tuple of int
+        Names and shapes, in order (the order of the slices in ``flat``).
+    dtype : {"float32", "float64"}
+    flat : ndarray of shape (size,), optional
+        An existing buffer to view (shared, not copied); zeros when omitted.
+
+    Attributes
+    ----------
+    flat : ndarray of shape (size,)
+        The buffer. Writing into it writes the named arrays, and the other way round.
+    shapes : dict of str to tuple of int
+    dtype : numpy.dtype
+    size : int
+        The total number of parameters.
+
+    Examples
+    --------
+    >>> p = FlatParams({"0.weight": (2, 3), "0.bias": (2,)}, "float64")
+    >>> p["0.bias"][:] = 1.0
+    >>> p.flat
+    array([0., 0., 0., 0., 0., 0., 1., 1.])
+    >>> g = p.zeros_like()   # the same layout, for gradients
+    >>> list(g) == list(p)
+    True
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype: Any = "float32", *, flat=None):
+        self.dtype = check_dtype(dtype)
+        self.shapes = {str(k): tuple(int(n) for n in s) for k, s in shapes.items()}
+        self.size = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
+        if flat is None:
+            flat = np.zeros(self.size, self.dtype)
+        elif not (
+            isinstance(flat, np.ndarray) and flat.shape == (self.size,) and flat.dtype == self.dtype
+        ):
+            raise ValueError(
+                f"flat: expected a 1-d {self.dtype} ndarray of size {self.size}, "
+                f"got {type(flat).__name__} {getattr(flat, 'dtype', '')} {getattr(flat, 'shape', '')}"
+            )
+        elif not flat.flags.c_contiguous:
+            raise ValueError("flat: expected a contiguous array")
+        self.flat = flat
+        self._views: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, shape in self.shapes.items():
+            n = int(np.prod(shape, dtype=np.int64))
+            self._views[name] = flat[offset : offset + n].reshape(shape)
+            offset += n
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], dtype: Any = None) -> FlatParams:
+        """A new buffer holding copies of ``arrays`` (dtype: ``dtype``, else the first array's)."""
+        arrays = {k: np.asarray(as_array(v, k)) for k, v in arrays.items()}
+        if dtype is None:
+            dtype = next(iter(arrays.values())).dtype if arrays else "float32"
+        p = cls({k: a.shape for k, a in arrays.items()}, dtype)
+        p.load_state_dict(arrays)
+        return p
+
+    # --- Mapping ---------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __repr__(self) -> str:
+        return f"FlatParams({len(self)} arrays, {self.size} {self.dtype} values)"
+
+    # --- same layout -------------------------------------------------------------------------
+    def zeros_like(self) -> FlatParams:
+        """A new, zero-filled FlatParams with the same names, shapes, dtype and offsets."""
+        return FlatParams(self.shapes, self.dtype)
+
+    def copy(self) -> FlatParams:
+        """A new FlatParams with a copy of the buffer."""
+        return FlatParams(self.shapes, self.dtype, flat=self.flat.copy())
+
+    def same_layout(self, other: Any) -> bool:
+        """True when ``other`` is a FlatParams with the same names, shapes and dtype, in order."""
+        return (
+            isinstance(other, FlatParams)
+            and other.dtype == self.dtype
+            and list(other.shapes.items()) == list(self.shapes.items())
+        )
+
+    # --- state dict --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A ``{name: array}`` dict of copies (safe to keep while training goes on)."""
+        return {k: v.copy() for k, v in self._views.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
+        """Copy ``state_dict``'s arrays (NumPy arrays or PyTorch tensors) into the buffer.
+
+        Everything is checked before anything is written: on an error the parameters are left
+        as they were.
+
+        Parameters
+        ----------
+        state_dict : mapping of str to array
+        strict : bool
+            When false, names that are not parameters (such as the batch-norm buffers of a
+            PyTorch ``state_dict()``) are ignored instead of being an error.
+
+        Raises
+        ------
+        ValueError
+            A parameter missing from ``state_dict``, an unexpected name (if ``strict``), or an
+            array whose shape differs; the message names the key.
+        TypeError
+            A non-floating-point array for a parameter.
+        """
+        missing = [k for k in self._views if k not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: missing parameter(s) {missing}")
+        unexpected = [k for k in state_dict if k not in self._views]
+        if strict and unexpected:
+            raise ValueError(f"state_dict: unexpected key(s) {unexpected}")
+        arrays = {k: np.asarray(as_array(state_dict[k], k)) for k in self._views}
+        for k, a in arrays.items():
+            if a.shape != self.shapes[k]:
+                raise ValueError(
+                    f"state_dict[{k!r}]: expected shape {self.shapes[k]}, got {a.shape}"
+                )
+            if a.dtype.kind != "f":
+                raise TypeError(
+                    f"state_dict[{k!r}]: expected a floating-point array, got {a.dtype}"
+                )
+        for k, a in arrays.items():
+            self._views[k][...] = a

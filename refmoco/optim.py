@@ -1,0 +1,227 @@
+r"""Stochastic gradient descent on flat parameter buffers, and MoCo v2's cosine schedule.
+
+:class:`SGD` follows ``torch.optim.SGD`` update for update. It works on whole flat arrays, such as
+``FlatParams.flat`` (:mod:`refmoco.nn.params`): one vectorised pass per step updates every
+parameter of a model in place, and the optimizer's state is one flat momentum buffer of the same
+size plus a step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _flat(a: Any, name: str) -> np.ndarray:
+    """The flat NumPy array behind ``a`` (a ``FlatParams`` gives its ``.flat``)."""
+    a = getattr(a, "flat", a) if not isinstance(a, np.ndarray) else a
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a NumPy array or a FlatParams, got {type(a).__name__}")
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
+    return a
+
+
+def _hyper(value: Any, name: str, *, upper: float | None = None) -> float:
+    """A finite float >= 0 (and <= ``upper`` when given); else a ValueError naming it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name}: expected a number, got {value!r}") from exc
+    if not (math.isfinite(v) and v >= 0 and (upper is None or v <= upper)):
+        bound = f"in [0, {upper}]" if upper is not None else ">= 0"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+    return v
+
+
+class SGD:
+    r"""SGD with momentum, dampening, weight decay and Nesterov momentum, as ``torch.optim.SGD``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate, >= 0 (overridable per step, e.g. by :func:`cosine_lr`).
+    momentum : float
+        >= 0.
+    weight_decay : float
+        L2 penalty, >= 0, added to the gradient.
+    dampening : float
+        In [0, 1].
+    nesterov : bool
+        Requires ``momentum > 0`` and ``dampening == 0`` (as PyTorch).
+
+    Attributes
+    ----------
+    step_count : int
+        Steps taken.
+    momentum_buffer : ndarray of shape (P,) or None
+        One entry per parameter; ``None`` until the first step with ``momentum > 0``.
+
+    Notes
+    -----
+    With :math:`g_t` the gradient, :math:`\lambda` the weight decay, :math:`\mu` the momentum,
+    :math:`\tau` the dampening and :math:`\eta` the learning rate, each step is
+
+    .. math::
+        d_t &= g_t + \lambda\,\theta_{t-1} \\
+        b_t &= d_t \ \text{at the first step},\quad
+               b_t = \mu\, b_{t-1} + (1 - \tau)\, d_t \ \text{afterwards} \\
+        u_t &= d_t + \mu\, b_t \ \text{(Nesterov)},\quad u_t = b_t \ \text{(otherwise)} \\
+        \theta_t &= \theta_{t-1} - \eta\, u_t
+
+    and with :math:`\mu = 0`, :math:`u_t = d_t` (no buffer is kept).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = np.array([1.0, 2.0]); g = np.array([0.5, -0.5])
+    >>> opt = SGD(lr=0.1, momentum=0.9)
+    >>> opt.step(p, g); opt.step(p, g)
+    >>> p  # steps of 0.1 * 0.5, then 0.1 * (0.9 * 0.5 + 0.5)
+    array([0.855, 2.145])
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+    ):
+        self.lr = _hyper(lr, "lr")
+        self.momentum = _hyper(momentum, "momentum")
+        self.weight_decay = _hyper(weight_decay, "weight_decay")
+        self.dampening = _hyper(dampening, "dampening", upper=1.0)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
+        self.step_count = 0
+        self.momentum_buffer: np.ndarray | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"SGD(lr={self.lr}, momentum={self.momentum}, weight_decay={self.weight_decay}, "
+            f"dampening={self.dampening}, nesterov={self.nesterov})"
+        )
+
+    def step(self, params: Any, grads: Any, lr: float | None = None) -> None:
+        """Update ``params`` in place from ``grads``.
+
+        Parameters
+        ----------
+        params : ndarray of shape (P,) or FlatParams
+            Updated in place (any shape works; a FlatParams' ``.flat`` is used).
+        grads : ndarray of shape (P,) or FlatParams
+            Same shape and dtype as ``params``; not modified.
+        lr : float, optional
+            This step's learning rate instead of ``self.lr`` (which is left as it is).
+
+        Raises
+        ------
+        ValueError
+            Mismatched shapes, a momentum buffer of another size, or a bad ``lr``.
+        TypeError
+            Non-float arrays or mismatched dtypes.
+        """
+        p, g = _flat(params, "params"), _flat(grads, "grads")
+        if p.shape != g.shape:
+            raise ValueError(f"grads: expected shape {p.shape} (as params), got {g.shape}")
+        if p.dtype != g.dtype:
+            raise TypeError(f"grads: expected dtype {p.dtype} (as params), got {g.dtype}")
+        lr = self.lr if lr is None else _hyper(lr, "lr")
+        buf = self.momentum_buffer
+        if buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype):
+            raise ValueError(
+                f"params: shape {p.shape} {p.dtype} does not match the momentum buffer "
+                f"{buf.shape} {buf.dtype}"
+            )
+        d = g + self.weight_decay * p if self.weight_decay else g  # d_t
+        if self.momentum:
+            if buf is None:
+                buf = self.momentum_buffer = np.array(d, copy=True)  # b_1 = d_1
+            else:
+                buf *= self.momentum
+                buf += (1 - self.dampening) * d  # b_t = mu b_{t-1} + (1 - tau) d_t
+            d = d + self.momentum * buf if self.nesterov else buf  # u_t
+        p -= lr * d
+        self.step_count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyper-parameters, step count and a copy of the momentum buffer."""
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "dampening": self.dampening,
+            "nesterov": self.nesterov,
+            "step_count": self.step_count,
+            "momentum_buffer": None
+            if self.momentum_buffer is None
+            else self.momentum_buffer.copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (validated before anything changes)."""
+        keys = ("lr", "momentum", "weight_decay", "dampening", "nesterov", "step_count")
+        missing = [k for k in (*keys, "momentum_buffer") if k not in state]
+        if missing:
+            raise ValueError(f"state: missing key(s) {missing}")
+        fresh = SGD(
+            state["lr"],
+            state["momentum"],
+            state["weight_decay"],
+            state["dampening"],
+            state["nesterov"],
+        )
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or int(step_count) != step_count or step_count < 0:
+            raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
+        buf = state["momentum_buffer"]
+        if buf is not None:
+            buf = np.array(buf, copy=True)
+            if buf.ndim != 1 or buf.dtype.kind != "f":
+                raise ValueError(
+                    f"momentum_buffer: expected a 1-d float array, got {buf.dtype} {buf.shape}"
+                )
+        self.__dict__.update(fresh.__dict__)
+        self.step_count = int(step_count)
+        self.momentum_buffer = buf
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
+    r"""MoCo v2's half-cosine learning-rate decay from ``base_lr`` to ``final_lr``.
+
+    Parameters
+    ----------
+    step : int
+        In [0, total_steps] (MoCo v2 counts epochs; any unit works).
+    total_steps : int
+        > 0.
+    base_lr, final_lr : float
+        >= 0.
+
+    Returns
+    -------
+    float
+
+    Notes
+    -----
+    .. math:: \eta = \eta_\text{final} + (\eta_\text{base} - \eta_\text{final})\,
+              \tfrac12\big(1 + \cos(\pi\, \text{step} / \text{total\_steps})\big)
+
+    With ``final_lr = 0`` this is MoCo v2's ``lr *= 0.5 * (1 + cos(pi * epoch / epochs))``.
+
+    Examples
+    --------
+    >>> cosine_lr(0, 100, 0.03), cosine_lr(50, 100, 0.03), cosine_lr(100, 100, 0.03)
+    (0.03, 0.015, 0.0)
+    """
+    if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps <= 0:
+        raise ValueError(f"total_steps: expected an integer > 0, got {total_steps!r}")
+    if not (0 <= step <= total_steps):
+        raise ValueError(f"step: expected a number in [0, total_steps={total_steps}], got {step!r}")
+    base_lr, final_lr = _hyper(base_lr, "base_lr"), _hyper(final_lr, "final_lr")
+    return final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))

@@ -1,0 +1,331 @@
+"""The trainer behind ``refmoco train``: data, views, the mechanism's steps, evaluation, and
+checkpoints that resume a run bit for bit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from .augment import Augment, two_views
+from .data import Dataset, load_dataset
+from .dictionary import MemoryBank, Queue, atomic_savez
+from .evaluate import alignment, knn_accuracy, linear_probe_accuracy, pixel_baseline, uniformity
+from .mechanisms import MECHANISMS, EndToEnd, MemoryBankMechanism, MoCo
+from .nn import cnn_encoder, mlp_encoder
+from .optim import SGD, cosine_lr
+
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a run (``metrics.json`` records them all)."""
+
+    mechanism: str = "moco"
+    encoder: str = "cnn"
+    data: str = "digits"  # "digits", "translated-digits" or a path to an .npz file
+    epochs: int = 100
+    batch_size: int = 256
+    queue_size: int = 512  # K for moco; the number of negatives M for memory-bank
+    temperature: float = 0.1
+    momentum: float = 0.99  # the key encoder's EMA momentum (moco)
+    bank_momentum: float = 0.5  # the memory bank's update momentum (Wu et al.)
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    sgd_momentum: float = 0.9
+    bn_groups: int = 4  # shuffle BN: per-"GPU" batch-norm groups (moco)
+    out_dim: int = 128
+    translate: float = 0.125
+    intensity: tuple = (0.6, 1.4)
+    noise: float = 0.05
+    dtype: str = "float32"
+    backend: str = "numpy"
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.mechanism in MECHANISMS, "mechanism", f"one of {MECHANISMS}"),
+            (self.encoder in ("mlp", "cnn"), "encoder", "'mlp' or 'cnn'"),
+            (self.epochs >= 1, "epochs", "an integer >= 1"),
+            (self.batch_size >= 2, "batch_size", "an integer >= 2"),
+            (self.queue_size >= 1, "queue_size", "an integer >= 1"),
+            (self.temperature > 0, "temperature", "a number > 0"),
+            (0 <= self.momentum <= 1, "momentum", "a number in [0, 1]"),
+            (0 <= self.bank_momentum <= 1, "bank_momentum", "a number in [0, 1]"),
+            (self.lr > 0, "lr", "a number > 0"),
+            (self.bn_groups >= 1, "bn_groups", "an integer >= 1"),
+            (self.dtype in ("float32", "float64"), "dtype", "'float32' or 'float64'"),
+            (self.backend in ("numpy", "numba", "cupy"), "backend", "numpy, numba or cupy"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+# Options that may differ between a run and its resumption (they do not change the result).
+_RESUMABLE = {"epochs", "backend"}
+
+
+class Trainer:
+    """Builds the encoder and mechanism for a config and runs epochs of training."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset | None = None):
+        self.config = c = config
+        self.dataset = dataset if dataset is not None else load_dataset(c.data, seed=c.seed)
+        self.x_train = self.dataset.x_train.astype(c.dtype)
+        self.x_test = self.dataset.x_test.astype(c.dtype)
+        in_channels = self.x_train.shape[1]
+        if c.encoder == "cnn":
+            self.encoder = cnn_encoder(in_channels=in_channels, out_dim=c.out_dim)
+        else:
+            self.encoder = mlp_encoder(in_features=int(np.prod(self.x_train.shape[1:])),
+                                       out_dim=c.out_dim)
+        params, buffers = self.encoder.init(np.random.default_rng(c.seed), c.dtype)
+        optimizer = SGD(lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay)
+        n_train = len(self.x_train)
+        self.batch_size = min(c.batch_size, n_train)
+        if c.mechanism == "moco":
+            queue = Queue(c.queue_size, c.out_dim, dtype=c.dtype, seed=c.seed)
+            self.mechanism = MoCo(self.encoder, params, buffers, optimizer, queue=queue,
+                                  momentum=c.momentum, temperature=c.temperature,
+                                  bn_groups=c.bn_groups, seed=c.seed)
+        elif c.mechanism == "end-to-end":
+            self.mechanism = EndToEnd(self.encoder, params, buffers, optimizer,
+                                      temperature=c.temperature)
+        else:
+            bank = MemoryBank(n_train, c.out_dim, momentum=c.bank_momentum, dtype=c.dtype,
+                              seed=c.seed)
+            self.mechanism = MemoryBankMechanism(self.encoder, params, buffers, optimizer,
+                                                 bank=bank, num_negatives=c.queue_size,
+                                                 temperature=c.temperature)
+        self.augment = Augment(translate=c.translate, intensity=tuple(c.intensity),
+                               noise=c.noise)
+        self.rng = np.random.default_rng([c.seed, 1])  # batch order and views
+        self.steps_per_epoch = n_train // self.batch_size  # the last partial batch is dropped
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.random_init = None
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def features(self, x, batch: int = 512):
+        """Eval-mode (z, h): the normalised head output and the backbone features."""
+        zs, hs = [], []
+        m = self.mechanism
+        for i in range(0, len(x), batch):
+            z, h, _ = self.encoder.forward_features(m.params, m.buffers, x[i:i + batch],
+                                                    train=False)
+            zs.append(z)
+            hs.append(h)
+        z, h = np.concatenate(zs), np.concatenate(hs)
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), h
+
+    def evaluate(self, *, linear: bool) -> dict:
+        """kNN accuracy (MoCo's monitor, on the normalised head output), alignment and
+        uniformity on the test split, and the linear probe on the backbone features."""
+        ds = self.dataset
+        z_train, h_train = self.features(self.x_train)
+        z_test, h_test = self.features(self.x_test)
+        view_rng = np.random.default_rng([self.config.seed, 2])  # the same views every time
+        a, b = two_views(self.x_test, self.augment, view_rng)
+        za, zb = self.features(a)[0], self.features(b)[0]
+        out = {
+            "knn_accuracy": knn_accuracy(z_train, ds.y_train, z_test, ds.y_test),
+            "alignment": alignment(za, zb),
+            "uniformity": uniformity(z_test),
+        }
+        if linear:
+            out["linear_accuracy"] = linear_probe_accuracy(h_train, ds.y_train, h_test,
+                                                           ds.y_test, seed=self.config.seed)
+        return out
+
+    # -- training -----------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        c, m = self.config, self.mechanism
+        order = self.rng.permutation(len(self.x_train))
+        total_steps = c.epochs * self.steps_per_epoch
+        sums = np.zeros(4)
+        start = time.perf_counter()
+        for s in range(self.steps_per_epoch):
+            ids = order[s * self.batch_size:(s + 1) * self.batch_size]
+            x_q, x_k = two_views(self.x_train[ids], self.augment, self.rng)
+            step = self.epoch * self.steps_per_epoch + s
+            lr = cosine_lr(step, total_steps, c.lr)
+            stats = m.step(x_q, x_k, ids, lr)
+            if not math.isfinite(stats.loss):
+                raise FloatingPointError(f"the loss became {stats.loss} at step {step}: lower "
+                                         f"--lr or raise --temperature")
+            sums += np.array(stats)
+        seconds = time.perf_counter() - start
+        self.epoch += 1
+        mean = sums / self.steps_per_epoch
+        return {"epoch": self.epoch, "loss": mean[0], "pos_sim": mean[1], "neg_sim": mean[2],
+                "own_sample_share": mean[3], "step_seconds": seconds / self.steps_per_epoch}
+
+    def num_candidates(self) -> int:
+        c = self.config
+        return {"moco": c.queue_size + 1, "end-to-end": self.batch_size,
+                "memory-bank": c.queue_size + 1}[c.mechanism]
+
+    def warnings(self) -> list[str]:
+        c, n = self.config, len(self.x_train)
+        notes = []
+        if c.mechanism == "moco" and c.queue_size >= n:
+            notes.append(f"queue_size {c.queue_size} >= {n} training images: the queue fills "
+                         f"with stale keys of each query's own image, which trains worse")
+        return notes
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {f"mechanism/{k}": v for k, v in self.mechanism.state_dict().items()}
+        state["trainer/rng_state"] = np.array(json.dumps(self.rng.bit_generator.state))
+        state["trainer/epoch"] = np.int64(self.epoch)
+        state["trainer/history"] = np.array(json.dumps(self.history))
+        state["trainer/random_init"] = np.array(json.dumps(self.random_init))
+        state["trainer/config"] = np.array(json.dumps(self.config.to_json()))
+        return state
+
+    def save(self, folder: str) -> str:
+        path = os.path.join(folder, CHECKPOINT)
+        atomic_savez(path, **self.state_dict())
+        return path
+
+    def load(self, folder: str) -> None:
+        """Resume from ``folder/checkpoint.npz``; a corrupt or mismatched file raises before
+        anything changes."""
+        path = os.path.join(folder, CHECKPOINT)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                state = {k: f[k] for k in f.files}
+            saved = json.loads(str(state["trainer/config"]))
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable refmoco checkpoint ({exc})") from exc
+        mine = self.config.to_json()
+        diff = {k: (saved.get(k), v) for k, v in mine.items()
+                if k not in _RESUMABLE and saved.get(k) != v}
+        if diff:
+            listing = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{path}: the checkpoint was made with other options ({listing})")
+        mech = {k[len("mechanism/"):]: v for k, v in state.items() if k.startswith("mechanism/")}
+        self.mechanism.check_state(mech)
+        self.mechanism.load_state_dict(mech)
+        self.rng.bit_generator.state = json.loads(str(state["trainer/rng_state"]))
+        self.epoch = int(state["trainer/epoch"])
+        self.history = json.loads(str(state["trainer/history"]))
+        self.random_init = json.loads(str(state["trainer/random_init"]))
+
+
+def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
+        dataset: Dataset | None = None) -> dict:
+    """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot."""
+    os.makedirs(out, exist_ok=True)
+    trainer = Trainer(config, dataset)
+    ckpt = os.path.join(out, CHECKPOINT)
+    if resume:
+        trainer.load(out)
+    elif os.path.exists(ckpt):
+        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose "
+                              f"another --out (refmoco never overwrites a saved run)")
+    for note in trainer.warnings():
+        warnings.warn(note, stacklevel=2)
+    if trainer.random_init is None:
+        trainer.random_init = trainer.evaluate(linear=True)
+    bar = _progress(config.epochs, trainer.epoch, progress)
+    wall = time.perf_counter()
+    while trainer.epoch < config.epochs:
+        row = trainer.train_epoch()
+        row.update(trainer.evaluate(linear=False))
+        row["log_num_candidates"] = math.log(trainer.num_candidates())
+        trainer.history.append(row)
+        trainer.save(out)
+        bar.update(row)
+    bar.close()
+    final = trainer.evaluate(linear=True)
+    metrics = {
+        "config": config.to_json(),
+        "dataset": {"name": trainer.dataset.name, "train": len(trainer.x_train),
+                    "test": len(trainer.x_test), "shape": list(trainer.x_train.shape[1:])},
+        "epochs": trainer.history,
+        "final": {k: final[k] for k in ("knn_accuracy", "linear_accuracy")},
+        "final_alignment_uniformity": {k: final[k] for k in ("alignment", "uniformity")},
+        "random_init": {k: trainer.random_init[k] for k in ("knn_accuracy", "linear_accuracy")},
+        "train_seconds_this_run": time.perf_counter() - wall,
+        "warnings": trainer.warnings(),
+    }
+    metrics["raw_pixels"] = pixel_baseline(trainer.dataset)
+    tmp = os.path.join(out, ".metrics.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(metrics, f, indent=2)
+    os.replace(tmp, os.path.join(out, "metrics.json"))
+    _plot(metrics, os.path.join(out, "curves.png"))
+    return metrics
+
+
+class _progress:
+    """A tqdm bar when tqdm is installed and wanted; one line per epoch otherwise."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.bar = None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, initial=done, unit="epoch", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, row: dict) -> None:
+        text = (f"loss {row['loss']:.3f} (ln(K+1) {row['log_num_candidates']:.2f}) "
+                f"knn {row['knn_accuracy']:.3f}")
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"epoch {row['epoch']}: {text}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plot(metrics: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = metrics["epochs"]
+    ep = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(ep, [r["loss"] for r in rows], label="loss")
+    axes[0].plot(ep, [r["log_num_candidates"] for r in rows], "--", label="ln(K+1)")
+    axes[0].set_title("InfoNCE loss")
+    axes[1].plot(ep, [r["knn_accuracy"] for r in rows], label="kNN (test)")
+    axes[1].axhline(metrics["random_init"]["knn_accuracy"], ls=":", c="gray",
+                    label="random init")
+    axes[1].set_title("kNN accuracy")
+    axes[2].plot(ep, [r["alignment"] for r in rows], label="alignment")
+    axes[2].plot(ep, [r["uniformity"] for r in rows], label="uniformity")
+    axes[2].set_title("alignment / uniformity (lower is better)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,217 @@
+"""One training step of each mechanism against a float64 recomputation written separately in
+PyTorch (autograd, torch.optim.SGD, torch BatchNorm), with the same weights, views and draws."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from refmoco import MemoryBank, Queue
+from refmoco.mechanisms import EndToEnd, MemoryBankMechanism, MoCo
+from refmoco.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Linear,
+    ReLU,
+    Sequential,
+    cnn_encoder,
+    mlp_encoder,
+)
+from refmoco.nn.models import Encoder
+from refmoco.optim import SGD
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+pytestmark = pytest.mark.torch
+
+LR, WD, SGD_M, T = 0.1, 5e-4, 0.9, 0.2
+
+
+class _GAP(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def to_torch(layer):
+    """The torch.nn module of a refmoco layer (same structure, so the same state_dict names)."""
+    if isinstance(layer, Sequential):
+        return torch.nn.Sequential(*[to_torch(child) for child in layer])
+    if isinstance(layer, Linear):
+        return torch.nn.Linear(layer.in_features, layer.out_features)
+    if isinstance(layer, Conv2d):
+        return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                               stride=layer.stride, padding=layer.padding)
+    if isinstance(layer, BatchNorm1d):
+        return torch.nn.BatchNorm1d(layer.num_features)
+    if isinstance(layer, BatchNorm2d):
+        return torch.nn.BatchNorm2d(layer.num_features)
+    if isinstance(layer, ReLU):
+        return torch.nn.ReLU()
+    if isinstance(layer, Flatten):
+        return torch.nn.Flatten()
+    if isinstance(layer, GlobalAvgPool2d):
+        return _GAP()
+    raise TypeError(type(layer))
+
+
+def torch_twin(encoder, params, buffers):
+    net = torch.nn.Sequential()
+    net.add_module("backbone", to_torch(encoder.backbone))
+    net.add_module("head", to_torch(encoder.head))
+    net = net.double()
+    state = {k: torch.tensor(np.array(v)) for k, v in {**params, **buffers}.items()}
+    net.load_state_dict(state)
+    return net
+
+
+def build(kind, seed=0):
+    if kind == "mlp":
+        enc = mlp_encoder(in_features=16, hidden=12, feat_dim=10, out_dim=6)
+        shape = (16,)
+    elif kind == "cnn":
+        enc = cnn_encoder(in_channels=1, widths=(3, 4, 5), out_dim=6)
+        shape = (1, 6, 6)
+    else:  # no batch norm anywhere: shuffle BN must then be invisible
+        enc = Encoder(Sequential(Flatten(), Linear(16, 10), ReLU()),
+                      Sequential(Linear(10, 10), ReLU(), Linear(10, 6)))
+        shape = (16,)
+    params, buffers = enc.init(np.random.default_rng(seed), "float64")
+    return enc, params, buffers, shape
+
+
+def views(shape, n, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *shape)), rng.normal(size=(n, *shape))
+
+
+def torch_params(net):
+    return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def assert_state(ours: dict, theirs: dict):
+    assert set(ours) == set(theirs)
+    for k, v in ours.items():
+        np.testing.assert_allclose(np.asarray(v), theirs[k], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("kind, groups", [("mlp", 1), ("mlp", 3), ("cnn", 2)])
+def test_moco_steps_match_torch(kind, groups):
+    enc, params, buffers, shape = build(kind)
+    n, K, m, steps = 8, 13, 0.9, 2
+    queue = Queue(K, 6, dtype="float64", seed=1)
+    moco = MoCo(enc, params, buffers, SGD(LR, momentum=SGD_M, weight_decay=WD), queue=queue,
+                momentum=m, temperature=T, bn_groups=groups, seed=7)
+    net_q = torch_twin(enc, params, buffers)
+    net_k = copy.deepcopy(net_q)
+    opt = torch.optim.SGD(net_q.parameters(), lr=LR, momentum=SGD_M, weight_decay=WD)
+    t_queue = torch.tensor(queue.keys.copy())  # (K, C), rows
+    ptr = 0
+    perm_rng = np.random.default_rng(7)
+    for step in range(steps):
+        xq, xk = views(shape, n, step)
+        ids = np.arange(step * n, (step + 1) * n)
+        stats = moco.step(xq, xk, ids, LR)
+        # -- the recomputation, as in MoCo's builder.py ------------------------------------
+        grp = np.array_split(np.arange(n), groups)
+        q = F.normalize(torch.cat([net_q(torch.tensor(xq[g])) for g in grp]), dim=1)
+        with torch.no_grad():
+            for pk, pq in zip(net_k.parameters(), net_q.parameters()):
+                pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+            perm = perm_rng.permutation(n)
+            ks = torch.cat([net_k(torch.tensor(xk[perm][g])) for g in grp])
+            k = torch.empty_like(ks)
+            k[torch.tensor(perm)] = F.normalize(ks, dim=1)
+        l_pos = torch.einsum("nc,nc->n", q, k)[:, None]
+        l_neg = torch.einsum("nc,kc->nk", q, t_queue.clone())  # as builder.py: a snapshot
+        loss = F.cross_entropy(torch.cat([l_pos, l_neg], 1) / T, torch.zeros(n, dtype=torch.long))
+        for j in range(n):  # enqueue one row at a time (no divisibility assumption)
+            t_queue[(ptr + j) % K] = k[j]
+        ptr = (ptr + n) % K
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert stats.loss == pytest.approx(loss.item(), rel=1e-12)
+    assert_state({**moco.params, **moco.buffers}, torch_params(net_q))
+    assert_state({**moco.key_params, **moco.key_buffers}, torch_params(net_k))
+    np.testing.assert_allclose(moco.queue.keys, t_queue.numpy(), rtol=1e-10, atol=1e-12)
+    assert moco.queue.ptr == ptr
+
+
+def test_shuffle_bn_is_invisible_without_batch_norm():
+    results = []
+    for groups in (1, 4):
+        enc, params, buffers, shape = build("nobn")
+        moco = MoCo(enc, params, buffers, SGD(LR, momentum=SGD_M), bn_groups=groups, seed=3,
+                    queue=Queue(10, 6, dtype="float64"), momentum=0.9, temperature=T)
+        xq, xk = views(shape, 8, 0)
+        loss = moco.step(xq, xk, np.arange(8), LR).loss
+        results.append((loss, moco.params.flat.copy(), moco.queue.keys.copy()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-13)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(results[0][2], results[1][2], rtol=1e-12, atol=1e-15)
+
+
+def test_shuffle_bn_changes_the_keys_with_batch_norm():
+    losses = []
+    for groups in (1, 4):
+        enc, params, buffers, shape = build("mlp")
+        moco = MoCo(enc, params, buffers, SGD(LR), queue=Queue(10, 6, dtype="float64"),
+                    momentum=0.9, temperature=T, bn_groups=groups, seed=3)
+        xq, xk = views(shape, 8, 0)
+        losses.append(moco.step(xq, xk, np.arange(8), LR).loss)
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)
+
+
+def test_end_to_end_step_matches_torch():
+    enc, params, buffers, shape = build("mlp")
+    mech = EndToEnd(enc, params, buffers, SGD(LR, momentum=SGD_M, weight_decay=WD),
+                    temperature=T)
+    net = torch_twin(enc, params, buffers)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=SGD_M, weight_decay=WD)
+    for step in range(2):
+        xq, xk = views(shape, 8, step)
+        stats = mech.step(xq, xk, np.arange(8), LR)
+        q = F.normalize(net(torch.tensor(xq)), dim=1)
+        k = F.normalize(net(torch.tensor(xk)), dim=1)
+        loss = F.cross_entropy(q @ k.T / T, torch.arange(8))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert stats.loss == pytest.approx(loss.item(), rel=1e-12)
+    assert_state({**mech.params, **mech.buffers}, torch_params(net))
+
+
+def test_memory_bank_step_matches_torch():
+    enc, params, buffers, shape = build("mlp")
+    n_data, M, n = 20, 7, 6
+    bank = MemoryBank(n_data, 6, momentum=0.5, dtype="float64", seed=2)
+    mech = MemoryBankMechanism(enc, params, buffers, SGD(LR, momentum=SGD_M), bank=bank,
+                               num_negatives=M, temperature=T)
+    net = torch_twin(enc, params, buffers)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=SGD_M)
+    t_bank = torch.tensor(bank.bank.copy())
+    draw_rng = np.random.default_rng(2)
+    draw_rng.bit_generator.state = bank.rng.bit_generator.state
+    for step in range(2):
+        xq, xk = views(shape, n, step)
+        ids = np.arange(step * n, (step + 1) * n)
+        stats = mech.step(xq, xk, ids, LR)
+        # uniform over the other rows, drawn as the bank does
+        draws = draw_rng.integers(0, n_data - 1, size=(n, M))
+        negs = draws + (draws >= ids[:, None])
+        assert not (negs == ids[:, None]).any()
+        q = F.normalize(net(torch.tensor(xq)), dim=1)
+        pos = (q * t_bank[ids]).sum(1, keepdim=True)
+        neg = torch.einsum("nc,nmc->nm", q, t_bank[negs])
+        loss = F.cross_entropy(torch.cat([pos, neg], 1) / T, torch.zeros(n, dtype=torch.long))
+        with torch.no_grad():
+            t_bank[ids] = F.normalize(0.5 * t_bank[ids] + 0.5 * q, dim=1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert stats.loss == pytest.approx(loss.item(), rel=1e-12)
+    assert_state({**mech.params, **mech.buffers}, torch_params(net))
+    np.testing.assert_allclose(mech.bank.bank, t_bank.numpy(), rtol=1e-10, atol=1e-12)

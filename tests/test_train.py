@@ -1,0 +1,150 @@
+"""The trainer: resuming is bit-identical, checkpoints are never lost, bad input is reported."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from refmoco.cli import main
+from refmoco.data import Dataset, load_digits
+from refmoco.train import CHECKPOINT, TrainConfig, Trainer, run
+
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def small():
+    d = load_digits(seed=0)
+    return Dataset(d.x_train[:200], d.y_train[:200], d.x_test[:100], d.y_test[:100], "small")
+
+
+def config(**kw):
+    base = dict(encoder="mlp", epochs=2, batch_size=64, queue_size=96, bn_groups=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def load_checkpoint(folder):
+    with np.load(os.path.join(folder, CHECKPOINT), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
+def test_resume_continues_bit_identically(tmp_path, small, mechanism, monkeypatch):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    a = run(config(mechanism=mechanism, epochs=3), full, progress=False, dataset=small)
+    real_epoch = Trainer.train_epoch
+
+    def killed_in_epoch_two(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return real_epoch(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(mechanism=mechanism, epochs=3), part, progress=False, dataset=small)
+    monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
+    b = run(config(mechanism=mechanism, epochs=3), part, resume=True, progress=False,
+            dataset=small)
+    ca, cb = load_checkpoint(full), load_checkpoint(part)
+    assert set(ca) == set(cb)
+    for key in ca:
+        if key in ("trainer/history", "trainer/config"):
+            continue
+        np.testing.assert_array_equal(ca[key], cb[key], err_msg=key)
+    strip = [{k: v for k, v in row.items() if k != "step_seconds"} for row in a["epochs"]]
+    assert strip == [{k: v for k, v in row.items() if k != "step_seconds"}
+                     for row in b["epochs"]]
+    assert a["final"] == b["final"] and a["random_init"] == b["random_init"]
+
+
+def test_metrics_json_and_plot(tmp_path, small):
+    out = str(tmp_path / "run")
+    metrics = run(config(), out, progress=False, dataset=small)
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["config"] == config().to_json()
+    assert len(saved["epochs"]) == 2
+    for row in saved["epochs"]:
+        assert {"loss", "knn_accuracy", "alignment", "uniformity", "pos_sim", "neg_sim",
+                "own_sample_share", "log_num_candidates"} <= set(row)
+        assert row["log_num_candidates"] == pytest.approx(np.log(97))
+    for part in ("final", "random_init"):
+        assert set(saved[part]) == {"knn_accuracy", "linear_accuracy"}
+        assert all(0 <= v <= 1 for v in saved[part].values())
+    assert metrics["final"] == saved["final"]
+    assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, small):
+    out = str(tmp_path / "run")
+    run(config(epochs=1), out, progress=False, dataset=small)
+    before = open(os.path.join(out, CHECKPOINT), "rb").read()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(config(epochs=1), out, progress=False, dataset=small)
+    with pytest.raises(ValueError, match="queue_size"):  # a mismatched checkpoint
+        run(config(epochs=2, queue_size=50), out, resume=True, progress=False, dataset=small)
+    assert open(os.path.join(out, CHECKPOINT), "rb").read() == before
+
+
+def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, small):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CHECKPOINT).write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable refmoco checkpoint"):
+        run(config(), str(out), resume=True, progress=False, dataset=small)
+    assert (out / CHECKPOINT).read_bytes() == b"not a zip file"
+
+
+def test_a_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, small, monkeypatch):
+    out = str(tmp_path / "run")
+    run(config(epochs=1), out, progress=False, dataset=small)
+    good = open(os.path.join(out, CHECKPOINT), "rb").read()
+
+    def crash(*args, **kwargs):
+        raise OSError("killed mid-write")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(OSError, match="killed"):
+        run(config(epochs=2), out, resume=True, progress=False, dataset=small)
+    assert open(os.path.join(out, CHECKPOINT), "rb").read() == good
+    assert sorted(os.listdir(out)) == sorted(["checkpoint.npz", "metrics.json", "curves.png"])
+
+
+def test_queue_as_large_as_the_training_set_warns(tmp_path, small):
+    with pytest.warns(UserWarning, match="stale keys"):
+        run(config(epochs=1, queue_size=200), str(tmp_path / "r"), progress=False,
+            dataset=small)
+
+
+@pytest.mark.parametrize("arrays, words", [
+    ({"images": np.zeros((10, 8, 8))}, "labels"),
+    ({"images": np.zeros((10, 8)), "labels": np.zeros(10, int)}, "images"),
+    ({"images": np.full((10, 8, 8), np.nan), "labels": np.arange(10) % 2}, "images"),
+    ({"images": np.zeros((10, 8, 8)), "labels": np.zeros(9, int)}, "labels"),
+])
+def test_cli_reports_bad_npz_files(tmp_path, capsys, arrays, words):
+    path = tmp_path / "data.npz"
+    np.savez(path, **arrays)
+    code = main(["train", "--data", str(path), "--out", str(tmp_path / "out"), "--epochs", "1",
+                 "--no-progress", "--encoder", "mlp"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and words in err
+    assert not os.path.exists(tmp_path / "out" / CHECKPOINT)
+
+
+def test_cli_trains_on_a_user_npz(tmp_path, capsys):
+    d = load_digits(seed=0)
+    images = (np.concatenate([d.x_train, d.x_test])[:240, 0] * 255).astype(np.uint8)
+    labels = np.concatenate([d.y_train, d.y_test])[:240]
+    np.savez(tmp_path / "mine.npz", images=images, labels=labels,
+             train=np.arange(240) < 180)
+    code = main(["train", "--data", str(tmp_path / "mine.npz"), "--out", str(tmp_path / "o"),
+                 "--epochs", "1", "--batch-size", "60", "--queue-size", "60",
+                 "--encoder", "mlp", "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["final"]["knn_accuracy"] <= 1
+    metrics = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert metrics["dataset"]["train"] == 180 and metrics["dataset"]["test"] == 60
