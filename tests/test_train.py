@@ -33,7 +33,7 @@ def load_checkpoint(folder):
 @pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
 def test_resume_continues_bit_identically(tmp_path, small, mechanism, monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    a = run(config(mechanism=mechanism, epochs=3), full, progress=False, dataset=small)
+    a = run(config(mechanism=mechanism, epochs=2), full, progress=False, dataset=small)
     real_epoch = Trainer.train_epoch
 
     def killed_in_epoch_two(self):
@@ -43,9 +43,9 @@ def test_resume_continues_bit_identically(tmp_path, small, mechanism, monkeypatc
 
     monkeypatch.setattr(Trainer, "train_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        run(config(mechanism=mechanism, epochs=3), part, progress=False, dataset=small)
+        run(config(mechanism=mechanism, epochs=2), part, progress=False, dataset=small)
     monkeypatch.setattr(Trainer, "train_epoch", real_epoch)
-    b = run(config(mechanism=mechanism, epochs=3), part, resume=True, progress=False,
+    b = run(config(mechanism=mechanism, epochs=2), part, resume=True, progress=False,
             dataset=small)
     ca, cb = load_checkpoint(full), load_checkpoint(part)
     assert set(ca) == set(cb)
