@@ -1,0 +1,398 @@
+"""Check a PyTorch, JAX or NumPy implementation against refmoco over hypothesis-drawn inputs.
+
+Each ``compare_*`` helper runs the user's code and a refmoco reference on inputs drawn by
+hypothesis (``find``: a fixed seed, a bounded budget) and returns a :class:`ComparisonReport`
+holding, on a mismatch, the **smallest** failing input and what differs: the loss, the gradient
+w.r.t. which argument, the queue after which call, which parameter after the momentum update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..conventions.references import queue_reference, resolve_reference
+from ..losses import LossOutput, info_nce_loss
+from ..momentum import momentum_update
+from .gradcheck import assert_close
+
+FRAMEWORKS = ("numpy", "torch", "jax")
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _raised(exc: Exception) -> str:
+    return f"raised {type(exc).__name__}: {exc}"
+
+
+# -- interop ------------------------------------------------------------------------------------
+def to_framework(x, framework: str, *, requires_grad: bool = False):
+    """A NumPy array as a fresh ``framework`` array (a copy: the user's code may write to it)."""
+    if framework == "numpy" or x is None:
+        return None if x is None else np.array(x)
+    if framework == "torch":
+        import torch
+        t = torch.from_numpy(np.array(x))
+        return t.requires_grad_() if requires_grad and t.is_floating_point() else t
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+        if np.asarray(x).dtype == np.float64 and not jax.config.jax_enable_x64:
+            raise ValueError("framework='jax' in float64 needs jax.config.update("
+                             "'jax_enable_x64', True) (or pass dtype='float32')")
+        return jnp.asarray(x)
+    raise ValueError(f"framework: expected one of {FRAMEWORKS}, got {framework!r}")
+
+
+def like(result, reference):
+    """Hand a refmoco result back as ``reference``'s array type, device and float dtype.
+
+    Parameters
+    ----------
+    result : ndarray, LossOutput, or a dict / list / tuple of them
+    reference : torch.Tensor, JAX array, CuPy or NumPy array
+        An input of the call; floating results are cast to its dtype when it is floating.
+
+    Examples
+    --------
+    >>> import torch, refmoco
+    >>> from refmoco.testing import like
+    >>> q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    >>> out = like(refmoco.info_nce_loss(q, q, None), q)
+    >>> type(out.loss).__name__, out.grads["q"].dtype
+    ('Tensor', torch.float32)
+    """
+    if isinstance(result, LossOutput):
+        return LossOutput(like(result.loss, reference), like(result.grads, reference))
+    if isinstance(result, (dict, list, tuple)):
+        items = result.items() if isinstance(result, dict) else enumerate(result)
+        out = {k: like(v, reference) for k, v in items}
+        return out if isinstance(result, dict) else type(result)(out.values())
+    module = type(reference).__module__.split(".")[0]
+    cast = str(reference.dtype).replace("torch.", "") in _FLOATS
+    if module == "cupy":
+        import cupy
+        out = cupy.asarray(result)
+    else:
+        out = np.array(to_numpy(result))  # a writeable host copy (CuPy results are fetched)
+    if module == "torch":
+        import torch
+        out = torch.from_numpy(out).to(reference.device)
+        return out.to(reference.dtype) if cast and out.is_floating_point() else out
+    if module in ("jax", "jaxlib"):
+        import jax
+        out = jax.device_put(out, next(iter(reference.devices())))
+    return out.astype(reference.dtype) if cast and out.dtype.kind == "f" else out
+
+
+def _host(x) -> np.ndarray:
+    """Any array (a torch tensor that requires grad, a JAX array, a float) as NumPy."""
+    return np.asarray(to_numpy(x))
+
+
+# -- the report ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Difference:
+    """``what`` differs (``"loss"``, ``"gradient w.r.t. 'k'"``, ...) and how (``detail``)."""
+
+    what: str
+    detail: str
+
+
+@dataclass
+class ComparisonReport:
+    """What was compared (``reference``), how many inputs were tried (``examples``), what
+    differs (``difference``, None when all agree) and the smallest failing ``inputs``."""
+
+    reference: str
+    examples: int
+    difference: Difference | None = None
+    inputs: dict | None = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.difference is None
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.reference}: all {self.examples} examples agree"
+        lines = [f"{self.reference} disagrees: {self.difference.what} "
+                 f"(smallest failing input, {self.examples} tried)",
+                 f"  {self.difference.detail}", "  input:"]
+        with np.printoptions(precision=6, suppress=True, threshold=60):
+            for name, value in (self.inputs or {}).items():
+                text = repr(value).replace("\n", "\n" + " " * (6 + len(name)))
+                lines.append(f"    {name} = {text}")
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> ComparisonReport:
+        if not self.ok:
+            raise AssertionError(str(self))
+        return self
+
+
+def _search(name, strategy, check, *, max_examples, seed, raise_on_failure) -> ComparisonReport:
+    """Run ``check`` (None = agree, else a Difference) on drawn inputs; shrink a failure."""
+    from .strategies import find_failure
+
+    count = [0]
+
+    def safe(example):
+        try:
+            return check(example)
+        except Exception as exc:  # the user's code raised: that is a difference too
+            return Difference("the call", _raised(exc))
+
+    def fails(example) -> bool:
+        count[0] += 1
+        return safe(example) is not None
+
+    smallest = find_failure(strategy, fails, max_examples=max_examples, seed=seed)
+    report = ComparisonReport(name, count[0])
+    if smallest is not None:
+        report = ComparisonReport(name, count[0], safe(smallest), smallest)
+    return report.raise_if_failed() if raise_on_failure else report
+
+
+def _differs(what, actual, expected, dtype, rtol) -> Difference | None:
+    """``|actual - expected| <= rtol * (1 + max|expected|)``: relative, but never to a scale
+    below 1 (a loss near 0 is a difference of terms of size ~1/T, and is only that accurate)."""
+    got, want = _host(actual), _host(expected)
+    try:
+        assert_close(got, want, rtol=rtol, atol=rtol, check_dtype=False, name="got")
+    except AssertionError as exc:
+        if got.shape == want.shape == ():
+            return Difference(what, f"got {float(got)!r}, expected {float(want)!r}")
+        return Difference(what, str(exc))
+    return None
+
+
+def _rtol(rtol, dtype):
+    return rtol if rtol is not None else (1e-10 if np.dtype(dtype) == np.float64 else 1e-4)
+
+
+# -- losses -------------------------------------------------------------------------------------
+def _value_and_grads(user_fn, values, names, wrt, framework):
+    if not wrt:  # the value only
+        return user_fn(*[to_framework(v, framework) for v in values]), {}
+    if framework == "numpy":
+        loss, grads = user_fn(*values)[:2]
+        return loss, {n: grads.get(n) for n in wrt}
+    if framework == "torch":
+        import torch
+        xs = [to_framework(v, "torch", requires_grad=n in wrt) for n, v in zip(names, values)]
+        loss = user_fn(*xs)
+        leaves = [x for n, x in zip(names, xs) if n in wrt]
+        got = (torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad
+               else [None] * len(leaves))
+        return loss, dict(zip([n for n in names if n in wrt], got))
+    import jax
+    argnums = tuple(i for i, n in enumerate(names) if n in wrt)
+    loss, got = jax.value_and_grad(user_fn, argnums)(*[to_framework(v, "jax") for v in values])
+    return loss, dict(zip([names[i] for i in argnums], got))
+
+
+def compare_loss(user_fn: Callable, reference: str | Callable = "info_nce", *, inputs=None,
+                 args=None, framework="numpy", dtype="float64", rtol=None, max_examples=50,
+                 seed=0, raise_on_failure=True, **params) -> ComparisonReport:
+    """Compare the value of ``user_fn`` with a refmoco reference on drawn inputs.
+
+    Parameters
+    ----------
+    user_fn : callable
+        Called with the reference's arrays positionally, as ``framework`` arrays
+        (``user_fn(q, k, negatives)`` for ``"info_nce"``); returns a scalar.
+    reference : str or callable
+        A name of :data:`refmoco.conventions.references.REFERENCES` (``"info_nce"``, ``"moco"``,
+        ``"moco_v3"``, ``"lightly.ntxent"``, ``"pml.ntxent"``, ...), or a function returning a
+        ``LossOutput``, with ``inputs`` (a hypothesis strategy of dicts of its keyword arguments)
+        and ``args`` (the keys passed to ``user_fn``, in order).
+    framework : {"numpy", "torch", "jax"}
+    dtype : {"float64", "float32"}
+    rtol : float, optional
+        Default 1e-10 in float64, 1e-4 in float32 (two implementations round differently).
+    max_examples, seed : int
+        Hypothesis' budget of generated inputs, and the seed of its choices.
+    raise_on_failure : bool
+        Raise ``AssertionError(str(report))`` on a mismatch.
+    **params
+        The reference's hyper-parameters (``temperature=0.2``); ``user_fn`` must use the same.
+
+    Returns
+    -------
+    ComparisonReport
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from refmoco.testing import compare_loss
+    >>> def my_loss(q, k, queue):                      # a NumPy InfoNCE with T = 0.1
+    ...     logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ queue.T], 1) / 0.1
+    ...     top = logits.max(1, keepdims=True)
+    ...     return np.mean(top[:, 0] + np.log(np.exp(logits - top).sum(1)) - logits[:, 0])
+    >>> compare_loss(my_loss, "info_nce", temperature=0.1, max_examples=20).ok
+    True
+    """
+    return compare_loss_and_grad(user_fn, reference, wrt=(), inputs=inputs, args=args,
+                                 framework=framework, dtype=dtype, rtol=rtol,
+                                 max_examples=max_examples, seed=seed,
+                                 raise_on_failure=raise_on_failure, **params)
+
+
+def compare_loss_and_grad(user_fn: Callable, reference: str | Callable = "info_nce", *,
+                          wrt=None, inputs=None, args=None, stop_gradient=None,
+                          framework="torch", dtype="float64", rtol=None, max_examples=50,
+                          seed=0, raise_on_failure=True, **params) -> ComparisonReport:
+    """Compare a loss **and its autograd gradients** with a refmoco reference.
+
+    ``user_fn`` is as in :func:`compare_loss`; with ``framework="torch"`` its gradients come from
+    ``torch.autograd.grad``, with ``"jax"`` from ``jax.value_and_grad``, and with ``"numpy"`` it
+    returns ``(loss, grads)``, ``grads`` a dict by argument name. ``wrt`` (default: every float
+    argument) names the gradients checked; an argument under a stop-gradient in the reference
+    (MoCo's keys and queue; ``stop_gradient=`` for a callable reference) must receive **none**.
+    The other parameters are those of :func:`compare_loss`. ``difference.what`` is ``"loss"`` or
+    ``"gradient w.r.t. 'name'"``.
+    """
+    ref = resolve_reference(reference, inputs, args, stop_gradient)
+    rtol = _rtol(rtol, dtype)
+
+    def check(ex):
+        expected = ref.fn(**ex, **params)
+        names = [a for a in ref.args if wrt is None or a in wrt]
+        names = [a for a in names if ex[a] is not None and np.asarray(ex[a]).dtype.kind == "f"]
+        loss, grads = _value_and_grads(user_fn, [ex[a] for a in ref.args], ref.args, names,
+                                       framework)
+        diff = _differs("loss", loss, expected.loss, dtype, rtol)
+        for n in names:
+            if diff is not None:
+                break
+            g = np.zeros_like(ex[n]) if grads[n] is None else _host(grads[n])
+            if n in ref.stop_gradient:
+                if np.any(g != 0):
+                    diff = Difference(f"gradient w.r.t. {n!r}", (
+                        f"expected none ({ref.why}: detach it), got max |g| = "
+                        f"{np.abs(g).max():.6g}"))
+            else:
+                diff = _differs(f"gradient w.r.t. {n!r}", g, expected.grads[n], dtype, rtol)
+        return diff
+
+    return _search(ref.name, ref.inputs(dtype, params), check, max_examples=max_examples,
+                   seed=seed, raise_on_failure=raise_on_failure)
+
+
+# -- state: the queue, the momentum update, a whole MoCo step -----------------------------------
+def compare_queue(make_queue: Callable, *, semantics="refmoco", enqueue=None, read=None,
+                  layout="rows", framework="torch", dtype="float64", max_examples=50, seed=0,
+                  raise_on_failure=True) -> ComparisonReport:
+    """Compare a queue's contents after every enqueue with a reference queue.
+
+    ``make_queue(initial)`` returns a new queue holding ``initial``, a (K, C) framework array
+    (one key per row; (C, K) with ``layout="columns"``, MoCo's buffer). ``enqueue(queue, keys)``
+    (default ``queue.enqueue(keys)``) adds a (b, C) batch; ``read(queue)`` (default
+    ``queue.keys``) returns the buffer in storage order. ``semantics`` picks the reference:
+    ``"refmoco"`` (:class:`refmoco.Queue`: any batch size, wraps around), ``"moco"`` (batch sizes
+    that divide K, one per run) or ``"lightly"`` (drops what overflows). ``difference.what`` is ``"queue
+    contents after call i (enqueue of b rows)"``.
+    """
+    from .strategies import queue_scenarios
+
+    enqueue = enqueue or (lambda q, keys: q.enqueue(keys))
+    read = read or (lambda q: q.keys)
+    flip = (lambda a: a.T) if layout == "columns" else (lambda a: a)
+
+    def check(ex):
+        ref = queue_reference(semantics, ex["initial"])
+        user = make_queue(to_framework(flip(ex["initial"]), framework))
+        for i, keys in enumerate(ex["batches"], 1):
+            what = f"call {i} (enqueue of {len(keys)} rows)"
+            try:
+                enqueue(user, to_framework(keys, framework))
+            except Exception as exc:
+                return Difference(what, _raised(exc))
+            ref.enqueue(keys)
+            detail = ref.differs(flip(_host(read(user))))
+            if detail:
+                return Difference(f"queue contents after {what}", detail)
+        return None
+
+    return _search(f"queue ({semantics})", queue_scenarios(semantics, dtype=dtype), check,
+                   max_examples=max_examples, seed=seed, raise_on_failure=raise_on_failure)
+
+
+def compare_momentum(user_fn: Callable, *, framework="torch", dtype="float64", rtol=None,
+                     max_examples=50, seed=0, raise_on_failure=True) -> ComparisonReport:
+    """Compare a momentum (EMA) update with :func:`refmoco.momentum_update`.
+
+    ``user_fn(target, source, m)`` gets two dicts of framework arrays (the key and the query
+    encoder's parameters) and updates ``target`` in place or returns the new one (JAX). The
+    expected result is ``m * target + (1 - m) * source``.
+    """
+    from .strategies import momentum_inputs
+
+    rtol = _rtol(rtol, dtype)
+
+    def check(ex):
+        target, source, m = ex["target"], ex["source"], ex["m"]
+        user_t = {k: to_framework(v, framework) for k, v in target.items()}
+        user_s = {k: to_framework(v, framework) for k, v in source.items()}
+        out = user_fn(user_t, user_s, m)
+        out = user_t if out is None else out
+        want = momentum_update({k: v.copy() for k, v in target.items()}, source, m)
+        for name in target:
+            diff = _differs(f"parameter {name!r} after the update with m={m!r}", out[name],
+                            want[name], dtype, rtol)
+            if diff is not None:
+                return diff
+        return None
+
+    return _search("momentum_update", momentum_inputs(dtype=dtype), check,
+                   max_examples=max_examples, seed=seed, raise_on_failure=raise_on_failure)
+
+
+def compare_moco_step(make_step: Callable, *, temperature=0.07, read=None, layout="rows",
+                      framework="torch", dtype="float64", rtol=None, max_examples=30, seed=0,
+                      raise_on_failure=True) -> ComparisonReport:
+    """Compare a stateful MoCo loss-and-enqueue step with refmoco, call after call.
+
+    ``make_step(initial)`` returns an object ``step`` holding the queue ``initial`` (K, C) (or
+    (C, K) with ``layout="columns"``); ``step(q, k)`` returns the loss of normalised queries and
+    keys (N, C) and enqueues ``k``; ``read(step)`` returns its buffer (default ``step.queue``).
+    For each call the loss, the gradient w.r.t. ``q``, the absence of a gradient w.r.t. ``k``
+    (MoCo's keys are under ``no_grad``), and the queue afterwards are compared with
+    ``info_nce_loss(q, k, queue_before)`` then ``Queue.enqueue(k)``. Frameworks: ``"torch"``, or
+    ``"numpy"`` with ``step`` returning ``(loss, {"q": dq, "k": dk})``.
+    """
+    from .strategies import moco_step_scenarios
+
+    read = read or (lambda s: s.queue)
+    flip = (lambda a: a.T) if layout == "columns" else (lambda a: a)
+    rtol = _rtol(rtol, dtype)
+
+    def check(ex):
+        queue = queue_reference("refmoco", ex["initial"])
+        step = make_step(to_framework(flip(ex["initial"]), framework))
+        for i, (q, k) in enumerate(zip(ex["q"], ex["k"]), 1):
+            want = info_nce_loss(q, k, queue.rows(), temperature=temperature, wrt=("q",))
+            try:
+                loss, grads = _value_and_grads(step, [q, k], ("q", "k"), ("q", "k"), framework)
+            except Exception as exc:
+                return Difference(f"call {i}", _raised(exc))
+            for what, got, expected in (("loss", loss, want.loss),
+                                        ("gradient w.r.t. 'q'", grads["q"], want.grads["q"])):
+                diff = _differs(f"call {i}: {what}", got, expected, dtype, rtol)
+                if diff is not None:
+                    return diff
+            if grads["k"] is not None and np.any(_host(grads["k"]) != 0):
+                return Difference(f"call {i}: gradient w.r.t. 'k'", (
+                    "expected none (MoCo computes the keys under torch.no_grad()), got max "
+                    f"|g| = {np.abs(_host(grads['k'])).max():.6g}"))
+            queue.enqueue(k)
+            detail = queue.differs(flip(_host(read(step))))
+            if detail:
+                return Difference(f"call {i}: queue contents afterwards", detail)
+        return None
+
+    return _search("MoCo step", moco_step_scenarios(dtype=dtype), check,
+                   max_examples=max_examples, seed=seed, raise_on_failure=raise_on_failure)

@@ -1,0 +1,305 @@
+"""The comparison helpers catch deliberately broken implementations and say what differs; the
+strategies and the diagnostics do what they say."""
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import refmoco
+import refmoco.diagnostics
+import refmoco.testing.compare
+import refmoco.testing.strategies
+from refmoco.diagnostics import (
+    collapse_check,
+    embedding_spread,
+    key_encoder_drift,
+    same_sample_negatives,
+)
+from refmoco.testing import (
+    compare_loss,
+    compare_loss_and_grad,
+    compare_moco_step,
+    compare_momentum,
+    compare_queue,
+)
+from refmoco.testing.strategies import (
+    cpc_sequences,
+    find_failure,
+    info_nce_inputs,
+    moco_step_scenarios,
+    queue_scenarios,
+)
+
+T = 0.2
+BUDGET = {"max_examples": 30, "raise_on_failure": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- correct implementations, in PyTorch ---------------------------------------------------------
+def moco_loss(q, k, queue, temperature=T, positive_label=0, stop_gradient=True):
+    """MoCo's builder.py with the queue as rows; the keyword arguments plant bugs."""
+    if stop_gradient:
+        k, queue = k.detach(), queue.clone().detach()
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # (N, 1)
+    l_neg = torch.einsum("nc,kc->nk", q, queue)  # (N, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(len(q), dtype=torch.long) + positive_label
+    return F.cross_entropy(logits, labels)
+
+
+def in_batch_loss(q, k, dim=1):
+    logits = q @ k.T / T
+    return -torch.log_softmax(logits, dim=dim).diagonal().mean()
+
+
+class MoCoStep:
+    """A MoCo loss-and-enqueue step on a (K, C) queue; ``enqueue_first`` plants a bug."""
+
+    def __init__(self, initial, enqueue_first=False):
+        self.queue, self.ptr, self.enqueue_first = initial.clone(), 0, enqueue_first
+
+    def _enqueue(self, k):
+        n = len(k)
+        self.queue[self.ptr:self.ptr + n] = k.detach()
+        self.ptr = (self.ptr + n) % len(self.queue)
+
+    def __call__(self, q, k):
+        if self.enqueue_first:
+            self._enqueue(k)
+        loss = moco_loss(q, k, self.queue, temperature=0.07)
+        if not self.enqueue_first:
+            self._enqueue(k)
+        return loss
+
+
+class RingBuffer:
+    """A PyTorch ring buffer that writes rows one at a time (refmoco's semantics)."""
+
+    def __init__(self, initial):
+        self.keys, self.ptr = initial.clone(), 0
+
+    def enqueue(self, batch):
+        for row in batch:
+            self.keys[self.ptr] = row
+            self.ptr = (self.ptr + 1) % len(self.keys)
+
+
+def ema(target, source, m):
+    with torch.no_grad():
+        for name in target:
+            target[name].mul_(m).add_(source[name], alpha=1 - m)
+
+
+def ema_swapped(target, source, m):
+    with torch.no_grad():
+        for name in target:
+            target[name].mul_(1 - m).add_(source[name], alpha=m)
+
+
+def test_correct_implementations_pass():
+    assert compare_loss_and_grad(moco_loss, "moco", temperature=T, **BUDGET).ok
+    assert compare_loss_and_grad(in_batch_loss, "info_nce_in_batch", temperature=T, **BUDGET).ok
+    assert compare_moco_step(MoCoStep, **BUDGET).ok
+    assert compare_momentum(ema, **BUDGET).ok
+    assert compare_queue(RingBuffer, **BUDGET).ok
+
+
+# -- the planted bugs: each caught, with what differs named ---------------------------------------
+def test_wrong_positive_index_is_caught():
+    report = compare_loss(lambda q, k, queue: moco_loss(q, k, queue, positive_label=1), "moco",
+                          framework="torch", temperature=T, **BUDGET)
+    assert report.difference.what == "loss"
+    assert report.inputs["q"].shape[0] == 1  # shrunk to a single query
+    report = compare_loss(lambda q, k: in_batch_loss(q, k.roll(1, 0)), "info_nce_in_batch",
+                          framework="torch", temperature=T, **BUDGET)
+    assert report.difference.what == "loss" and report.inputs["q"].shape[0] == 2
+
+
+def test_missing_temperature_is_caught():
+    report = compare_loss_and_grad(lambda q, k, queue: moco_loss(q, k, queue, temperature=1.0),
+                                   "moco", temperature=T, **BUDGET)
+    assert report.difference.what == "loss"
+    assert "got" in report.difference.detail and "expected" in report.difference.detail
+
+
+def test_queue_updated_before_the_logits_is_caught():
+    report = compare_moco_step(lambda initial: MoCoStep(initial, enqueue_first=True), **BUDGET)
+    assert report.difference.what == "call 1: loss"
+    assert len(report.inputs["q"]) == 1  # one call suffices
+
+
+def test_momentum_swapped_with_one_minus_momentum_is_caught():
+    report = compare_momentum(ema_swapped, **BUDGET)
+    assert report.difference.what.startswith("parameter 'layer0.weight' after the update")
+    assert report.inputs["m"] != 0.5
+
+
+def test_missing_stop_gradient_on_the_keys_is_caught():
+    report = compare_loss_and_grad(lambda q, k, queue: moco_loss(q, k, queue,
+                                                                 stop_gradient=False),
+                                   "moco", temperature=T, **BUDGET)
+    assert report.difference.what == "gradient w.r.t. 'k'"
+    assert "expected none" in report.difference.detail and "no_grad" in report.difference.detail
+
+
+def test_missing_stop_gradient_is_caught_in_a_step_too():
+    class LeakyStep(MoCoStep):
+        def __call__(self, q, k):
+            queue = self.queue.clone()  # without the clone autograd fails: the queue changes
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.07
+            self._enqueue(k)
+            return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+    report = compare_moco_step(LeakyStep, **BUDGET)
+    assert report.difference.what == "call 1: gradient w.r.t. 'k'"
+
+
+def test_softmax_over_the_wrong_axis_is_caught():
+    report = compare_loss_and_grad(lambda q, k: in_batch_loss(q, k, dim=0),
+                                   "info_nce_in_batch", temperature=T, **BUDGET)
+    assert report.difference.what in ("loss", "gradient w.r.t. 'q'", "gradient w.r.t. 'k'")
+    assert report.inputs["q"].shape[0] == 2
+
+    def cpc_over_contexts(z, c, W):  # CDCK2's direction, every step and time
+        total, count = 0, 0
+        for s in range(1, W.shape[0] + 1):
+            for t in range(z.shape[1] - s):
+                scores = z[:, t + s] @ (c[:, t] @ W[s - 1].T).T  # row: encoding, col: context
+                total = total - torch.log_softmax(scores, dim=1).diagonal().sum()
+                count += z.shape[0]
+        return total / count
+
+    report = compare_loss(cpc_over_contexts, "cpc", framework="torch", **BUDGET)
+    assert report.difference.what == "loss" and report.inputs["z"].shape[0] == 2
+
+
+def test_the_report_is_the_assertion_message():
+    with pytest.raises(AssertionError) as info:
+        compare_momentum(ema_swapped, max_examples=30)
+    message = str(info.value)
+    assert message.startswith("momentum_update disagrees: parameter 'layer0.weight'")
+    assert "target = " in message and "m = " in message
+
+
+def test_queue_semantics_are_told_apart():
+    class Dropper:  # lightly's rule
+        def __init__(self, initial):
+            self.keys, self.ptr = initial.copy(), 0
+
+        def enqueue(self, batch):
+            n, size = len(batch), len(self.keys)
+            if self.ptr + n >= size:
+                self.keys[self.ptr:] = batch[: size - self.ptr]
+                self.ptr = 0
+            else:
+                self.keys[self.ptr:self.ptr + n] = batch
+                self.ptr += n
+
+    assert compare_queue(Dropper, semantics="lightly", framework="numpy", **BUDGET).ok
+    report = compare_queue(Dropper, semantics="refmoco", framework="numpy", **BUDGET)
+    assert report.difference.what.startswith("call 1 (enqueue of 0 rows)") or (
+        report.difference.what.startswith("queue contents after call"))
+    official = compare_queue(lambda initial: refmoco.conventions.moco.MoCoQueue(
+        *initial.shape, initial=initial), semantics="refmoco", layout="columns",
+        read=lambda q: q.queue, framework="numpy", **BUDGET)
+    assert official.difference.detail.startswith("raised")  # MoCo's K % N (N = 0 included)
+
+
+def test_numpy_and_callable_references():
+    def info_nce_numpy(q, k, negatives):
+        out = refmoco.info_nce_loss(q, k, negatives, temperature=0.5)
+        return out.loss, out.grads
+
+    assert compare_loss_and_grad(info_nce_numpy, "info_nce", framework="numpy",
+                                 temperature=0.5, **BUDGET).ok
+    strategy = info_nce_inputs("queue").map(lambda d: {"q": d["q"], "k": d["k"]})
+    report = compare_loss(lambda q, k: float(np.mean(np.sum(q * k, axis=1))),
+                          lambda q, k: refmoco.LossOutput(np.mean(np.sum(q * k, 1)) * 2, {}),
+                          inputs=strategy, args=("q", "k"), **BUDGET)
+    assert report.difference.what == "loss"
+
+
+def test_jax_implementations_can_be_compared():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    def jax_moco(q, k, queue):
+        k, queue = jax.lax.stop_gradient(k), jax.lax.stop_gradient(queue)
+        logits = jnp.concatenate([jnp.sum(q * k, 1, keepdims=True), q @ queue.T], 1) / T
+        return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+
+    assert compare_loss_and_grad(jax_moco, "moco", framework="jax", dtype="float32",
+                                 temperature=T, max_examples=5).ok  # JAX compiles per shape
+    if not jax.config.jax_enable_x64:
+        with pytest.raises(ValueError, match="jax_enable_x64"):
+            refmoco.testing.to_framework(np.zeros(2), "jax")
+
+
+# -- strategies ---------------------------------------------------------------------------------
+@given(info_nce_inputs("per_query", dtype="float32"), cpc_sequences(),
+       queue_scenarios("moco"), moco_step_scenarios())
+def test_strategies_draw_what_they_say(nce, zcw, queue, step):
+    q, negatives = nce["q"], nce["negatives"]
+    assert q.dtype == np.float32 and negatives.shape[::2] == (q.shape[0], q.shape[1])
+    assert np.allclose(np.linalg.norm(negatives, axis=-1), 1, atol=1e-6)
+    z, c, W = zcw
+    assert W.shape[0] < z.shape[1] and W.shape[1:] == (z.shape[2], c.shape[2])
+    sizes = {len(b) for b in queue["batches"]}
+    assert len(sizes) == 1 and len(queue["initial"]) % sizes.pop() == 0
+    assert len(step["initial"]) % len(step["q"][0]) == 0
+
+
+def test_find_failure_returns_the_smallest_failing_example():
+    assert find_failure(st.integers(0, 1000), lambda x: x > 10, seed=1) == 11
+    assert find_failure(st.integers(0, 10), lambda x: x > 10) is None
+
+
+# -- diagnostics ---------------------------------------------------------------------------------
+def test_collapsed_embeddings_put_the_loss_at_ln_k_plus_1(rng):
+    q = np.tile(rng.standard_normal(8), (4, 1))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    out = refmoco.info_nce_loss(q, q, np.tile(q[:1], (63, 1)), temperature=0.07)
+    report = collapse_check([float(out.loss)] * 5, num_candidates=64)
+    assert report.collapsed and math.isclose(report.chance, math.log(64))
+    assert "stuck at chance" in report.message
+    assert not collapse_check([4.0, 2.0, 1.0], 64, window=2).collapsed
+    assert embedding_spread(q) == 0.0
+
+
+def test_same_sample_negatives_counts_the_queue_rows_of_each_query():
+    queue = refmoco.Queue(6, 2, dtype="float64")
+    queue.enqueue(np.ones((5, 2)), ids=[3, 1, 3, 2, 3])
+    report = same_sample_negatives(queue, np.array([3, 2, 9, -1]))
+    expected = [sum(int(i == q and i >= 0) for i in queue.ids) for q in (3, 2, 9, -1)]
+    assert report.counts.tolist() == expected == [3, 1, 0, 0]
+    assert report.queries_affected == 2 and math.isclose(report.share, 4 / 24)
+
+
+def test_key_encoder_drift_is_the_relative_distance():
+    key = {"a": np.array([1.0, 2.0]), "b": np.array([[0.0]])}
+    query = {"a": np.array([1.0, 0.0]), "b": np.array([[1.0]])}
+    report = key_encoder_drift(key, query)
+    assert math.isclose(report.relative, math.sqrt((4 + 1) / (1 + 1)))
+    assert math.isclose(report.per_param["a"], 2.0) and report.per_param["b"] == 1.0
+    with pytest.raises(ValueError, match="names"):
+        key_encoder_drift(key, {"a": query["a"]})
+
+
+@pytest.mark.parametrize("module", [refmoco.testing.compare, refmoco.testing.strategies,
+                                    refmoco.diagnostics])
+def test_documented_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
