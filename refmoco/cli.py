@@ -60,11 +60,24 @@ def _train(args) -> int:
     return 0
 
 
+def _bench_parser(sub) -> None:
+    from .bench import add_arguments
+
+    add_arguments(sub.add_parser("bench", help="time the hot path on each backend, side by side "
+                                 "with PyTorch"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="refmoco", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _bench_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return bench_main(argv[argv.index("bench") + 1 :])
     try:
         if args.command == "train":
             return _train(args)

@@ -403,6 +403,10 @@ def info_nce_loss(q, k, negatives=None, *, temperature=0.07, reduction="mean", w
     check_reduction(reduction)
     names = ("q", "k") if negatives is None else ("q", "k", "negatives")
     wrt = check_wrt(wrt, names)
+    if be.kernels is not None and negatives is not None and negatives.ndim == 2:
+        # fused kernel for a shared queue: forward and backward in one pass over queue blocks
+        losses, grads = be.kernels.info_nce_queue(q, k, negatives, temperature, reduction, wrt)
+        return LossOutput(_reduce(losses, reduction, xp)[0], grads)
     losses, cache = info_nce_forward(q, k, negatives, temperature, xp)
     loss, scale = _reduce(losses, reduction, xp)
     grads = {}

@@ -38,7 +38,7 @@ def _leaves(target: Any, source: Any, path: str) -> list[tuple[str, Any, Any]]:
         raise TypeError(f"source{path}: expected a floating-point array, got dtype {s.dtype}")
     if t.shape != s.shape:
         raise ValueError(f"source{path}: expected shape {tuple(t.shape)}, got {tuple(s.shape)}")
-    if hasattr(t, "flags") and not t.flags.writeable:
+    if not getattr(getattr(t, "flags", None), "writeable", True):  # CuPy arrays have no flag
         raise ValueError(f"target{path}: the array is read-only")
     return [(path, t, s)]
 
@@ -89,8 +89,8 @@ def momentum_update(target, source, momentum, *, backend=None):
     pairs = _leaves(target, source, "")
     be = resolve(backend, *(t for _, t, _ in pairs), *(s for _, _, s in pairs))
     for _, t, s in pairs:
-        if be.kernels is not None and hasattr(be.kernels, "momentum_update"):
-            be.kernels.momentum_update(t, s, m)
+        if be.kernels is not None:
+            be.kernels.momentum_update(t, s, m)  # one fused pass over memory
             continue
         t *= t.dtype.type(m)
         t += t.dtype.type(1.0 - m) * s.astype(t.dtype, copy=False)

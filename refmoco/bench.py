@@ -1,0 +1,344 @@
+"""``refmoco bench``: the hot path on each backend, side by side with PyTorch, in one process.
+
+Every case is timed once per round, the rounds interleave all cases (so that a busy machine
+slows them alike), and the table shows medians and their ratio to PyTorch's official
+formulation. The cases:
+
+- InfoNCE forward and backward (gradient of ``q``, as MoCo needs), N=256, C=128, float32, a queue
+  of K = 4096 / 16384 / 65536 keys: refmoco on ``numpy``, ``numba`` and ``cupy`` (with a GPU),
+  PyTorch as MoCo writes it (``einsum`` for ``l_pos``/``l_neg``, ``cat``, ``cross_entropy``,
+  ``backward``), and the floor: the two matrix products ``q @ queue.T`` and ``P @ queue`` alone
+  (whole, into preallocated arrays, in the faster of the two layouts).
+- The key encoder's momentum update, 11.2M parameters in 62 tensors (a ResNet-18 with MoCo's
+  128-d head): refmoco per tensor and on one flat buffer; PyTorch's official loop and
+  ``torch._foreach_lerp_``.
+- Enqueueing 256 keys into a 65536 x 128 queue: refmoco's ``Queue.enqueue`` (checks included)
+  and the bare slice write; PyTorch's ``queue[:, p:p+b] = keys.T`` (MoCo) and the clone-and-slice
+  of libraries that return the bank they update.
+
+Threads: OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` once, when NumPy loads, so unless it is set
+(or ``--inherit-env`` is given) the benchmark reruns itself in a fresh interpreter with
+``OPENBLAS_THREAD_TIMEOUT=4``. The settings in effect are printed above the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}  # set before NumPy loads (see docs/benchmarks.md)
+
+
+@dataclass
+class Case:
+    label: str
+    fn: Callable[[], object]
+    sync: Callable[[], object] | None = None  # waits for a GPU
+    times: list = field(default_factory=list)
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        self.fn()
+        if self.sync is not None:
+            self.sync()
+        self.times.append(time.perf_counter() - t0)
+
+
+@dataclass
+class Group:
+    title: str
+    cases: list  # of Case
+    reference: str  # label of the PyTorch case the ratios divide by
+    notes: list = field(default_factory=list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes and fewer rounds (about a minute)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed rounds per case (default 7; 3 with --quick)")
+    parser.add_argument("--inherit-env", action="store_true",
+                        help="run with the thread settings of this process as they are")
+
+
+# -- the cases ----------------------------------------------------------------------------------
+
+
+def _unit_rows(rng, rows, dim):
+    import numpy as np
+
+    x = rng.standard_normal((rows, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy if cupy.is_available() else None
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def info_nce_group(k_size: int, n: int = 256, c: int = 128) -> Group:
+    import numpy as np
+
+    import refmoco
+
+    rng = np.random.default_rng(0)
+    q, k, queue = _unit_rows(rng, n, c), _unit_rows(rng, n, c), _unit_rows(rng, k_size, c)
+    t = 0.07
+    logits_t, dq, q_t = np.empty((k_size, n), np.float32), np.empty((n, c), np.float32), q.T.copy()
+
+    def floor():  # the two products every formulation needs, in OpenBLAS's faster layout
+        np.dot(queue, q_t, out=logits_t)  # (K, N); q @ queue.T into (N, K) is slower
+        np.dot(logits_t.T, queue, out=dq)  # (N, C)
+
+    def ours(backend, q=q, k=k, queue=queue):
+        return lambda: refmoco.info_nce_loss(q, k, queue, temperature=t, wrt=("q",),
+                                             backend=backend)
+
+    cases = [Case("matrix products only", floor), Case("refmoco numpy", ours("numpy"))]
+    notes = []
+    try:
+        cases.append(Case("refmoco numba", ours("numba")))
+        a, b = ours("numpy")(), ours("numba")()
+        err = float(np.abs(a.grads["q"] - b.grads["q"]).max() / np.abs(a.grads["q"]).max())
+        notes.append(f"numba vs numpy: |loss diff| {abs(float(a.loss) - float(b.loss)):.1e}, "
+                     f"max |dq diff| / max |dq| {err:.1e}")
+    except refmoco.BackendUnavailableError as exc:
+        notes.append(f"numba: {exc}")
+    cupy = _cupy()
+    if cupy is not None:
+        qd, kd, queued = cupy.asarray(q), cupy.asarray(k), cupy.asarray(queue)
+        sync = cupy.cuda.get_current_stream().synchronize
+        cases.append(Case("refmoco cupy", ours("cupy", qd, kd, queued), sync))
+    torch = _torch()
+    if torch is not None:
+        tq, tk = torch.from_numpy(q), torch.from_numpy(k)
+        tqueue = torch.from_numpy(np.ascontiguousarray(queue.T))  # MoCo stores it (C, K)
+
+        def official():  # moco/builder.py
+            qq = tq.detach().requires_grad_(True)
+            l_pos = torch.einsum("nc,nc->n", [qq, tk]).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", [qq, tqueue])
+            logits_ = torch.cat([l_pos, l_neg], dim=1) / t
+            labels = torch.zeros(logits_.shape[0], dtype=torch.long)
+            torch.nn.functional.cross_entropy(logits_, labels).backward()
+            return qq.grad
+
+        cases.append(Case("PyTorch (MoCo's code)", official))
+    title = f"InfoNCE forward+backward, N={n}, C={c}, K={k_size}, float32 (gradient of q)"
+    return Group(title, cases, "PyTorch (MoCo's code)", notes)
+
+
+def resnet18_shapes(head: int = 128) -> list:
+    """The 62 parameter shapes of a ResNet-18 with MoCo's 128-d fc head (11.2M parameters)."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]
+    c_in = 64
+    for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        for block in range(2):
+            shapes += [(c_out, c_in if block == 0 else c_out, 3, 3), (c_out,), (c_out,),
+                       (c_out, c_out, 3, 3), (c_out,), (c_out,)]
+            if block == 0 and (stride != 1 or c_in != c_out):
+                shapes += [(c_out, c_in, 1, 1), (c_out,), (c_out,)]
+        c_in = c_out
+    return shapes + [(head, 512), (head,)]
+
+
+def momentum_group() -> Group:
+    import numpy as np
+
+    import refmoco
+
+    m = 0.999
+    shapes = resnet18_shapes()
+    sizes = [int(np.prod(s)) for s in shapes]
+    rng = np.random.default_rng(0)
+    flat_k = rng.standard_normal(sum(sizes), dtype=np.float32)
+    flat_q = rng.standard_normal(sum(sizes), dtype=np.float32)
+    offsets = np.cumsum([0, *sizes])
+
+    def views(flat):
+        return {f"p{i}": flat[offsets[i] : offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)}
+
+    pk, pq = views(flat_k), views(flat_q)
+    cases = [
+        Case("refmoco numpy, 62 tensors", lambda: refmoco.momentum_update(pk, pq, m)),
+        Case("refmoco numpy, flat buffer", lambda: refmoco.momentum_update(flat_k, flat_q, m)),
+    ]
+    try:
+        refmoco.momentum_update(flat_k, flat_q, m, backend="numba")
+        cases += [
+            Case("refmoco numba, 62 tensors",
+                 lambda: refmoco.momentum_update(pk, pq, m, backend="numba")),
+            Case("refmoco numba, flat buffer",
+                 lambda: refmoco.momentum_update(flat_k, flat_q, m, backend="numba")),
+        ]
+    except refmoco.BackendUnavailableError:
+        pass
+    cupy = _cupy()
+    if cupy is not None:
+        dk, dq = cupy.asarray(flat_k), cupy.asarray(flat_q)
+        cases.append(Case("refmoco cupy, flat buffer", lambda: refmoco.momentum_update(dk, dq, m),
+                          cupy.cuda.get_current_stream().synchronize))
+    torch = _torch()
+    reference = "torch._foreach_lerp_"
+    if torch is not None:
+        tk = [torch.from_numpy(a.copy()) for a in pk.values()]
+        tq = [torch.from_numpy(a.copy()) for a in pq.values()]
+
+        def official():  # moco/builder.py: _momentum_update_key_encoder
+            for param_k, param_q in zip(tk, tq):
+                param_k.data = param_k.data * m + param_q.data * (1.0 - m)
+
+        cases += [Case("PyTorch loop (MoCo's code)", official),
+                  Case(reference, lambda: torch._foreach_lerp_(tk, tq, 1.0 - m))]
+    title = f"Momentum update, {sum(sizes) / 1e6:.1f}M float32 parameters in {len(shapes)} tensors"
+    return Group(title, cases, reference)
+
+
+def enqueue_group(size: int = 65536, dim: int = 128, batch: int = 256) -> Group:
+    import numpy as np
+
+    from refmoco import Queue
+
+    rng = np.random.default_rng(0)
+    keys = _unit_rows(rng, batch, dim)
+    queue = Queue(size, dim, seed=0)
+    raw = np.array(queue.keys)
+    ptr = [0]
+
+    def bare():
+        raw[ptr[0] : ptr[0] + batch] = keys
+        ptr[0] = (ptr[0] + batch) % size
+
+    cases = [Case("refmoco Queue.enqueue (with checks)", lambda: queue.enqueue(keys)),
+             Case("NumPy slice write, (K, C) rows", bare)]
+    torch = _torch()
+    reference = "PyTorch queue[:, p:p+b] = keys.T"
+    if torch is not None:
+        tqueue, tkeys, tptr = torch.from_numpy(raw.T.copy()), torch.from_numpy(keys), [0]
+
+        def official():  # moco/builder.py: _dequeue_and_enqueue, queue stored (C, K)
+            tqueue[:, tptr[0] : tptr[0] + batch] = tkeys.T
+            tptr[0] = (tptr[0] + batch) % size
+
+        def cloned():
+            bank = tqueue.clone()
+            bank[:, tptr[0] : tptr[0] + batch] = tkeys.T
+            return bank
+
+        cases += [Case(reference, official), Case("PyTorch clone, then slice", cloned)]
+    return Group(f"Enqueue {batch} keys into a {size} x {dim} float32 queue", cases, reference)
+
+
+def training_step_groups(quick: bool) -> list:
+    """Hook: the MoCo training-step benchmark (encoder forward/backward, loss, SGD, momentum
+    update, enqueue), added by the lead. Return a list of :class:`Group`."""
+    return []
+
+
+# -- running and reporting ----------------------------------------------------------------------
+
+
+def settings() -> list:
+    import numpy as np
+
+    lines = [f"python {platform.python_version()}, numpy {np.__version__}, "
+             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before timing"]
+    try:
+        from threadpoolctl import threadpool_info
+
+        pools = ", ".join(f"{p['internal_api']} {p['num_threads']} threads "
+                          f"({os.path.basename(p['filepath'])})" for p in threadpool_info())
+        lines.append(f"thread pools: {pools}")
+    except ImportError:
+        pass
+    try:
+        import numba
+
+        from .kernels._jit import thread_settings
+
+        info = thread_settings()
+        lines.append(f"numba {numba.__version__}: threading layer {info.pop('numba_threading_layer')}"
+                     f", {info.pop('numba_threads')} threads")
+        lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in info.items()
+                                                  if k != "cpus"))
+    except ImportError:
+        lines.append("numba: not installed")
+    torch = _torch()
+    if torch is not None:
+        lines.append(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
+    cupy = _cupy()
+    lines.append(f"cupy: {'GPU ' + cupy.cuda.runtime.getDeviceProperties(0)['name'].decode() if cupy else 'no GPU'}")
+    return lines
+
+
+def report(groups: list, repeats: int) -> str:
+    out = []
+    for g in groups:
+        ref = next((c for c in g.cases if c.label == g.reference), None)
+        ref_t = statistics.median(ref.times) if ref else None
+        out += ["", g.title, f"  {'':38s} {'median':>10s} {'vs PyTorch':>11s}"]
+        for c in g.cases:
+            t = statistics.median(c.times)
+            unit, scale = ("ms", 1e3) if t >= 1e-3 else ("us", 1e6)
+            ratio = f"{t / ref_t:10.2f}x" if ref_t else f"{'-':>11s}"
+            out.append(f"  {c.label:38s} {t * scale:7.2f} {unit} {ratio}")
+        out += [f"  ({n})" for n in g.notes]
+    out.append(f"\nmedians of {repeats} interleaved rounds; ratio = time / PyTorch's time")
+    return "\n".join(out)
+
+
+def run(args) -> int:
+    repeats = args.repeats or (3 if args.quick else 7)
+    if repeats < 1:
+        raise SystemExit("refmoco bench: --repeats must be >= 1")
+    print("refmoco bench" + (" --quick" if args.quick else ""), flush=True)
+    sizes = (4096, 16384) if args.quick else (4096, 16384, 65536)
+    groups = [info_nce_group(k) for k in sizes]
+    groups += [momentum_group(), enqueue_group(), *training_step_groups(args.quick)]
+    cases = [c for g in groups for c in g.cases]
+    for c in cases:  # warm-up: compiles Numba kernels, starts thread pools, fills caches
+        c.run()
+        c.times.clear()
+    for line in settings():  # after the warm-up: the thread pools in effect have started
+        print("  " + line, flush=True)
+    for _ in range(repeats):
+        for c in cases:
+            c.run()
+    print(report(groups, repeats))
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of ``refmoco bench`` (``argv`` without the program name)."""
+    parser = argparse.ArgumentParser(prog="refmoco bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    missing = {k: v for k, v in THREAD_ENV.items() if k not in os.environ}
+    if missing and not args.inherit_env:  # NumPy is loaded: rerun with the settings in place
+        env = {**os.environ, **missing}
+        return subprocess.call([sys.executable, "-m", "refmoco.bench", *argv], env=env)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""Backend equivalence inside one run: the same inputs through backend="numpy" (the reference)
+and backend="numba" (refmoco.kernels.cpu), and on a GPU through backend="cupy".
+
+Tolerances follow the dtype and the size of the terms a result is computed from (a loss is a
+difference of logits as large as ``|q| |n| C / T``); they are never chosen per test."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import FLOAT, arrays, info_nce_inputs, unit_rows
+
+import refmoco
+from refmoco.testing import assert_close
+
+pytest.importorskip("numba")
+cpu = pytest.importorskip("refmoco.kernels.cpu")
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}  # relative to the scale of the terms
+DTYPE = st.sampled_from([np.float64, np.float32])
+REDUCTION = st.sampled_from(["mean", "sum"])
+
+
+def wrt_subsets(names):
+    return st.one_of(st.none(), st.lists(st.sampled_from(names), unique=True).map(tuple))
+
+
+def info_nce_scales(q, k, negatives, t, reduction):
+    """The size of the terms of the loss and of a gradient entry.
+
+    A logit ``q . n / T`` carries a rounding error ``eps * L`` with ``L = C max|x|^2 / T``, and so
+    do the loss and every softmax weight ``p`` (relatively). A gradient entry is ``s / T`` times
+    a sum of ``p * x`` over at most N queries, ``s`` the reduction's scale.
+    """
+    n = len(q)
+    big = max(float(np.abs(a).max(initial=0)) for a in (q, k, negatives) if a is not None)
+    logit = max(1.0, big * big * q.shape[1] / t)
+    s = 1.0 if reduction == "sum" else 1.0 / max(n, 1)
+    return logit * s * n, s / t * big * logit * max(n, 1)
+
+
+def assert_same(out, ref, dtype, loss_scale, grad_scale):
+    tol = TOL[dtype]
+    assert set(out.grads) == set(ref.grads)
+    assert_close(out.loss, ref.loss, rtol=0, atol=tol * loss_scale, name="loss")
+    for name, g in ref.grads.items():
+        assert out.grads[name].shape == g.shape and out.grads[name].dtype == g.dtype
+        assert_close(out.grads[name], g, rtol=0, atol=tol * grad_scale, name=name)
+
+
+# -- InfoNCE -------------------------------------------------------------------------------------
+
+
+@given(info_nce_inputs(unit=False), REDUCTION, DTYPE, wrt_subsets(["q", "k", "negatives"]))
+def test_info_nce_numba_matches_numpy(inputs, reduction, dtype, wrt):
+    q, k, negatives, t = inputs
+    q, k = q.astype(dtype), k.astype(dtype)
+    negatives = None if negatives is None else negatives.astype(dtype)
+    if negatives is None and wrt is not None:
+        wrt = tuple(w for w in wrt if w != "negatives")
+    args = dict(temperature=t, reduction=reduction, wrt=wrt)
+    ref = refmoco.info_nce_loss(q, k, negatives, backend="numpy", **args)
+    out = refmoco.info_nce_loss(q, k, negatives, backend="numba", **args)
+    assert out.loss.dtype == dtype and out.loss.shape == ()
+    assert_same(out, ref, dtype, *info_nce_scales(q, k, negatives, t, reduction))
+
+
+@st.composite
+def queue_problems(draw):
+    """A shared queue split into blocks of ``rows`` (1 row: every key its own block)."""
+    n, c, size = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(0, 40))
+    q, k = draw(arrays((n, c))), draw(arrays((n, c)))
+    queue = draw(arrays((size, c)))
+    t = draw(st.sampled_from([0.05, 0.2, 1.0]))
+    return q, k, queue, t, draw(st.integers(1, 9))
+
+
+@given(queue_problems(), REDUCTION, DTYPE)
+def test_fused_kernel_is_exact_for_any_block_size(problem, reduction, dtype):
+    """The online softmax over blocks (rescaling whenever a maximum grows) equals the
+    one-shot softmax of the reference, for blocks of any size and the last block partial."""
+    q, k, queue, t, rows = problem
+    q, k, queue = q.astype(dtype), k.astype(dtype), queue.astype(dtype)
+    wrt = ("q", "k", "negatives")
+    ref = refmoco.info_nce_loss(q, k, queue, temperature=t, reduction=reduction)
+    losses, grads = cpu.info_nce_queue(q, k, queue, t, reduction, wrt, block_rows=rows)
+    ref_losses = refmoco.info_nce_loss(q, k, queue, temperature=t, reduction="sum", wrt=())
+    loss_scale, grad_scale = info_nce_scales(q, k, queue, t, reduction)
+    assert losses.shape == (len(q),) and losses.dtype == dtype
+    assert_close(losses.sum(dtype=dtype), ref_losses.loss, rtol=0,
+                 atol=TOL[dtype] * loss_scale * len(q))
+    for name in wrt:
+        assert_close(grads[name], ref.grads[name], rtol=0, atol=TOL[dtype] * grad_scale, name=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_kernel_on_a_moco_sized_problem(dtype):
+    """Unit vectors, T = 0.07 and a queue several blocks long, the shapes MoCo uses."""
+    rng = np.random.default_rng(0)
+    q, k, queue = (unit_rows(rng.standard_normal(s)).astype(dtype)
+                   for s in ((64, 32), (64, 32), (5000, 32)))
+    for reduction in ("mean", "sum"):
+        ref = refmoco.info_nce_loss(q, k, queue, reduction=reduction, backend="numpy")
+        out = refmoco.info_nce_loss(q, k, queue, reduction=reduction, backend="numba")
+        assert_same(out, ref, dtype, *info_nce_scales(q, k, queue, 0.07, reduction))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiny_temperature_and_large_norms_stay_finite(dtype):
+    rng = np.random.default_rng(1)
+    q, k, queue = (rng.standard_normal(s).astype(dtype) * 30 for s in ((4, 8), (4, 8), (50, 8)))
+    ref = refmoco.info_nce_loss(q, k, queue, temperature=0.01)
+    losses, grads = cpu.info_nce_queue(q, k, queue, 0.01, "mean", ("q",), block_rows=7)
+    assert np.isfinite(losses).all() and np.isfinite(grads["q"]).all()
+    scale = info_nce_scales(q, k, queue, 0.01, "mean")
+    assert_close(losses.mean(dtype=dtype), ref.loss, rtol=0, atol=TOL[dtype] * scale[0])
+    assert_close(grads["q"], ref.grads["q"], rtol=0, atol=TOL[dtype] * scale[1])
+
+
+def test_nan_propagates_like_the_reference():
+    q, k, queue = np.ones((2, 3)), np.ones((2, 3)), np.ones((4, 3))
+    queue[2, 1] = np.nan
+    ref = refmoco.info_nce_loss(q, k, queue)
+    out = refmoco.info_nce_loss(q, k, queue, backend="numba")
+    assert np.isnan(float(ref.loss)) and np.isnan(float(out.loss))
+
+
+@pytest.mark.parametrize("dtype, ulps", [(np.float32, 1.0), (np.float64, 2.0)])
+def test_vectorised_exp_is_within_an_ulp_or_two_of_exact(dtype, ulps):
+    exp = cpu.exp32 if dtype == np.float32 else cpu.exp64
+    tiny = np.finfo(dtype).tiny
+    rng = np.random.default_rng(2)
+    x = np.concatenate([-rng.exponential(5.0, 4000), -rng.uniform(0, 0.4, 1000),
+                        np.log([tiny * 1.01]), [0.0, -0.0, -1e-30, -np.log(2) / 2]]).astype(dtype)
+    got = np.array([exp(v) for v in x], dtype=np.float64)
+    exact = np.exp(x.astype(np.longdouble))
+    normal = exact >= tiny
+    rel = np.abs(got[normal] - exact[normal]) / exact[normal]
+    assert float(rel.max()) <= ulps * np.finfo(dtype).eps
+    assert np.all(got[~normal] <= tiny)  # below the normal range: 0 (NumPy: a subnormal)
+    below = [np.log(tiny) * 1.0001, -1e4, -np.inf]
+    assert [exp(dtype(v)) for v in below] == [0.0, 0.0, 0.0]
+    assert math.isnan(exp(dtype(np.nan)))
+
+
+def test_numba_rejects_dtypes_it_cannot_compute_naming_them():
+    x = np.ones((2, 3), np.longdouble)
+    if np.finfo(np.longdouble).eps == np.finfo(np.float64).eps:
+        pytest.skip("longdouble is float64 on this platform")
+    with pytest.raises(TypeError, match="longdouble|float128"):
+        refmoco.info_nce_loss(x, x, x, backend="numba")
+
+
+# -- the momentum update -------------------------------------------------------------------------
+
+
+def with_layout(a, layout):
+    """A fresh copy of ``a`` stored C-ordered, F-ordered, or as a non-contiguous view."""
+    if layout == "F":
+        return np.array(a, order="F", copy=True)
+    if layout == "strided" and a.ndim:
+        return np.repeat(a, 2, axis=-1)[..., ::2]
+    return a.copy()
+
+
+@st.composite
+def momentum_problems(draw):
+    shape = draw(st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple))
+    dtype = draw(st.sampled_from([np.float64, np.float32, np.float16]))
+    source_dtype = draw(st.sampled_from([dtype, np.float64]))
+    target = draw(arrays(shape, FLOAT)).astype(dtype)
+    source = draw(arrays(shape, FLOAT)).astype(source_dtype)
+    layout = draw(st.sampled_from(["C", "F", "strided"]))
+    return target, layout, source, draw(st.floats(0.0, 1.0))
+
+
+@given(momentum_problems())
+def test_momentum_update_numba_is_bitwise_the_reference(problem):
+    """Same operations in the same order: not close, equal (dtypes, layouts, float16)."""
+    target, layout, source, m = problem
+    ref, out = with_layout(target, layout), with_layout(target, layout)
+    assert refmoco.momentum_update(ref, source, m, backend="numpy") is ref
+    assert refmoco.momentum_update(out, source, m, backend="numba") is out
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_momentum_update_structures_and_the_parallel_kernel():
+    rng = np.random.default_rng(3)
+    big = cpu.PARALLEL_MIN + 17
+    target = {"w": rng.standard_normal((big,)).astype(np.float32),
+              "b": [rng.standard_normal((3, 4)), rng.standard_normal(5).astype(np.float32)]}
+    source = {"w": rng.standard_normal((big,)).astype(np.float32),
+              "b": [rng.standard_normal((3, 4)), rng.standard_normal(5).astype(np.float32)]}
+    ref = {"w": target["w"].copy(), "b": [a.copy() for a in target["b"]]}
+    refmoco.momentum_update(ref, source, 0.99, backend="numpy")
+    refmoco.momentum_update(target, source, 0.99, backend="numba")
+    np.testing.assert_array_equal(target["w"], ref["w"])
+    for a, b in zip(target["b"], ref["b"]):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- the SGD kernel ------------------------------------------------------------------------------
+
+
+@given(st.data(), DTYPE, st.integers(1, 3))
+def test_sgd_kernel_is_bitwise_refmoco_optim(data, dtype, steps):
+    from refmoco.optim import SGD
+
+    momentum = data.draw(st.sampled_from([0.0, 0.9]))
+    nesterov = momentum > 0 and data.draw(st.booleans())
+    dampening = 0.0 if nesterov else data.draw(st.sampled_from([0.0, 0.3]))
+    weight_decay = data.draw(st.sampled_from([0.0, 1e-4, 0.5]))
+    lr = data.draw(st.floats(1e-3, 1.0))
+    size = data.draw(st.integers(1, 40))
+    p0 = data.draw(arrays((size,))).astype(dtype)
+    opt = SGD(lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
+              nesterov=nesterov)
+    p_ref, p, buf = p0.copy(), p0.copy(), np.zeros_like(p0)
+    for step in range(steps):
+        g = data.draw(arrays((size,))).astype(dtype)
+        opt.step(p_ref, g)
+        cpu.sgd_step(p, g, buf if momentum else None, lr, momentum, dampening, weight_decay,
+                     nesterov, first_step=step == 0)
+    np.testing.assert_array_equal(p, p_ref)
+    if momentum:
+        np.testing.assert_array_equal(buf, opt.momentum_buffer)
+
+
+def test_sgd_kernel_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal(1000)
+    tp = torch.tensor(p0, requires_grad=True)
+    opt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    p, buf = p0.copy(), np.zeros_like(p0)
+    for step in range(4):
+        g = rng.standard_normal(1000)
+        tp.grad = torch.tensor(g)
+        opt.step()
+        cpu.sgd_step(p, g, buf, 0.1, 0.9, 0.0, 1e-3, True, first_step=step == 0)
+    assert_close(p, tp.detach().numpy(), rtol=TOL[np.float64])
+
+
+# -- errors: the same exception type on every backend ---------------------------------------------
+
+
+def _r(*shape):
+    return np.random.default_rng(5).standard_normal(shape)
+
+
+BAD_CALLS = [
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(2, 4), _r(5, 4), backend=b), ValueError),
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 3), backend=b), ValueError),
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4), temperature=0, backend=b),
+     ValueError),
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4), reduction="max", backend=b),
+     ValueError),
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4), wrt=("x",), backend=b),
+     ValueError),
+    (lambda b: refmoco.info_nce_loss(np.ones((3, 4), int), _r(3, 4), _r(5, 4), backend=b),
+     TypeError),
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4).astype(np.float32),
+                                     backend=b), TypeError),
+    (lambda b: refmoco.momentum_update(_r(3), _r(3), 1.5, backend=b), ValueError),
+    (lambda b: refmoco.momentum_update(_r(3), _r(4), 0.5, backend=b), ValueError),
+    (lambda b: refmoco.momentum_update(np.ones(3, int), _r(3), 0.5, backend=b), TypeError),
+    (lambda b: refmoco.momentum_update({"a": _r(3)}, {"b": _r(3)}, 0.5, backend=b), ValueError),
+    (lambda b: refmoco.momentum_update([_r(3)], [_r(3), _r(3)], 0.5, backend=b), ValueError),
+    (lambda b: refmoco.momentum_update([1.0, 2.0], [1.0, 2.0], 0.5, backend=b), TypeError),
+]
+
+
+@pytest.mark.parametrize("call, error", BAD_CALLS)
+def test_bad_input_raises_the_same_error_on_every_backend(call, error):
+    for backend in ("numpy", "numba"):
+        with pytest.raises(error):
+            call(backend)
+
+
+def test_read_only_target_is_rejected_and_unchanged_on_numba():
+    target = np.zeros(4)
+    target.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        refmoco.momentum_update(target, np.ones(4), 0.5, backend="numba")
+    assert not target.any()
+
+
+def test_parallel_kernels_from_several_threads_at_once():
+    """refmoco selects Numba's workqueue layer, which aborts the process on concurrent parallel
+    launches: its kernels must serialise them (run in a subprocess, so an abort is a failure)."""
+    code = """if True:
+        import threading, numpy as np, refmoco
+        from refmoco.kernels import cpu
+        n = cpu.PARALLEL_MIN * 4
+        def work():
+            t, s = np.ones(n, np.float32), np.ones(n, np.float32)
+            for _ in range(50):
+                refmoco.momentum_update(t, s, 0.5, backend="numba")
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        import numba; print(numba.threading_layer())
+    """
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "workqueue"
+
+
+def test_kernels_and_bench_import_neither_numba_nor_torch():
+    code = ("import sys, refmoco.kernels, refmoco.bench; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'numba', 'cupy', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bench_models_moco_resnet18():
+    from refmoco.bench import resnet18_shapes
+
+    shapes = resnet18_shapes()
+    assert len(shapes) == 62
+    assert sum(math.prod(s) for s in shapes) == 11_242_176
+
+
+# -- a real GPU: CuPy (skipped without one; REFMOCO_REQUIRE_GPU=1 makes the skip a failure) -------
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    if cupy is None or not cupy.is_available():
+        if os.environ.get("REFMOCO_REQUIRE_GPU") == "1":
+            pytest.fail("REFMOCO_REQUIRE_GPU=1 but CuPy has no CUDA device")
+        pytest.skip("needs CuPy and a CUDA GPU")
+    return cupy
+
+
+@pytest.mark.gpu
+@given(info_nce_inputs(unit=False), REDUCTION, DTYPE, wrt_subsets(["q", "k", "negatives"]))
+def test_info_nce_cupy_matches_numpy(cupy, inputs, reduction, dtype, wrt):
+    q, k, negatives, t = inputs
+    q, k = q.astype(dtype), k.astype(dtype)
+    negatives = None if negatives is None else negatives.astype(dtype)
+    if negatives is None and wrt is not None:
+        wrt = tuple(w for w in wrt if w != "negatives")
+    args = dict(temperature=t, reduction=reduction, wrt=wrt)
+    ref = refmoco.info_nce_loss(q, k, negatives, **args)
+    dev = [None if a is None else cupy.asarray(a) for a in (q, k, negatives)]
+    out = refmoco.info_nce_loss(*dev, **args)
+    assert isinstance(out.loss, cupy.ndarray) and out.loss.shape == ()
+    assert all(isinstance(g, cupy.ndarray) for g in out.grads.values())
+    assert_same(out, ref, dtype, *info_nce_scales(q, k, negatives, t, reduction))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_info_nce_cupy_on_a_moco_sized_problem(cupy, dtype):
+    rng = np.random.default_rng(0)
+    q, k, queue = (unit_rows(rng.standard_normal(s)).astype(dtype)
+                   for s in ((256, 128), (256, 128), (16384, 128)))
+    ref = refmoco.info_nce_loss(q, k, queue)
+    out = refmoco.info_nce_loss(cupy.asarray(q), cupy.asarray(k), cupy.asarray(queue))
+    assert_same(out, ref, dtype, *info_nce_scales(q, k, queue, 0.07, "mean"))
+
+
+@pytest.mark.gpu
+@given(momentum_problems())
+def test_momentum_update_cupy_matches_numpy(cupy, problem):
+    target, _, source, m = problem
+    ref = target.copy()
+    refmoco.momentum_update(ref, source, m)
+    dev = cupy.asarray(target)
+    refmoco.momentum_update(dev, cupy.asarray(source), m)
+    assert dev.dtype == ref.dtype
+    np.testing.assert_array_equal(cupy.asnumpy(dev), ref)

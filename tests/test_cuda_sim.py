@@ -1,0 +1,111 @@
+"""The CUDA kernels (refmoco.kernels.cuda) on Numba's CUDA simulator, against the NumPy reference.
+
+The simulator must be switched on before Numba is imported, so the kernels run in a subprocess:
+this file, run as a script with NUMBA_ENABLE_CUDASIM=1, computes every case and prints, for each
+result, its error and the scale of its terms as JSON; the tests below check them. The simulator
+runs the kernels with 4 threads per block and at most 3 blocks, so the shapes below exercise the
+tree reductions, several blocks, and the grid-stride loops over rows and columns."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+SKIP = 3  # the child's exit status when the simulator is unavailable
+TOL = {"float64": 1e-12, "float32": 1e-5}  # relative to the scale of the terms, as test_backends
+
+# (N, C, K): rows > 3 blocks, columns > 4 threads, an empty queue, an empty batch
+SHAPES = [(1, 1, 1), (2, 3, 5), (5, 4, 9), (7, 2, 13), (3, 2, 0), (0, 3, 4)]
+MODES = [("mean", ("q", "k", "negatives")), ("sum", ("q", "k", "negatives")), ("mean", ("k",)),
+         ("sum", ())]  # (reduction, wrt)
+
+
+def child() -> None:
+    """Run in the subprocess: every case, as JSON lines ``{case, name, err, scale, ok}``."""
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "NUMBA_ENABLE_CUDASIM=1 must be set before numba is imported"
+    try:
+        from numba import cuda  # noqa: F401
+    except Exception as exc:  # an install without the simulator: the tests skip
+        print(f"no simulator: {exc!r}", file=sys.stderr)
+        sys.exit(SKIP)
+    import refmoco
+    from refmoco.kernels import cuda as kernels
+
+    rng = np.random.default_rng(0)
+    for dtype in ("float32", "float64"):
+        for n, c, size in SHAPES:
+            q, k, queue = (rng.uniform(-1.5, 1.5, s).astype(dtype)
+                           for s in ((n, c), (n, c), (size, c)))
+            t = 0.01 if n % 2 else 0.2  # 0.01: logits up to 900, exp overflows without the max
+            for reduction, wrt in MODES:
+                ref = refmoco.info_nce_loss(q, k, queue, temperature=t, reduction=reduction,
+                                            wrt=wrt)
+                losses, grads = kernels.info_nce_queue(q, k, queue, t, reduction, wrt)
+                loss = losses.sum(dtype=dtype) * (1 / n if n and reduction == "mean" else 1)
+                big = max(1.0, float(np.abs(np.concatenate([q, k, queue])).max(initial=0)))
+                logit = big * big * c / t
+                s = 1.0 if reduction == "sum" else 1.0 / max(n, 1)
+                case = f"info_nce {dtype} N={n} C={c} K={size} {reduction} wrt={wrt}"
+                report(case, "loss", loss, ref.loss, logit * s * n,
+                       losses.dtype == dtype and losses.shape == (n,))
+                if set(grads) != set(ref.grads):
+                    report(case, "grads", 1.0, 0.0, 0.0, False)
+                for name, g in grads.items():
+                    report(case, name, g, ref.grads[name], s / t * big * logit * max(n, 1),
+                           g.dtype == dtype and g.shape == ref.grads[name].shape)
+        for size, layout in ((1, "C"), (10, "C"), (37, "C"), (12, "F"), (12, "strided")):
+            base = rng.standard_normal((size, 3)).astype(dtype)
+            source = rng.standard_normal((size, 3))  # float64: cast to the target's dtype
+            ref = base.copy()
+            refmoco.momentum_update(ref, source, 0.9)
+            target = {"C": base.copy(), "F": np.asfortranarray(base),
+                      "strided": np.repeat(base, 2, axis=1)[:, ::2]}[layout]
+            kernels.momentum_update(target, source, 0.9)
+            report(f"momentum {dtype} size={size} layout={layout}", "target", target, ref, 0.0,
+                   target.dtype == dtype)
+
+
+def report(case, name, actual, expected, scale, ok) -> None:
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    err = float(np.abs(a - e).max(initial=0.0)) if a.shape == e.shape else float("inf")
+    print(json.dumps({"case": case, "name": name, "err": err, "scale": scale,
+                      "dtype": str(np.asarray(expected).dtype), "ok": bool(ok)}))
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if proc.returncode == SKIP:
+        pytest.skip(f"Numba's CUDA simulator cannot run here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, f"the simulator run failed:\n{proc.stderr[-3000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_case_ran(results):
+    cases = {r["case"] for r in results}
+    assert len([c for c in cases if c.startswith("info_nce")]) == 2 * len(SHAPES) * len(MODES)
+    assert len([c for c in cases if c.startswith("momentum")]) == 2 * 5
+
+
+def test_info_nce_kernel_matches_the_reference(results):
+    bad = [r for r in results if r["case"].startswith("info_nce")
+           and not (r["ok"] and r["err"] <= TOL[r["dtype"]] * r["scale"])]
+    assert not bad, bad[:5]
+
+
+def test_momentum_kernel_is_bitwise_the_reference(results):
+    bad = [r for r in results if r["case"].startswith("momentum") and not (r["ok"] and r["err"] == 0)]
+    assert not bad, bad[:5]
+
+
+if __name__ == "__main__":
+    child()
