@@ -1,4 +1,4 @@
-"""``refmoco train`` and ``refmoco bench``."""
+"""The command line: ``refmoco train``, ``bench``, ``cpc`` and ``mi-bound``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .cli_extra import add_cpc_parser, add_mi_parser
 from .train import TrainConfig
 
 
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _bench_parser(sub)
+    add_cpc_parser(sub)
+    add_mi_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "bench":
         from .bench import main as bench_main
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
         argv = sys.argv[1:] if argv is None else list(argv)
         return bench_main(argv[argv.index("bench") + 1 :])
     try:
+        if hasattr(args, "handler"):  # cpc, mi-bound
+            return args.handler(args)
         if args.command == "train":
             return _train(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as exc:

@@ -21,6 +21,7 @@ Examples
 array([4., 4., 4., 4., 4., 4., 4., 4.], dtype=float32)
 """
 
+from refmoco.nn.gru import GRU
 from refmoco.nn.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -44,6 +45,7 @@ __all__ = [
     "EncoderCache",
     "FlatParams",
     "Flatten",
+    "GRU",
     "GlobalAvgPool2d",
     "L2Normalize",
     "Layer",

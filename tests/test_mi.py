@@ -1,0 +1,193 @@
+"""refmoco.mi: the Gaussian ground truth, the critics' gradients, the bounds' ceilings, the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refmoco.mi import (
+    config_from,
+    critic_mlp,
+    gaussian_mi,
+    infonce_loss_and_grads,
+    moco_loss_and_grads,
+    optimal_critic_estimate,
+    rho_for_mi,
+    run_infonce_staircase,
+    run_moco_queue,
+    sample_correlated,
+    separable_critic,
+)
+from refmoco.nn import Model
+from refmoco.testing import assert_close, check_grad
+
+seeds = st.integers(0, 2**32 - 1)
+fast = settings(deadline=None)
+
+
+@fast
+@given(st.integers(1, 30), st.floats(0.0, 1.0))
+def test_rho_and_mi_are_inverse_and_match_the_log_determinant(dim, frac):
+    mi = 3.0 * dim * frac  # up to 1 - rho^2 = e^-6
+    rho = rho_for_mi(mi, dim)
+    # Rounding rho by one ulp moves I by about d * eps / (1 - rho^2) = d * eps * e^(2I/d):
+    tol = 4 * dim * np.finfo(float).eps * math.exp(2 * mi / dim)
+    assert abs(gaussian_mi(rho, dim) - mi) <= tol
+    # I = (log det S_x + log det S_y - log det S) / 2 for the joint covariance S, computed apart
+    cov = np.block([[np.eye(dim), rho * np.eye(dim)], [rho * np.eye(dim), np.eye(dim)]])
+    assert abs(-0.5 * np.linalg.slogdet(cov)[1] - mi) <= 10 * tol
+
+
+def test_samples_have_the_correlation(rng):
+    rho = rho_for_mi(6.0, 20)
+    x, y = sample_correlated(rng, 20000, 20, rho, "float32")
+    assert x.dtype == y.dtype == np.float32
+    se = math.sqrt((1 + rho**2) / (20000 * 20))  # standard error of mean(x * y)
+    assert abs(float(np.mean(x.astype(np.float64) * y)) - rho) < 5 * se
+    assert abs(float(np.var(y)) - 1.0) < 0.05
+
+
+def naive_mlp(p, prefix, x):
+    h = np.maximum(x @ p[f"{prefix}0.weight"].T + p[f"{prefix}0.bias"], 0)
+    h = np.maximum(h @ p[f"{prefix}2.weight"].T + p[f"{prefix}2.bias"], 0)
+    return h @ p[f"{prefix}4.weight"].T + p[f"{prefix}4.bias"]
+
+
+def naive_infonce(scores, targets):
+    """Mean over rows of log sum_j exp(s_ij) - s_i,target, one row at a time."""
+    total = 0.0
+    for i, row in enumerate(scores):
+        total += math.log(sum(math.exp(v - row.max()) for v in row)) + row.max() - row[targets[i]]
+    return total / len(scores)
+
+
+def flat_fun(loss_fn, params):
+    def fun(flat, **arrays):
+        p = type(params)(params.shapes, flat.dtype, flat=np.ascontiguousarray(flat))
+        loss, grads = loss_fn(p, **arrays)[:2]
+        return loss, {"flat": grads.flat}
+
+    return fun
+
+
+@fast
+@given(seeds, st.integers(2, 6))
+def test_separable_critic_loss_and_gradient(seed, n):
+    rng = np.random.default_rng(seed)
+    critic = separable_critic(in_dim=3, hidden=4, out_dim=2)
+    params, _ = critic.init(rng, "float64")
+    x, y = rng.standard_normal((n, 3)), rng.standard_normal((n, 3))
+    loss, _ = infonce_loss_and_grads(critic, params, x, y)
+    scores = naive_mlp(params, "g.", x) @ naive_mlp(params, "h.", y).T  # (N, N)
+    assert loss == pytest.approx(naive_infonce(scores, np.arange(n)), rel=1e-12)
+    fun = flat_fun(lambda p, x, y: infonce_loss_and_grads(critic, p, x, y), params)
+    check_grad(fun, {"flat": params.flat.copy(), "x": x, "y": y}, wrt=["flat"], rtol=1e-7,
+               seed=seed % 1000)  # fmt: skip
+
+
+@fast
+@given(seeds, st.integers(2, 5), st.integers(1, 6))
+def test_moco_loss_and_gradient_reach_the_query_encoder_only(seed, n, k):
+    rng = np.random.default_rng(seed)
+    net = critic_mlp(3, 4, 2)
+    params_q, _ = Model(net).init(rng, "float64")
+    params_k, _ = Model(net).init(rng, "float64")
+    x, y = rng.standard_normal((n, 3)), rng.standard_normal((n, 3))
+    queue = rng.standard_normal((k, 2))
+    queue /= np.linalg.norm(queue, axis=1, keepdims=True)
+    frozen_k = params_k.flat.copy()
+    loss, grads, keys = moco_loss_and_grads(net, params_q, params_k, x, y, queue, 0.2)
+    np.testing.assert_array_equal(params_k.flat, frozen_k)
+    q = naive_mlp(params_q, "", x)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    kk = naive_mlp(params_k, "", y)
+    kk /= np.linalg.norm(kk, axis=1, keepdims=True)
+    assert_close(keys, kk, name="keys")
+    scores = np.concatenate([np.sum(q * kk, axis=1)[:, None], q @ queue.T], axis=1) / 0.2
+    assert loss == pytest.approx(naive_infonce(scores, np.zeros(n, int)), rel=1e-12)
+    fun = flat_fun(lambda p, x, y: moco_loss_and_grads(net, p, params_k, x, y, queue, 0.2),
+                   params_q)  # fmt: skip
+    check_grad(fun, {"flat": params_q.flat.copy(), "x": x, "y": y}, wrt=["flat"], rtol=1e-7,
+               seed=seed % 1000)  # fmt: skip
+
+
+def test_optimal_critic_is_tight_for_small_mi_and_capped_for_large(rng):
+    """With e^I much below the candidates the best critic's bound is close to I; with e^I far
+    above, it stays below ln(K + 1) and rises with K."""
+    small = optimal_critic_estimate(rng, rho_for_mi(1.0), 20, 64, 1023, batches=40)
+    assert abs(small[0] - 1.0) < 0.1
+    prev = -np.inf
+    for k in (15, 127, 1023):
+        est, se = optimal_critic_estimate(rng, rho_for_mi(12.0), 20, 16, k, batches=20)
+        assert prev < est <= math.log(k + 1)
+        prev = est
+    est, _ = optimal_critic_estimate(rng, rho_for_mi(12.0), 20, 16, batches=20)
+    assert math.log(16) - 0.1 < est <= math.log(16)
+
+
+TINY = dict(dim=4, hidden=16, embed_dim=8, batch_size=8, eval_batches=60, lr=3e-3)
+
+
+def test_staircase_stays_below_ln_n_and_below_zero_without_information():
+    cfg = config_from(mis=[0.0, 6.0], steps_per_level=150, **TINY)
+    m = run_infonce_staircase(cfg)
+    zero, high = m["levels"]
+    assert m["ceiling"] == pytest.approx(math.log(8))
+    assert zero["estimate"] < 3 * zero["estimate_se"]  # a lower bound on I = 0
+    assert all(lv["train_max"] <= math.log(8) for lv in m["levels"])  # L >= 0 for every batch
+    assert 1.0 < high["estimate"] < math.log(8)
+    assert len(m["curve"]) == 2 * 150 // 50
+
+
+def test_moco_queue_lifts_the_ceiling():
+    cfg = config_from(queue_sizes=[7, 63], moco_steps=200, moco_mi=8.0, moco_momentum=0.9,
+                      **TINY)  # fmt: skip
+    small, large = run_moco_queue(cfg, temperature=0.1)["runs"]
+    for r in (small, large):
+        assert r["ceiling"] == pytest.approx(math.log(r["queue_size"] + 1))
+        assert r["estimate"] < r["ceiling"] and r["optimal_critic"] < r["ceiling"]
+    assert large["estimate"] > small["ceiling"]  # beyond what 7 negatives could ever show
+
+
+def test_cli_writes_metrics_and_plots(tmp_path, capsys):
+    from refmoco.cli_extra import main
+
+    rc = main(["mi-bound", "--levels", "1", "3", "--steps-per-level", "50", "--batch-size", "8",
+               "--dim", "4", "--hidden", "16", "--embed-dim", "8", "--eval-batches", "5", "--queue-sizes", "7", "--moco-steps", "50",
+               "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    m = json.loads((tmp_path / "mi_bound.json").read_text())
+    assert [lv["true_mi"] for lv in m["levels"]] == [1.0, 3.0]
+    assert m["config"]["steps_per_level"] == 50 and len(m["curve"]) == 2
+    moco = json.loads((tmp_path / "moco_queue.json").read_text())
+    assert moco["runs"][0]["ceiling"] == pytest.approx(math.log(8))
+    assert (tmp_path / "mi_bound.png").stat().st_size > 0
+    assert (tmp_path / "moco_queue.png").stat().st_size > 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["infonce"]["ceiling_ln_N"] == pytest.approx(math.log(8))
+    assert printed["moco"]["runs"][0]["estimate"] == pytest.approx(moco["runs"][0]["estimate"],
+                                                                   abs=1e-3)  # fmt: skip
+
+
+def test_cli_runs_one_experiment_alone(tmp_path):
+    from refmoco.cli_extra import main
+
+    rc = main(["mi-bound", "--levels", "--queue-sizes", "3", "--moco-steps", "5", "--dim", "2",
+               "--hidden", "4", "--embed-dim", "2", "--batch-size", "4", "--eval-batches", "2",
+               "--out", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moco_queue.json", "moco_queue.png"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"), ({"mis": [2.0, -1.0]}, "mi"),
+     ({"queue_sizes": [0]}, "queue_sizes"), ({"moco_momentum": 1.5}, "moco_momentum"),
+     ({"eval_batches": 1}, "eval_batches"), ({"dtype": "int32"}, "dtype")],
+)  # fmt: skip
+def test_bad_config_names_the_argument(overrides, name):
+    with pytest.raises(ValueError, match=name):
+        config_from(**overrides)
