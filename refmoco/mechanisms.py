@@ -81,7 +81,9 @@ class Mechanism:
 
     name = ""
 
-    def __init__(self, encoder, params, buffers, optimizer: SGD, *, temperature: float):
+    def __init__(self, encoder, params, buffers, optimizer: SGD, *, temperature: float,
+                 backend: str = "numpy"):
+        self.backend = backend  # "numba": the loss, EMA and SGD step run as Numba kernels
         self.encoder = encoder
         self.params = params  # FlatParams
         self.buffers = buffers  # dict of BN running statistics
@@ -129,8 +131,9 @@ class MoCo(Mechanism):
     name = "moco"
 
     def __init__(self, encoder, params, buffers, optimizer, *, queue: Queue, momentum: float,
-                 temperature: float, bn_groups: int = 1, seed: int = 0):
-        super().__init__(encoder, params, buffers, optimizer, temperature=temperature)
+                 temperature: float, bn_groups: int = 1, seed: int = 0, backend="numpy"):
+        super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
+                         backend=backend)
         self.queue = queue
         self.momentum = float(momentum)
         self.bn_groups = int(bn_groups)
@@ -143,7 +146,8 @@ class MoCo(Mechanism):
         groups = split_groups(n, self.bn_groups)
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, groups=groups)
         # the key encoder: EMA first, then the keys of the shuffled batch, unshuffled
-        momentum_update(self.key_params.flat, self.params.flat, self.momentum)
+        momentum_update(self.key_params.flat, self.params.flat, self.momentum,
+                        backend=self.backend)
         perm = self.rng.permutation(n)
         k_shuffled = encode(self.encoder, self.key_params, self.key_buffers, x_k[perm],
                             train=True, groups=groups).z
@@ -152,7 +156,8 @@ class MoCo(Mechanism):
         # logits against the queue as it was before this batch (no gradient into k or queue)
         negatives = self.queue.keys
         own = float(np.mean(self.queue.ids[None, :] == np.asarray(ids)[:, None]))
-        out = info_nce_loss(q.z, k, negatives, temperature=self.temperature, wrt=("q",))
+        out = info_nce_loss(q.z, k, negatives, temperature=self.temperature, wrt=("q",),
+                            backend=self.backend)
         stats = StepStats(float(out.loss), float(np.mean(np.sum(q.z * k, axis=1))),
                           float(np.mean(q.z @ negatives.mean(axis=0))), own)
         self.queue.enqueue(k, ids=ids)
@@ -185,7 +190,7 @@ class EndToEnd(Mechanism):
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True)
         k = encode(self.encoder, self.params, self.buffers, x_k, train=True)
-        out = info_nce_loss(q.z, k.z, None, temperature=self.temperature)
+        out = info_nce_loss(q.z, k.z, None, temperature=self.temperature, backend=self.backend)
         sims = q.z @ k.z.T  # (N, N)
         n = len(x_q)
         neg = float((sims.sum() - np.trace(sims)) / max(n * (n - 1), 1))
@@ -203,8 +208,9 @@ class MemoryBankMechanism(Mechanism):
     name = "memory-bank"
 
     def __init__(self, encoder, params, buffers, optimizer, *, bank: MemoryBank,
-                 num_negatives: int, temperature: float):
-        super().__init__(encoder, params, buffers, optimizer, temperature=temperature)
+                 num_negatives: int, temperature: float, backend="numpy"):
+        super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
+                         backend=backend)
         self.bank = bank
         self.num_negatives = int(num_negatives)
 
@@ -214,7 +220,8 @@ class MemoryBankMechanism(Mechanism):
         negative_rows = self.bank.sample(ids, self.num_negatives)  # (N, M) from the bank's rng
         positives = self.bank.bank[ids]  # (N, C)
         negatives = self.bank.bank[negative_rows]  # (N, M, C)
-        out = info_nce_loss(q.z, positives, negatives, temperature=self.temperature, wrt=("q",))
+        out = info_nce_loss(q.z, positives, negatives, temperature=self.temperature, wrt=("q",),
+                            backend=self.backend)
         stats = StepStats(float(out.loss), float(np.mean(np.sum(q.z * positives, axis=1))),
                           float(np.mean(np.einsum("nc,nmc->nm", q.z, negatives))), 0.0)
         self.bank.update(ids, q.z)

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .backend import resolve
+
 
 def _flat(a: Any, name: str) -> np.ndarray:
     """The flat NumPy array behind ``a`` (a ``FlatParams`` gives its ``.flat``)."""
@@ -90,7 +92,12 @@ class SGD:
         weight_decay: float = 0.0,
         dampening: float = 0.0,
         nesterov: bool = False,
+        *,
+        backend: str = "numpy",
     ):
+        if backend not in ("numpy", "numba"):
+            raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r}")
+        self.backend = backend
         self.lr = _hyper(lr, "lr")
         self.momentum = _hyper(momentum, "momentum")
         self.weight_decay = _hyper(weight_decay, "weight_decay")
@@ -138,6 +145,15 @@ class SGD:
                 f"params: shape {p.shape} {p.dtype} does not match the momentum buffer "
                 f"{buf.shape} {buf.dtype}"
             )
+        if self.backend == "numba":  # one fused pass over the flat buffers
+            first = buf is None  # PyTorch: the first momentum buffer is the gradient itself
+            if self.momentum and first:
+                buf = self.momentum_buffer = np.empty_like(p)
+            resolve("numba", p).kernels.sgd_step(
+                p, g, buf, lr, self.momentum, self.dampening, self.weight_decay, self.nesterov,
+                first_step=first)
+            self.step_count += 1
+            return
         d = g + self.weight_decay * p if self.weight_decay else g  # d_t
         if self.momentum:
             if buf is None:

@@ -93,23 +93,27 @@ class Trainer:
             self.encoder = mlp_encoder(in_features=int(np.prod(self.x_train.shape[1:])),
                                        out_dim=c.out_dim)
         params, buffers = self.encoder.init(np.random.default_rng(c.seed), c.dtype)
-        optimizer = SGD(lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay)
+        if c.backend == "cupy":
+            raise ValueError("backend: training on 'cupy' is not supported yet (the encoders are "
+                             "NumPy only); use 'numpy' or 'numba'")
+        optimizer = SGD(lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay,
+                        backend=c.backend)
         n_train = len(self.x_train)
         self.batch_size = min(c.batch_size, n_train)
         if c.mechanism == "moco":
             queue = Queue(c.queue_size, c.out_dim, dtype=c.dtype, seed=c.seed)
             self.mechanism = MoCo(self.encoder, params, buffers, optimizer, queue=queue,
                                   momentum=c.momentum, temperature=c.temperature,
-                                  bn_groups=c.bn_groups, seed=c.seed)
+                                  bn_groups=c.bn_groups, seed=c.seed, backend=c.backend)
         elif c.mechanism == "end-to-end":
             self.mechanism = EndToEnd(self.encoder, params, buffers, optimizer,
-                                      temperature=c.temperature)
+                                      temperature=c.temperature, backend=c.backend)
         else:
             bank = MemoryBank(n_train, c.out_dim, momentum=c.bank_momentum, dtype=c.dtype,
                               seed=c.seed)
             self.mechanism = MemoryBankMechanism(self.encoder, params, buffers, optimizer,
                                                  bank=bank, num_negatives=c.queue_size,
-                                                 temperature=c.temperature)
+                                                 temperature=c.temperature, backend=c.backend)
         self.augment = Augment(translate=c.translate, intensity=tuple(c.intensity),
                                noise=c.noise)
         self.rng = np.random.default_rng([c.seed, 1])  # batch order and views

@@ -215,3 +215,31 @@ def test_memory_bank_step_matches_torch():
         assert stats.loss == pytest.approx(loss.item(), rel=1e-12)
     assert_state({**mech.params, **mech.buffers}, torch_params(net))
     np.testing.assert_allclose(mech.bank.bank, t_bank.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
+def test_numba_backend_step_equals_the_numpy_step(mechanism):
+    pytest.importorskip("numba")
+    results = []
+    for backend in ("numpy", "numba"):
+        enc, params, buffers, shape = build("mlp")
+        opt = SGD(LR, momentum=SGD_M, weight_decay=WD, backend=backend)
+        if mechanism == "moco":
+            mech = MoCo(enc, params, buffers, opt, queue=Queue(13, 6, dtype="float64"),
+                        momentum=0.9, temperature=T, bn_groups=2, backend=backend)
+        elif mechanism == "end-to-end":
+            mech = EndToEnd(enc, params, buffers, opt, temperature=T, backend=backend)
+        else:
+            mech = MemoryBankMechanism(enc, params, buffers, opt, num_negatives=5,
+                                       bank=MemoryBank(20, 6, dtype="float64"), temperature=T,
+                                       backend=backend)
+        losses = [mech.step(*views(shape, 8, s), np.arange(8) + 8 * s, LR).loss
+                  for s in range(2)]
+        results.append((losses, mech.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = results
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-12)
+    assert set(state_a) == set(state_b)
+    for key in state_a:
+        if state_a[key].dtype.kind == "f":
+            np.testing.assert_allclose(state_b[key], state_a[key], rtol=1e-10, atol=1e-13,
+                                       err_msg=key)
