@@ -247,10 +247,116 @@ def enqueue_group(size: int = 65536, dim: int = 128, batch: int = 256) -> Group:
     return Group(f"Enqueue {batch} keys into a {size} x {dim} float32 queue", cases, reference)
 
 
+def _torch_twin(torch, encoder, params, buffers):
+    """The same encoder as a ``torch.nn.Sequential`` with the same weights (state_dict names)."""
+    from collections import OrderedDict
+
+    from .nn import (
+        BatchNorm1d,
+        BatchNorm2d,
+        Conv2d,
+        Flatten,
+        GlobalAvgPool2d,
+        Linear,
+        ReLU,
+        Sequential,
+    )
+
+    class GlobalAvgPool(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    def convert(layer):
+        if isinstance(layer, Sequential):
+            return torch.nn.Sequential(*[convert(child) for child in layer])
+        if isinstance(layer, Linear):
+            return torch.nn.Linear(layer.in_features, layer.out_features)
+        if isinstance(layer, Conv2d):
+            return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                   stride=layer.stride, padding=layer.padding)
+        if isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+            cls = torch.nn.BatchNorm1d if isinstance(layer, BatchNorm1d) else torch.nn.BatchNorm2d
+            return cls(layer.num_features)
+        return {ReLU: torch.nn.ReLU, Flatten: torch.nn.Flatten, GlobalAvgPool2d: GlobalAvgPool}[
+            type(layer)]()
+
+    net = torch.nn.Sequential(OrderedDict(backbone=convert(encoder.backbone),
+                                          head=convert(encoder.head)))
+    net.load_state_dict({k: torch.as_tensor(v) for k, v in {**params, **buffers}.items()})
+    return net
+
+
 def training_step_groups(quick: bool) -> list:
-    """Hook: the MoCo training-step benchmark (encoder forward/backward, loss, SGD, momentum
-    update, enqueue), added by the lead. Return a list of :class:`Group`."""
-    return []
+    """One MoCo training step (query forward and backward, momentum update, key forward, the
+    loss against a queue of 4096 keys, SGD with momentum and weight decay, enqueue), batch 256,
+    float32: refmoco on ``numpy`` and ``numba`` against the same step in PyTorch written as
+    MoCo's ``builder.py`` (one process: no shuffle BN; refmoco runs with ``bn_groups=1``)."""
+    from .nn import cnn_encoder, mlp_encoder
+
+    return [training_step_group("small CNN (32-64-64) on 1x8x8 images",
+                                cnn_encoder(in_channels=1), (1, 8, 8)),
+            training_step_group("MLP 64-256-256 + head 256-128", mlp_encoder(in_features=64),
+                                (64,))]
+
+
+def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
+                        k_size: int = 4096) -> Group:
+    import numpy as np
+
+    from .dictionary import Queue
+    from .mechanisms import MoCo
+    from .optim import SGD
+
+    t, m, lr = 0.1, 0.99, 0.03
+    rng = np.random.default_rng(0)
+    xq, xk = rng.random((n, *shape), dtype=np.float32), rng.random((n, *shape), dtype=np.float32)
+    ids = np.arange(n)
+    cases, notes = [], []
+    for backend in ("numpy", "numba"):
+        try:
+            params, buffers = encoder.init(np.random.default_rng(0), "float32")
+            moco = MoCo(encoder, params, buffers,
+                        SGD(lr, momentum=0.9, weight_decay=5e-4, backend=backend),
+                        queue=Queue(k_size, 128, seed=0), momentum=m, temperature=t,
+                        bn_groups=1, backend=backend)
+            moco.step(xq, xk, ids, lr)  # raises here if the backend is unavailable
+        except ImportError as exc:
+            notes.append(f"{backend}: {exc}")
+            continue
+        cases.append(Case(f"refmoco {backend}", lambda moco=moco: moco.step(xq, xk, ids, lr)))
+    torch = _torch()
+    if torch is not None:
+        F = torch.nn.functional
+        params, buffers = encoder.init(np.random.default_rng(0), "float32")
+        net_q = _torch_twin(torch, encoder, params, buffers)
+        net_k = _torch_twin(torch, encoder, params, buffers)
+        for p in net_k.parameters():
+            p.requires_grad = False
+        opt = torch.optim.SGD(net_q.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        queue = F.normalize(torch.randn(128, k_size), dim=0)  # MoCo stores it (C, K)
+        tq, tk = torch.from_numpy(xq), torch.from_numpy(xk)
+        state = {"ptr": 0}
+
+        def official():
+            q = F.normalize(net_q(tq), dim=1)
+            with torch.no_grad():  # _momentum_update_key_encoder, then the keys
+                for pk, pq in zip(net_k.parameters(), net_q.parameters()):
+                    pk.data = pk.data * m + pq.data * (1.0 - m)
+                k = F.normalize(net_k(tk), dim=1)
+            l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", [q, queue.clone().detach()])
+            logits = torch.cat([l_pos, l_neg], dim=1) / t
+            loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long))
+            ptr = state["ptr"]  # _dequeue_and_enqueue
+            queue[:, ptr:ptr + n] = k.T
+            state["ptr"] = (ptr + n) % k_size
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        cases.append(Case("PyTorch (MoCo's builder.py)", official))
+    return Group(f"MoCo training step: {name}, batch {n}, K={k_size}, float32", cases,
+                 "PyTorch (MoCo's builder.py)", notes)
 
 
 # -- running and reporting ----------------------------------------------------------------------
