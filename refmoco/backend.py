@@ -134,10 +134,12 @@ def float_array(x: Any, name: str, *, ndim: int | None = None) -> Any:
     bfloat16) are computed in float32; float32 and float64 are kept as they are.
     """
     a = as_array(x, name)
-    kind = a.dtype.kind
-    if a.dtype.name == "bfloat16" or a.dtype == np.float16:
+    if a.dtype.kind == "f":
+        if a.dtype.itemsize == 2:  # float16
+            a = a.astype(np.float32)
+    elif a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16
         a = a.astype(np.float32)
-    elif kind != "f":
+    else:
         raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
     if ndim is not None and a.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d array, got shape {tuple(a.shape)}")

@@ -20,7 +20,7 @@ GRID = {
     # the batch size (end-to-end: the dictionary is the batch)
     "moco": [128, 256, 512, 1024],
     "memory-bank": [128, 256, 512, 1024],
-    "end-to-end": [32, 64, 128, 256],
+    "end-to-end": [64, 128, 256],
 }
 
 
