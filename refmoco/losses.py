@@ -58,26 +58,28 @@ class XentCache(NamedTuple):
     labels: Any  # integer target index per row, shape logits.shape[:-1]
 
 
-def xent_forward(logits, labels, xp):
+def xent_forward(logits, labels, xp, *, overwrite=False):
     """Per-row cross-entropy ``-log softmax(logits)[label]`` along the last axis.
 
     ``lse = m + log(sum(exp(logits - m)))`` with ``m`` the row maximum, so that tiny
-    temperatures and large norms never overflow.
+    temperatures and large norms never overflow. One array the size of the logits is made
+    (none with ``overwrite=True``, which reuses ``logits`` itself: the caller's own buffer);
+    the shift, the exponential and the normalisation then run in place on it.
     """
     m = logits.max(axis=-1, keepdims=True)  # (..., 1)
-    shifted = logits - m  # (..., M), every entry <= 0
-    exp = xp.exp(shifted)  # (..., M), the largest entry is 1
-    sumexp = exp.sum(axis=-1, keepdims=True)  # (..., 1), in [1, M]
-    log_z = xp.log(sumexp)  # (..., 1)
-    target = xp.take_along_axis(shifted, labels[..., None], axis=-1)  # (..., 1)
-    losses = (log_z - target)[..., 0]  # (...,)
-    probs = exp / sumexp  # (..., M)
+    target = xp.take_along_axis(logits, labels[..., None], axis=-1) - m  # (..., 1)
+    probs = xp.subtract(logits, m, out=logits if overwrite else None)  # (..., M), every entry <= 0
+    xp.exp(probs, out=probs)  # (..., M), the largest entry of each row is 1
+    sumexp = probs.sum(axis=-1, keepdims=True)  # (..., 1), in [1, M]
+    losses = (xp.log(sumexp) - target)[..., 0]  # (...,)
+    probs /= sumexp  # (..., M): softmax(logits)
     return losses, XentCache(probs, labels)
 
 
-def xent_backward(dlosses, cache: XentCache, xp):
-    """``dlogits = dloss * (softmax(logits) - onehot(label))``."""
-    dlogits = cache.probs * dlosses[..., None]  # (..., M)
+def xent_backward(dlosses, cache: XentCache, xp, *, overwrite=False):
+    """``dlogits = dloss * (softmax(logits) - onehot(label))``; ``overwrite=True`` writes it
+    into the cache's softmax (which is then gone)."""
+    dlogits = xp.multiply(cache.probs, dlosses[..., None], out=cache.probs if overwrite else None)
     idx = cache.labels[..., None]
     picked = xp.take_along_axis(dlogits, idx, axis=-1)
     xp.put_along_axis(dlogits, idx, picked - dlosses[..., None], axis=-1)
@@ -289,14 +291,14 @@ def info_nce_forward(q, k, negatives, temperature, xp):
             logits[:, 1:] = xp.matmul(negatives, q[:, :, None])[:, :, 0]  # l_neg: (N, M)
         logits *= inv_t
         labels = xp.zeros(n, dtype=xp.int64)
-    losses, xent = xent_forward(logits, labels, xp)
+    losses, xent = xent_forward(logits, labels, xp, overwrite=True)  # logits: our own buffer
     return losses, InfoNCECache(mode, q, k, negatives, xent, temperature)
 
 
 def info_nce_backward(dlosses, cache: InfoNCECache, wrt, xp):
     """Gradients of the per-query losses; only the ones named in ``wrt`` are computed."""
     q, k, negatives = cache.q, cache.k, cache.negatives
-    dlogits = xent_backward(dlosses, cache.xent, xp)  # (N, 1+K) or (N, N)
+    dlogits = xent_backward(dlosses, cache.xent, xp, overwrite=True)  # (N, 1+K) or (N, N)
     dlogits *= q.dtype.type(1.0 / cache.temperature)  # through the division by T
     grads = {}
     if cache.mode == "in_batch":
