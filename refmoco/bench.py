@@ -247,45 +247,6 @@ def enqueue_group(size: int = 65536, dim: int = 128, batch: int = 256) -> Group:
     return Group(f"Enqueue {batch} keys into a {size} x {dim} float32 queue", cases, reference)
 
 
-def _torch_twin(torch, encoder, params, buffers):
-    """The same encoder as a ``torch.nn.Sequential`` with the same weights (state_dict names)."""
-    from collections import OrderedDict
-
-    from .nn import (
-        BatchNorm1d,
-        BatchNorm2d,
-        Conv2d,
-        Flatten,
-        GlobalAvgPool2d,
-        Linear,
-        ReLU,
-        Sequential,
-    )
-
-    class GlobalAvgPool(torch.nn.Module):
-        def forward(self, x):
-            return x.mean(dim=(2, 3))
-
-    def convert(layer):
-        if isinstance(layer, Sequential):
-            return torch.nn.Sequential(*[convert(child) for child in layer])
-        if isinstance(layer, Linear):
-            return torch.nn.Linear(layer.in_features, layer.out_features)
-        if isinstance(layer, Conv2d):
-            return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                   stride=layer.stride, padding=layer.padding)
-        if isinstance(layer, (BatchNorm1d, BatchNorm2d)):
-            cls = torch.nn.BatchNorm1d if isinstance(layer, BatchNorm1d) else torch.nn.BatchNorm2d
-            return cls(layer.num_features)
-        return {ReLU: torch.nn.ReLU, Flatten: torch.nn.Flatten, GlobalAvgPool2d: GlobalAvgPool}[
-            type(layer)]()
-
-    net = torch.nn.Sequential(OrderedDict(backbone=convert(encoder.backbone),
-                                          head=convert(encoder.head)))
-    net.load_state_dict({k: torch.as_tensor(v) for k, v in {**params, **buffers}.items()})
-    return net
-
-
 def training_step_groups(quick: bool) -> list:
     """One MoCo training step (query forward and backward, momentum update, key forward, the
     loss against a queue of 4096 keys, SGD with momentum and weight decay, enqueue), batch 256,
@@ -306,6 +267,7 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
     from .dictionary import Queue
     from .mechanisms import MoCo
     from .optim import SGD
+    from .testing.torch_models import torch_twin
 
     t, m, lr = 0.1, 0.99, 0.03
     rng = np.random.default_rng(0)
@@ -328,8 +290,8 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
     if torch is not None:
         F = torch.nn.functional
         params, buffers = encoder.init(np.random.default_rng(0), "float32")
-        net_q = _torch_twin(torch, encoder, params, buffers)
-        net_k = _torch_twin(torch, encoder, params, buffers)
+        net_q = torch_twin(encoder, params, buffers)
+        net_k = torch_twin(encoder, params, buffers)
         for p in net_k.parameters():
             p.requires_grad = False
         opt = torch.optim.SGD(net_q.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)

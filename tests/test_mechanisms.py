@@ -8,63 +8,16 @@ import pytest
 
 from refmoco import MemoryBank, Queue
 from refmoco.mechanisms import EndToEnd, MemoryBankMechanism, MoCo
-from refmoco.nn import (
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    Flatten,
-    GlobalAvgPool2d,
-    Linear,
-    ReLU,
-    Sequential,
-    cnn_encoder,
-    mlp_encoder,
-)
+from refmoco.nn import Flatten, Linear, ReLU, Sequential, cnn_encoder, mlp_encoder
 from refmoco.nn.models import Encoder
 from refmoco.optim import SGD
+from refmoco.testing.torch_models import torch_twin
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 pytestmark = pytest.mark.torch
 
 LR, WD, SGD_M, T = 0.1, 5e-4, 0.9, 0.2
-
-
-class _GAP(torch.nn.Module):
-    def forward(self, x):
-        return x.mean(dim=(2, 3))
-
-
-def to_torch(layer):
-    """The torch.nn module of a refmoco layer (same structure, so the same state_dict names)."""
-    if isinstance(layer, Sequential):
-        return torch.nn.Sequential(*[to_torch(child) for child in layer])
-    if isinstance(layer, Linear):
-        return torch.nn.Linear(layer.in_features, layer.out_features)
-    if isinstance(layer, Conv2d):
-        return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                               stride=layer.stride, padding=layer.padding)
-    if isinstance(layer, BatchNorm1d):
-        return torch.nn.BatchNorm1d(layer.num_features)
-    if isinstance(layer, BatchNorm2d):
-        return torch.nn.BatchNorm2d(layer.num_features)
-    if isinstance(layer, ReLU):
-        return torch.nn.ReLU()
-    if isinstance(layer, Flatten):
-        return torch.nn.Flatten()
-    if isinstance(layer, GlobalAvgPool2d):
-        return _GAP()
-    raise TypeError(type(layer))
-
-
-def torch_twin(encoder, params, buffers):
-    net = torch.nn.Sequential()
-    net.add_module("backbone", to_torch(encoder.backbone))
-    net.add_module("head", to_torch(encoder.head))
-    net = net.double()
-    state = {k: torch.tensor(np.array(v)) for k, v in {**params, **buffers}.items()}
-    net.load_state_dict(state)
-    return net
 
 
 def build(kind, seed=0):
