@@ -1,0 +1,64 @@
+"""L2 normalisation with its backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .._checks import check_positive
+from ..backend import float_array, resolve
+
+
+def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
+    r"""``y = x / max(||x||, eps)`` along ``axis``, and the function that backpropagates it.
+
+    Parameters
+    ----------
+    x : ndarray
+    axis : int
+    eps : float
+        Norms below ``eps`` are replaced by ``eps`` (as ``torch.nn.functional.normalize``).
+
+    Returns
+    -------
+    y : ndarray, same shape and dtype as ``x``
+    backward : callable
+        ``backward(dy) -> dx``.
+
+    Notes
+    -----
+    The norm is computed as :math:`a \sqrt{\sum (x/a)^2}` with :math:`a = \max|x|`, so that it
+    neither overflows nor underflows. Where :math:`\lVert x\rVert > \epsilon`,
+
+    .. math:: \frac{\partial L}{\partial x} = \frac{g - y\,(y\cdot g)}{\lVert x\rVert},
+
+    and where the norm is clamped, :math:`\partial L/\partial x = g / \epsilon`.
+
+    Examples
+    --------
+    >>> import numpy as np, refmoco
+    >>> y, backward = refmoco.l2_normalize(np.array([[3.0, 4.0]]))
+    >>> y
+    array([[0.6, 0.8]])
+    >>> backward(np.array([[0.6, 0.8]]))  # moving along y does not change y
+    array([[0., 0.]])
+    """
+    be = resolve(None, x)
+    xp = be.xp
+    x = float_array(x, "x")
+    eps = check_positive(eps, "eps")
+    a = xp.abs(x).max(axis=axis, keepdims=True)  # the largest entry along the axis
+    safe_a = xp.where(a > 0, a, 1)
+    norm = a * xp.sqrt(((x / safe_a) ** 2).sum(axis=axis, keepdims=True))  # ||x||
+    clamped = norm <= eps
+    denom = xp.where(clamped, x.dtype.type(eps), norm)
+    y = x / denom
+
+    def backward(dy):
+        dy = float_array(dy, "dy")
+        if dy.shape != y.shape:
+            raise ValueError(f"dy: expected shape {tuple(y.shape)}, got {tuple(dy.shape)}")
+        radial = (y * dy).sum(axis=axis, keepdims=True)
+        return xp.where(clamped, dy, dy - y * radial) / denom
+
+    return y, backward
