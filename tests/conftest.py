@@ -21,3 +21,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def torch():
+    """PyTorch on one thread for the tests of a module (they skip without PyTorch): at these
+    sizes its thread pool only fights NumPy's BLAS threads (20x slower on a busy 2-core machine)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield torch
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread(torch):
+    """The ``torch`` fixture, for modules that hold PyTorch in a module-level name."""
+    return torch

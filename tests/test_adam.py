@@ -56,14 +56,6 @@ def test_matches_transcription_float64(h, seed):
     assert opt.step_count == 6
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.torch
 @fast

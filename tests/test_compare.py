@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,12 +38,9 @@ T = 0.2
 BUDGET = {"max_examples": 30, "raise_on_failure": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- correct implementations, in PyTorch ---------------------------------------------------------

@@ -7,8 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -24,14 +22,9 @@ from refmoco.testing.strategies import (
     queues,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: PyTorch's thread pool only adds overhead (20x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def unit(v):

@@ -60,14 +60,6 @@ def test_dtype_preserved(rng, dtype):
     assert model.encode(params, rng.standard_normal((7, 6))).dtype == np.dtype(dtype)
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
-
 
 def torch_cpc(torch, f, hidden, d, h, s):
     nn = torch.nn

@@ -141,14 +141,6 @@ def test_layer_names_shapes_init_and_errors(rng):
 # ---------------------------------------------------------------------------------- PyTorch
 
 
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.torch
 @fast

@@ -14,7 +14,6 @@ import types
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -23,14 +22,8 @@ from refmoco.conventions import info_nce_pytorch, lightly, moco, pml
 from refmoco.testing import assert_close, like
 from refmoco.testing.strategies import embeddings, info_nce_inputs, labelled_batches
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: PyTorch's thread pool only adds overhead (20x on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DTYPES = [np.float64, np.float32]

@@ -393,15 +393,6 @@ def test_model_load_state_dict_is_all_or_nothing():
 # --------------------------------------------------------------------- PyTorch equivalence
 
 
-@pytest.fixture(scope="module")
-def torch():
-    """PyTorch on one thread: at these sizes its thread pool only fights NumPy's BLAS threads."""
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
-
 
 def torch_encoder(kind, nn):
     """The two default encoders written out in torch.nn, by hand."""

@@ -18,15 +18,6 @@ def rel_err(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-300))
 
 
-@pytest.fixture(scope="module")
-def torch():
-    """PyTorch on one thread: at these sizes its thread pool only fights NumPy's BLAS threads."""
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(threads)
-
 
 hyper = st.fixed_dictionaries(
     {

@@ -10,7 +10,6 @@ import pathlib
 import re
 
 import pytest
-import torch
 
 PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "check-your-implementation.md"
 FENCE = re.compile(r"(<!-- output of the block above -->\n)?```(python|text)\n(.*?)```", re.S)
@@ -36,15 +35,10 @@ def test_the_page_has_the_tutorial_blocks():
 
 @pytest.mark.parametrize("source, output", blocks(),
                          ids=lambda v: None if v is None else v.strip().splitlines()[0][:40])
-def test_block_runs(source, output):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def test_block_runs(source, output, one_torch_thread):
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            exec(compile(source, str(PAGE), "exec"), {"__name__": "tutorial"})
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(printed):
+        exec(compile(source, str(PAGE), "exec"), {"__name__": "tutorial"})
     if output is not None:
         assert verdicts(printed.getvalue()) == verdicts(output)
 
