@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from refmoco.optim import _flat, _hyper
+from refmoco.optim import _hyper, _step_arguments
 
 _BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -124,12 +124,7 @@ class Adam:
         TypeError
             Non-float arrays or mismatched dtypes.
         """
-        p, g = _flat(params, "params"), _flat(grads, "grads")
-        if p.shape != g.shape:
-            raise ValueError(f"grads: expected shape {p.shape} (as params), got {g.shape}")
-        if p.dtype != g.dtype:
-            raise TypeError(f"grads: expected dtype {p.dtype} (as params), got {g.dtype}")
-        lr = self.lr if lr is None else _hyper(lr, "lr")
+        p, g, lr = _step_arguments(params, grads, self.lr if lr is None else lr)
         if self.exp_avg is None:
             self.exp_avg, self.exp_avg_sq = np.zeros_like(p), np.zeros_like(p)
             self.max_exp_avg_sq = np.zeros_like(p) if self.amsgrad else None

@@ -38,6 +38,16 @@ def _hyper(value: Any, name: str, *, upper: float | None = None) -> float:
     return v
 
 
+def _step_arguments(params: Any, grads: Any, lr: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """The flat arrays and learning rate of one optimizer step, checked: same shape and dtype."""
+    p, g = _flat(params, "params"), _flat(grads, "grads")
+    if p.shape != g.shape:
+        raise ValueError(f"grads: expected shape {p.shape} (as params), got {g.shape}")
+    if p.dtype != g.dtype:
+        raise TypeError(f"grads: expected dtype {p.dtype} (as params), got {g.dtype}")
+    return p, g, _hyper(lr, "lr")
+
+
 class SGD:
     r"""SGD with momentum, dampening, weight decay and Nesterov momentum, as ``torch.optim.SGD``.
 
@@ -133,12 +143,7 @@ class SGD:
         TypeError
             Non-float arrays or mismatched dtypes.
         """
-        p, g = _flat(params, "params"), _flat(grads, "grads")
-        if p.shape != g.shape:
-            raise ValueError(f"grads: expected shape {p.shape} (as params), got {g.shape}")
-        if p.dtype != g.dtype:
-            raise TypeError(f"grads: expected dtype {p.dtype} (as params), got {g.dtype}")
-        lr = self.lr if lr is None else _hyper(lr, "lr")
+        p, g, lr = _step_arguments(params, grads, self.lr if lr is None else lr)
         buf = self.momentum_buffer
         if buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype):
             raise ValueError(
