@@ -42,6 +42,18 @@ def _readonly(a):
     return a  # CuPy arrays have no read-only flag
 
 
+def rng_to_array(rng: np.random.Generator) -> np.ndarray:
+    """A generator's state as a 0-d string array, storable in an ``.npz`` without pickle."""
+    return np.array(json.dumps(rng.bit_generator.state))
+
+
+def rng_from_array(state: Any) -> np.random.Generator:
+    """A new generator in the state saved by :func:`rng_to_array`."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(str(state))
+    return rng
+
+
 def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
     """Write an ``.npz`` file atomically: a crash mid-write leaves any old file intact."""
     path = os.fspath(path)
@@ -197,7 +209,7 @@ class Queue:
             "keys": to_numpy(self._keys).copy(),
             "ids": self._ids.copy(),
             "ptr": np.int64(self._ptr),
-            "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
+            "rng_state": rng_to_array(self.rng),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -218,8 +230,7 @@ class Queue:
             raise ValueError(f"state['ids']: expected ({self.size},) integers, got {ids.shape}")
         if not 0 <= ptr < self.size:
             raise ValueError(f"state['ptr']: expected an integer in [0, {self.size}), got {ptr}")
-        rng = np.random.default_rng()
-        rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        rng = rng_from_array(state["rng_state"])
         self._keys = self.xp.asarray(keys.copy())
         self._ids = ids.astype(np.int64).copy()
         self._ptr = ptr
@@ -349,7 +360,7 @@ class MemoryBank:
         return {
             "bank": to_numpy(self._bank).copy(),
             "momentum": np.float64(self.momentum),
-            "rng_state": np.array(json.dumps(self.rng.bit_generator.state)),
+            "rng_state": rng_to_array(self.rng),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -363,8 +374,7 @@ class MemoryBank:
                 f"got {bank.shape} {bank.dtype}"
             )
         momentum = check_unit_interval(state["momentum"], "state['momentum']")
-        rng = np.random.default_rng()
-        rng.bit_generator.state = json.loads(str(state["rng_state"]))
+        rng = rng_from_array(state["rng_state"])
         self._bank = self.xp.asarray(bank.copy())
         self.momentum = momentum
         self.rng = rng

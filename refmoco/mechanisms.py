@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .dictionary import MemoryBank, Queue
+from .dictionary import MemoryBank, Queue, rng_from_array, rng_to_array
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
 from .optim import SGD
@@ -170,7 +170,7 @@ class MoCo(Mechanism):
         state.update({f"key_params/{k}": v.copy() for k, v in self.key_params.items()})
         state.update({f"key_buffers/{k}": np.array(v) for k, v in self.key_buffers.items()})
         state.update({f"queue/{k}": v for k, v in self.queue.state_dict().items()})
-        state["moco/rng_state"] = _rng_state(self.rng)
+        state["moco/rng_state"] = rng_to_array(self.rng)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -179,7 +179,7 @@ class MoCo(Mechanism):
         self.key_params.load_state_dict(_section(state, "key_params"))
         for k, v in _section(state, "key_buffers").items():
             self.key_buffers[k][...] = v
-        _set_rng_state(self.rng, state["moco/rng_state"])
+        self.rng = rng_from_array(state["moco/rng_state"])
 
 
 class EndToEnd(Mechanism):
@@ -237,15 +237,3 @@ class MemoryBankMechanism(Mechanism):
     def load_state_dict(self, state: dict) -> None:
         self.bank.load_state_dict(_section(state, "bank"))
         super().load_state_dict(state)
-
-
-def _rng_state(rng: np.random.Generator) -> np.ndarray:
-    import json
-
-    return np.array(json.dumps(rng.bit_generator.state))
-
-
-def _set_rng_state(rng: np.random.Generator, state: Any) -> None:
-    import json
-
-    rng.bit_generator.state = json.loads(str(state))

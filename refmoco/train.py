@@ -16,7 +16,7 @@ import numpy as np
 
 from .augment import Augment, two_views
 from .data import Dataset, load_dataset
-from .dictionary import MemoryBank, Queue, atomic_savez
+from .dictionary import MemoryBank, Queue, atomic_savez, rng_from_array, rng_to_array
 from .evaluate import alignment, knn_accuracy, linear_probe_accuracy, pixel_baseline, uniformity
 from .mechanisms import MECHANISMS, EndToEnd, MemoryBankMechanism, MoCo
 from .nn import cnn_encoder, mlp_encoder
@@ -193,7 +193,7 @@ class Trainer:
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {f"mechanism/{k}": v for k, v in self.mechanism.state_dict().items()}
-        state["trainer/rng_state"] = np.array(json.dumps(self.rng.bit_generator.state))
+        state["trainer/rng_state"] = rng_to_array(self.rng)
         state["trainer/epoch"] = np.int64(self.epoch)
         state["trainer/history"] = np.array(json.dumps(self.history))
         state["trainer/random_init"] = np.array(json.dumps(self.random_init))
@@ -213,6 +213,10 @@ class Trainer:
             with np.load(path, allow_pickle=False) as f:
                 state = {k: f[k] for k in f.files}
             saved = json.loads(str(state["trainer/config"]))
+            rng = rng_from_array(state["trainer/rng_state"])
+            epoch = int(state["trainer/epoch"])
+            history = json.loads(str(state["trainer/history"]))
+            random_init = json.loads(str(state["trainer/random_init"]))
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -226,10 +230,7 @@ class Trainer:
         mech = {k[len("mechanism/"):]: v for k, v in state.items() if k.startswith("mechanism/")}
         self.mechanism.check_state(mech)
         self.mechanism.load_state_dict(mech)
-        self.rng.bit_generator.state = json.loads(str(state["trainer/rng_state"]))
-        self.epoch = int(state["trainer/epoch"])
-        self.history = json.loads(str(state["trainer/history"]))
-        self.random_init = json.loads(str(state["trainer/random_init"]))
+        self.rng, self.epoch, self.history, self.random_init = rng, epoch, history, random_init
 
 
 def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
