@@ -45,7 +45,8 @@ class Branch(NamedTuple):
     normalize_backward: Any
 
 
-def encode(encoder, params, buffers, x, *, train: bool, groups=None) -> Branch:
+def encode(encoder, params, buffers, x, *, train: bool, groups=None,
+           backend: str = "numpy") -> Branch:
     """``normalize(encoder(x))``, with batch norm computed separately in each group of rows.
 
     ``groups`` (a list of index arrays partitioning the batch) emulates the per-GPU batch norm of
@@ -54,7 +55,7 @@ def encode(encoder, params, buffers, x, *, train: bool, groups=None) -> Branch:
     groups = [np.arange(len(x))] if groups is None else groups
     out, caches = None, []
     for rows in groups:
-        z, cache = encoder.forward(params, buffers, x[rows], train=train)
+        z, cache = encoder.forward(params, buffers, x[rows], train=train, backend=backend)
         if out is None:
             out = np.empty((len(x), z.shape[1]), dtype=z.dtype)
         out[rows] = z
@@ -83,7 +84,7 @@ class Mechanism:
 
     def __init__(self, encoder, params, buffers, optimizer: SGD, *, temperature: float,
                  backend: str = "numpy"):
-        self.backend = backend  # "numba": the loss, EMA and SGD step run as Numba kernels
+        self.backend = backend  # "numba": loss, EMA, SGD step, convolutions and BN as Numba kernels
         self.encoder = encoder
         self.params = params  # FlatParams
         self.buffers = buffers  # dict of BN running statistics
@@ -144,13 +145,14 @@ class MoCo(Mechanism):
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
         n = len(x_q)
         groups = split_groups(n, self.bn_groups)
-        q = encode(self.encoder, self.params, self.buffers, x_q, train=True, groups=groups)
+        q = encode(self.encoder, self.params, self.buffers, x_q, train=True, groups=groups,
+                   backend=self.backend)
         # the key encoder: EMA first, then the keys of the shuffled batch, unshuffled
         momentum_update(self.key_params.flat, self.params.flat, self.momentum,
                         backend=self.backend)
         perm = self.rng.permutation(n)
         k_shuffled = encode(self.encoder, self.key_params, self.key_buffers, x_k[perm],
-                            train=True, groups=groups).z
+                            train=True, groups=groups, backend=self.backend).z
         k = np.empty_like(k_shuffled)
         k[perm] = k_shuffled  # unshuffle: row i is again the key of sample i
         # logits against the queue as it was before this batch (no gradient into k or queue)
@@ -188,8 +190,8 @@ class EndToEnd(Mechanism):
     name = "end-to-end"
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
-        q = encode(self.encoder, self.params, self.buffers, x_q, train=True)
-        k = encode(self.encoder, self.params, self.buffers, x_k, train=True)
+        q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
+        k = encode(self.encoder, self.params, self.buffers, x_k, train=True, backend=self.backend)
         out = info_nce_loss(q.z, k.z, None, temperature=self.temperature, backend=self.backend)
         sims = q.z @ k.z.T  # (N, N)
         n = len(x_q)
@@ -216,7 +218,7 @@ class MemoryBankMechanism(Mechanism):
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
         ids = np.asarray(ids)
-        q = encode(self.encoder, self.params, self.buffers, x_q, train=True)
+        q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
         negative_rows = self.bank.sample(ids, self.num_negatives)  # (N, M) from the bank's rng
         positives = self.bank.bank[ids]  # (N, C)
         negatives = self.bank.bank[negative_rows]  # (N, M, C)

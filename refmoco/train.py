@@ -129,7 +129,7 @@ class Trainer:
         m = self.mechanism
         for i in range(0, len(x), batch):
             z, h, _ = self.encoder.forward_features(m.params, m.buffers, x[i:i + batch],
-                                                    train=False)
+                                                    train=False, backend=m.backend)
             zs.append(z)
             hs.append(h)
         z, h = np.concatenate(zs), np.concatenate(hs)

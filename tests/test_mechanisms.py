@@ -170,12 +170,14 @@ def test_memory_bank_step_matches_torch():
     np.testing.assert_allclose(mech.bank.bank, t_bank.numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
-def test_numba_backend_step_equals_the_numpy_step(mechanism):
+def test_numba_backend_step_equals_the_numpy_step(mechanism, kind):
+    """The CNN runs its convolutions and batch norms through refmoco.kernels.nn_cpu."""
     pytest.importorskip("numba")
     results = []
     for backend in ("numpy", "numba"):
-        enc, params, buffers, shape = build("mlp")
+        enc, params, buffers, shape = build(kind)
         opt = SGD(LR, momentum=SGD_M, weight_decay=WD, backend=backend)
         if mechanism == "moco":
             mech = MoCo(enc, params, buffers, opt, queue=Queue(13, 6, dtype="float64"),

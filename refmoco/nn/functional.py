@@ -7,6 +7,10 @@ float32 out.
 
 Layouts follow PyTorch: a linear map's weight is (out, in), a convolution takes NCHW input and a
 (out, in, kh, kw) weight, batch norm reduces over every axis but the channel axis 1.
+
+The convolution and batch norm take ``backend="numba"``: the same op with its strided copies and
+reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`). Their caches record the backend, so
+the backward runs where its forward ran.
 """
 
 from __future__ import annotations
@@ -67,9 +71,16 @@ class Conv2dCache(NamedTuple):
     x_shape: tuple  # (N, C, H, W)
     stride: int
     padding: int
+    backend: str = "numpy"  # where the forward ran; the backward runs there too
 
 
-def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
+def _check_backend(backend):
+    if backend not in ("numpy", "numba"):
+        raise ValueError(f"backend: expected 'numpy' or 'numba' for the encoder layers, "
+                         f"got {backend!r}")
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend="numpy"):
     r"""2-d cross-correlation (PyTorch's ``conv2d``) by im2col and one matrix product.
 
     Parameters
@@ -79,6 +90,8 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     b : ndarray of shape (O,) or None
     stride, padding : int
         Zero padding of ``padding`` pixels on every side, then windows every ``stride`` pixels.
+    backend : {"numpy", "numba"}
+        ``"numba"`` gathers the windows with a Numba kernel (same result).
 
     Returns
     -------
@@ -100,6 +113,11 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     backward is ``dW_mat = dY_mat^T cols`` and ``dcols = dY_mat W_mat``, whose entries are added
     back to the pixels they came from (col2im), one kernel offset (a, e) at a time.
     """
+    _check_backend(backend)
+    if backend == "numba":
+        from refmoco.kernels import nn_cpu
+
+        return nn_cpu.conv2d_forward(x, w, b, stride=stride, padding=padding)
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
     s, p = stride, padding
@@ -121,7 +139,11 @@ def conv2d_backward(dy, cache):
 
     ``dx`` has channels-last memory, as the forward's output.
     """
-    cols, w, (N, C, H, W), s, p = cache
+    if cache.backend == "numba":
+        from refmoco.kernels import nn_cpu
+
+        return nn_cpu.conv2d_backward(dy, cache)
+    cols, w, (N, C, H, W), s, p, _ = cache
     O, _, kh, kw = w.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
     w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
@@ -166,6 +188,7 @@ class BatchNormCache(NamedTuple):
     inv_std: np.ndarray  # 1 / sqrt(var + eps), broadcastable to x
     gamma: np.ndarray  # weight, broadcastable to x
     train: bool  # batch statistics (True) or running statistics (False)
+    backend: str = "numpy"  # where the forward ran; the backward runs there too
 
 
 def _channel_view(a, ndim):
@@ -173,7 +196,8 @@ def _channel_view(a, ndim):
     return a.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1, eps=1e-5):
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1, eps=1e-5,
+                       backend="numpy"):
     r"""Batch normalisation over every axis but axis 1, as ``torch.nn.BatchNorm{1,2}d``.
 
     Parameters
@@ -187,6 +211,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
         Normalise with the batch statistics and update the running ones (True), or normalise with
         the running statistics (False).
     momentum, eps : float
+    backend : {"numpy", "numba"}
+        ``"numba"`` computes the statistics (summed in float64) and the normalisation with Numba
+        kernels.
 
     Returns
     -------
@@ -208,13 +235,19 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     Training also updates :math:`\bar\mu \leftarrow (1-\rho)\bar\mu + \rho\mu` and
     :math:`\bar\sigma^2 \leftarrow (1-\rho)\bar\sigma^2 + \rho\,\sigma^2 m/(m-1)` (unbiased).
     """
+    _check_backend(backend)
     axes = (0,) + tuple(range(2, x.ndim))
+    if train and x.size // x.shape[1] < 2:
+        raise ValueError(
+            f"x: batch norm in training needs more than 1 value per channel, got shape {x.shape}"
+        )
+    if backend == "numba":
+        from refmoco.kernels import nn_cpu
+
+        return nn_cpu.batch_norm_forward(x, gamma, beta, running_mean, running_var, train=train,
+                                         momentum=momentum, eps=eps)
     if train:
         m = x.size // x.shape[1]
-        if m < 2:
-            raise ValueError(
-                f"x: batch norm in training needs more than 1 value per channel, got shape {x.shape}"
-            )
         mean = x.mean(axis=axes)  # (C,)
         var = x.var(axis=axes)  # (C,) biased
         running_mean *= 1 - momentum
@@ -247,7 +280,11 @@ def batch_norm_backward(dy, cache):
     the bars being means over the :math:`m` values of each channel. In evaluation they are
     constants: :math:`\partial x = \partial\hat x/\sqrt{\sigma^2+\epsilon}`.
     """
-    x_hat, inv_std, g, train = cache
+    if cache.backend == "numba":
+        from refmoco.kernels import nn_cpu
+
+        return nn_cpu.batch_norm_backward(dy, cache)
+    x_hat, inv_std, g, train, _ = cache
     axes = (0,) + tuple(range(2, dy.ndim))
     dgamma = (dy * x_hat).sum(axis=axes)  # (C,)
     dbeta = dy.sum(axis=axes)  # (C,)

@@ -264,7 +264,7 @@ class GRU(Layer):
         dt, bound = check_dtype(dtype), 1 / math.sqrt(self.hidden_size)
         return {k: _uniform(rng, bound, s, dt) for k, s in self.param_shapes().items()}
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         if x.ndim != 3 or x.shape[2] != self.input_size:
             raise ValueError(
                 f"x: GRU expects shape (N, T, {self.input_size}), got {tuple(x.shape)}"

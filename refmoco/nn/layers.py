@@ -88,7 +88,8 @@ class Layer:
         """Every ``state_dict()`` name in PyTorch's order: parameters, then buffers."""
         return list(self.param_shapes()) + list(self.buffer_names)
 
-    def forward(self, params: Mapping, buffers: Mapping, x: np.ndarray, *, train: bool = False):
+    def forward(self, params: Mapping, buffers: Mapping, x: np.ndarray, *, train: bool = False,
+                backend: str = "numpy"):
         """``(y, cache)``: the output, and what :meth:`backward` needs.
 
         Parameters
@@ -98,6 +99,9 @@ class Layer:
             Buffers are updated in place in training; nothing else is written.
         x : ndarray
         train : bool
+        backend : {"numpy", "numba"}
+            ``"numba"`` runs the convolutions and batch norms with Numba kernels (the same
+            function); the other layers are NumPy either way. The backward follows the forward.
         """
         raise NotImplementedError
 
@@ -131,7 +135,7 @@ class Linear(Layer):
         dt, bound = check_dtype(dtype), 1 / math.sqrt(self.in_features)
         return {k: _uniform(rng, bound, s, dt) for k, s in self.param_shapes().items()}
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         _check_input(x, (2,), self.in_features, "Linear")
         return F.linear_forward(x, params["weight"], params["bias"] if self.bias else None)
 
@@ -179,7 +183,7 @@ class Conv2d(Layer):
         dt, bound = check_dtype(dtype), 1 / math.sqrt(fan_in)
         return {k: _uniform(rng, bound, s, dt) for k, s in self.param_shapes().items()}
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         _check_input(x, (4,), self.in_channels, "Conv2d")
         kh, kw = self.kernel_size
         if x.shape[2] + 2 * self.padding < kh or x.shape[3] + 2 * self.padding < kw:
@@ -187,7 +191,8 @@ class Conv2d(Layer):
                 f"x: image {x.shape[2:]} (padded) is smaller than the kernel {(kh, kw)}"
             )
         b = params["bias"] if self.bias else None
-        return F.conv2d_forward(x, params["weight"], b, stride=self.stride, padding=self.padding)
+        return F.conv2d_forward(x, params["weight"], b, stride=self.stride, padding=self.padding,
+                                backend=backend)
 
     def backward(self, params, cache, dy):
         dx, dw, db = F.conv2d_backward(dy, cache)
@@ -225,11 +230,11 @@ class _BatchNorm(Layer):
             "num_batches_tracked": np.zeros((), np.int64),  # a 0-d int64, as PyTorch's
         }
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         _check_input(x, self._ndims, self.num_features, type(self).__name__)
         y, cache = F.batch_norm_forward(
             x, params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
-            train=train, momentum=self.momentum, eps=self.eps,
+            train=train, momentum=self.momentum, eps=self.eps, backend=backend,
         )  # fmt: skip
         if train:
             buffers["num_batches_tracked"][...] += 1
@@ -264,7 +269,7 @@ class BatchNorm2d(_BatchNorm):
 class ReLU(Layer):
     """``y = max(x, 0)``, any shape."""
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         return F.relu_forward(x)
 
     def backward(self, params, cache, dy):
@@ -275,7 +280,7 @@ class ReLU(Layer):
 class Flatten(Layer):
     """(N, d1, d2, ...) -> (N, d1 * d2 * ...), as ``torch.nn.Flatten()``."""
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         return x.reshape(x.shape[0], -1), x.shape
 
     def backward(self, params, cache, dy):
@@ -290,7 +295,7 @@ class GlobalAvgPool2d(Layer):
     parameters, so the names of the layers before it agree.
     """
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         _check_input(x, (4,), None, "GlobalAvgPool2d")
         return F.global_avg_pool_forward(x)
 
@@ -313,7 +318,7 @@ class L2Normalize(Layer):
     axis: int = -1
     eps: float = 1e-12
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         y, _ = l2_normalize(x, axis=self.axis, eps=self.eps)
         return y, L2NormalizeCache(x)
 

@@ -67,6 +67,12 @@ def _cast(a: Any, name: str, dtype: np.dtype | None) -> np.ndarray:
     return a if dtype is None else a.astype(dtype, copy=False)
 
 
+def _check_backend(backend: Any) -> None:
+    if backend not in ("numpy", "numba"):
+        raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r} (the encoders "
+                         f"run on NumPy arrays)")
+
+
 class Model:
     """A network (a :class:`~refmoco.nn.layers.Layer`, usually a ``Sequential``) with its layout.
 
@@ -113,7 +119,8 @@ class Model:
         params.load_state_dict(self.net.init_params(rng, dt))
         return params, self.net.init_buffers(dt)
 
-    def forward(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool):
+    def forward(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool,
+                backend: str = "numpy"):
         """Run the network.
 
         Parameters
@@ -125,6 +132,9 @@ class Model:
             Cast to the parameters' dtype.
         train : bool
             Batch statistics and running-statistics updates (True) or running statistics (False).
+        backend : {"numpy", "numba"}
+            ``"numba"``: convolutions and batch norms as Numba kernels (the same function); the
+            backward of this pass runs on the same backend.
 
         Returns
         -------
@@ -133,7 +143,8 @@ class Model:
             Everything :meth:`backward` needs.
         """
         x = _cast(x, "x", _params_dtype(params))
-        out, cache = self.net.forward(params, buffers, x, train=bool(train))
+        _check_backend(backend)
+        out, cache = self.net.forward(params, buffers, x, train=bool(train), backend=backend)
         return out, ModelCache(cache, out.shape)
 
     def backward(
@@ -263,13 +274,15 @@ class Encoder(Model):
         self.feature_dim = linears[0].in_features if linears else None
         self.out_dim = linears[-1].out_features if linears else None
 
-    def forward(self, params, buffers, x, *, train):
+    def forward(self, params, buffers, x, *, train, backend="numpy"):
         """As :meth:`Model.forward`; the cache is an :class:`EncoderCache`."""
-        z, _, cache = self.forward_features(params, buffers, x, train=train)
+        z, _, cache = self.forward_features(params, buffers, x, train=train, backend=backend)
         return z, cache
 
-    def forward_features(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool):
-        """One pass that returns the head's output and the backbone's features.
+    def forward_features(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool,
+                         backend: str = "numpy"):
+        """One pass that returns the head's output and the backbone's features (``train`` and
+        ``backend`` as in :meth:`Model.forward`).
 
         Returns
         -------
@@ -282,11 +295,13 @@ class Encoder(Model):
         """
         x = _cast(x, "x", _params_dtype(params))
         train = bool(train)
+        _check_backend(backend)
         h, c_backbone = self.backbone.forward(
-            Scoped(params, "backbone"), Scoped(buffers, "backbone"), x, train=train
+            Scoped(params, "backbone"), Scoped(buffers, "backbone"), x, train=train,
+            backend=backend,
         )
         z, c_head = self.head.forward(
-            Scoped(params, "head"), Scoped(buffers, "head"), h, train=train
+            Scoped(params, "head"), Scoped(buffers, "head"), h, train=train, backend=backend
         )
         return z, h, EncoderCache((c_backbone, c_head), z.shape, h.shape)
 

@@ -105,10 +105,11 @@ class Sequential(Layer):
     def buffer_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(f"{n}.{k}" for n, layer in self.layers.items() for k in layer.buffer_names)
 
-    def forward(self, params, buffers, x, *, train=False):
+    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
         caches = []
         for name, layer in self.layers.items():
-            x, cache = layer.forward(Scoped(params, name), Scoped(buffers, name), x, train=train)
+            x, cache = layer.forward(Scoped(params, name), Scoped(buffers, name), x, train=train,
+                                     backend=backend)
             caches.append(cache)
         return x, tuple(caches)
 

@@ -1,0 +1,160 @@
+"""The encoder layers' Numba kernels (refmoco.kernels.nn_cpu) against the NumPy reference.
+
+The reference (refmoco.nn.functional) is itself checked against finite differences and PyTorch in
+test_nn.py; here the same inputs go through ``backend="numpy"`` and ``backend="numba"`` in one
+run, over hypothesis-drawn shapes, strides, paddings, memory layouts and dtypes, and one case per
+op is also checked against central differences directly."""
+
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from refmoco.nn import cnn_encoder
+from refmoco.nn import functional as F
+from refmoco.testing import assert_close, check_grad
+
+pytest.importorskip("numba")
+
+TOL = {np.float64: 1e-12, np.float32: 1e-5}  # relative to the largest entry of the reference
+DTYPE = st.sampled_from([np.float64, np.float32])
+
+
+def channels_last(a):
+    """The same (N, C, ...) values with channels-last memory (what the convolutions produce)."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def close(actual, expected, dtype, name):
+    assert_close(actual, expected, rtol=TOL[dtype], name=name)
+
+
+@st.composite
+def conv_cases(draw):
+    n, c, o = draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride, padding = draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    assume(h + 2 * padding >= kh and w + 2 * padding >= kw)
+    return (n, c, h, w), (o, c, kh, kw), stride, padding
+
+
+@given(case=conv_cases(), dtype=DTYPE, bias=st.booleans(), last=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_conv2d_numba_equals_numpy(case, dtype, bias, last, seed):
+    x_shape, w_shape, stride, padding = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    x = channels_last(x) if last else x
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype) if bias else None
+    y_ref, c_ref = F.conv2d_forward(x, w, b, stride=stride, padding=padding)
+    y, c = F.conv2d_forward(x, w, b, stride=stride, padding=padding, backend="numba")
+    assert c.backend == "numba" and c_ref.backend == "numpy"
+    close(y, y_ref, dtype, "y")
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous  # channels-last memory, as the reference
+    np.testing.assert_array_equal(c.cols, c_ref.cols)  # im2col is a copy: exactly equal
+    dy = channels_last(rng.standard_normal(y.shape).astype(dtype))
+    for name, got, want in zip(("dx", "dw", "db"), F.conv2d_backward(dy, c),
+                               F.conv2d_backward(dy, c_ref), strict=True):
+        close(got, want, dtype, name)
+
+
+@st.composite
+def bn_cases(draw):
+    ndim = draw(st.sampled_from([2, 3, 4]))
+    n, c = draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    spatial = tuple(draw(st.integers(1, 5)) for _ in range(ndim - 2))
+    shape = (n, c, *spatial)
+    assume(np.prod(shape) // c >= 2)
+    return shape
+
+
+@given(shape=bn_cases(), dtype=DTYPE, train=st.booleans(), last=st.booleans(),
+       seed=st.integers(0, 2**16), spread=st.floats(0.1, 10.0), offset=st.floats(-3.0, 3.0))
+def test_batch_norm_numba_equals_numpy(shape, dtype, train, last, seed, spread, offset):
+    """Values drawn with a spread: a channel with (nearly) no variance makes x_hat the rounding
+    error of its mean, which float32 NumPy (pairwise sums) and the kernels (float64 sums) round
+    differently."""
+    rng = np.random.default_rng(seed)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * spread + offset).astype(dtype)
+    x = channels_last(x) if last and x.ndim > 2 else x
+    gamma, beta = rng.standard_normal(c).astype(dtype), rng.standard_normal(c).astype(dtype)
+    stats = rng.standard_normal(c).astype(dtype), (rng.random(c) + 0.5).astype(dtype)
+    ref_stats = [s.copy() for s in stats]
+    our_stats = [s.copy() for s in stats]
+    y_ref, c_ref = F.batch_norm_forward(x, gamma, beta, *ref_stats, train=train)
+    y, cache = F.batch_norm_forward(x, gamma, beta, *our_stats, train=train, backend="numba")
+    dy = rng.standard_normal(shape).astype(dtype)
+    # the size of the terms each result is a sum of: x_hat = x inv_std - mean inv_std carries a
+    # rounding error eps * s_x; dx = gamma inv_std (dy - mean(dy) - x_hat mean(dy x_hat))
+    s_x = float(np.max(np.abs(x)) * np.max(c_ref.inv_std))
+    g_max, d_max, m = float(np.max(np.abs(gamma))), float(np.max(np.abs(dy))), x.size // c
+    s_dx = float(np.max(np.abs(gamma * c_ref.inv_std.reshape(-1)))) * d_max * (1 + s_x * s_x)
+    scales = {"y": g_max * s_x + float(np.max(np.abs(beta))), "dx": s_dx,
+              "dgamma": m * d_max * s_x, "dbeta": m * d_max}
+    tol = TOL[dtype]
+    assert_close(y, y_ref, rtol=tol, atol=tol * scales["y"], name="y")
+    for name, got, want in zip(("running_mean", "running_var"), our_stats, ref_stats, strict=True):
+        close(got, want, dtype, name)
+    for name, got, want in zip(("dx", "dgamma", "dbeta"), F.batch_norm_backward(dy, cache),
+                               F.batch_norm_backward(dy, c_ref), strict=True):
+        assert_close(got, want, rtol=tol, atol=tol * scales[name], name=name)
+
+
+def test_numba_conv_and_batch_norm_against_finite_differences():
+    """An oracle independent of the reference: a conv -> BN chain in float64."""
+    rng = np.random.default_rng(3)
+    inputs = {"x": rng.standard_normal((3, 2, 5, 4)), "w": rng.standard_normal((4, 2, 3, 2)),
+              "b": rng.standard_normal(4), "gamma": rng.standard_normal(4),
+              "beta": rng.standard_normal(4)}
+    r = rng.standard_normal((3, 4, 3, 3))  # weights of the scalar loss sum(r * y)
+
+    def fun(x, w, b, gamma, beta):
+        h, c1 = F.conv2d_forward(x, w, b, stride=2, padding=1, backend="numba")
+        y, c2 = F.batch_norm_forward(h, gamma, beta, np.zeros(4), np.ones(4), train=True,
+                                     backend="numba")
+        dh, dgamma, dbeta = F.batch_norm_backward(r, c2)
+        dx, dw, db = F.conv2d_backward(dh, c1)
+        return np.sum(r * y), {"x": dx, "w": dw, "b": db, "gamma": dgamma, "beta": dbeta}
+
+    check_grad(fun, inputs, mode="elementwise")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cnn_encoder_on_numba_equals_numpy(dtype):
+    """A whole forward and backward (train mode; then eval mode), dtype preserved."""
+    enc = cnn_encoder(in_channels=2, widths=(4, 5, 6), out_dim=3)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 2, 9, 7)).astype(dtype)
+    dz = rng.standard_normal((7, 3)).astype(dtype)
+    results = {}
+    for backend in ("numpy", "numba"):
+        params, buffers = enc.init(np.random.default_rng(1), dtype)
+        z, cache = enc.forward(params, buffers, x, train=True, backend=backend)
+        dx, grads = enc.backward(params, cache, dz)
+        z_eval, _ = enc.forward(params, buffers, x, train=False, backend=backend)
+        results[backend] = z, dx, grads.flat, z_eval, buffers
+    ref, ours = results["numpy"], results["numba"]
+    for name, got, want in zip(("z", "dx", "grads", "z (eval)"), ours[:4], ref[:4], strict=True):
+        assert got.dtype == dtype, name
+        close(got, want, dtype, name)
+    for key, want in ref[4].items():
+        close(np.asarray(ours[4][key]), np.asarray(want), dtype if want.dtype.kind == "f"
+              else np.float64, key)
+
+
+def test_a_bad_backend_is_a_value_error_and_changes_nothing():
+    enc = cnn_encoder(in_channels=1, widths=(2, 2, 2), out_dim=2)
+    params, buffers = enc.init(np.random.default_rng(0), "float64")
+    before = {k: np.array(v) for k, v in buffers.items()}
+    x = np.ones((2, 1, 6, 6))
+    with pytest.raises(ValueError, match="backend"):
+        enc.forward(params, buffers, x, train=True, backend="cupy")
+    with pytest.raises(ValueError, match="backend"):
+        enc.forward_features(params, buffers, x, train=True, backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        F.conv2d_forward(x, np.ones((1, 1, 3, 3)), backend="Numba")
+    for k, v in before.items():
+        np.testing.assert_array_equal(buffers[k], v, err_msg=k)
