@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}  # set before NumPy loads (see docs/benchmarks.md)
+GROUPS = ("info-nce", "momentum", "enqueue", "step")  # what --only can pick
 
 
 @dataclass
@@ -64,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smaller sizes and fewer rounds (about a minute)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per case (default 7; 3 with --quick)")
+    parser.add_argument("--only", action="append", choices=GROUPS, default=None,
+                        help="run only these groups (repeatable; default: all)")
     parser.add_argument("--inherit-env", action="store_true",
                         help="run with the thread settings of this process as they are")
 
@@ -379,8 +382,11 @@ def run(args) -> int:
         raise SystemExit("refmoco bench: --repeats must be >= 1")
     print("refmoco bench" + (" --quick" if args.quick else ""), flush=True)
     sizes = (4096, 16384) if args.quick else (4096, 16384, 65536)
-    groups = [info_nce_group(k) for k in sizes]
-    groups += [momentum_group(), enqueue_group(), *training_step_groups(args.quick)]
+    only = set(args.only or GROUPS)
+    groups = [info_nce_group(k) for k in sizes] if "info-nce" in only else []
+    groups += [momentum_group()] if "momentum" in only else []
+    groups += [enqueue_group()] if "enqueue" in only else []
+    groups += training_step_groups(args.quick) if "step" in only else []
     cases = [c for g in groups for c in g.cases]
     for c in cases:  # warm-up: compiles Numba kernels, starts thread pools, fills caches
         c.run()
