@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 THREAD_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}  # set before NumPy loads (see docs/benchmarks.md)
-GROUPS = ("info-nce", "momentum", "enqueue", "step")  # what --only can pick
+GROUPS = ("info-nce", "momentum", "enqueue", "step", "gpu")  # what --only can pick
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Group:
     cases: list  # of Case
     reference: str  # label of the PyTorch case the ratios divide by
     notes: list = field(default_factory=list)
+    bandwidth: dict = field(default_factory=dict)  # label -> bytes moved, to print GB/s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,11 +126,6 @@ def info_nce_group(k_size: int, n: int = 256, c: int = 128) -> Group:
                      f"max |dq diff| / max |dq| {err:.1e}")
     except refmoco.BackendUnavailableError as exc:
         notes.append(f"numba: {exc}")
-    cupy = _cupy()
-    if cupy is not None:
-        qd, kd, queued = cupy.asarray(q), cupy.asarray(k), cupy.asarray(queue)
-        sync = cupy.cuda.get_current_stream().synchronize
-        cases.append(Case("refmoco cupy", ours("cupy", qd, kd, queued), sync))
     torch = _torch()
     if torch is not None:
         tq, tk = torch.from_numpy(q), torch.from_numpy(k)
@@ -194,11 +190,6 @@ def momentum_group() -> Group:
         ]
     except refmoco.BackendUnavailableError:
         pass
-    cupy = _cupy()
-    if cupy is not None:
-        dk, dq = cupy.asarray(flat_k), cupy.asarray(flat_q)
-        cases.append(Case("refmoco cupy, flat buffer", lambda: refmoco.momentum_update(dk, dq, m),
-                          cupy.cuda.get_current_stream().synchronize))
     torch = _torch()
     reference = "torch._foreach_lerp_"
     if torch is not None:
@@ -255,12 +246,14 @@ def training_step_groups(quick: bool) -> list:
     loss against a queue of 4096 keys, SGD with momentum and weight decay, enqueue), batch 256,
     float32: refmoco on ``numpy`` and ``numba`` against the same step in PyTorch written as
     MoCo's ``builder.py`` (one process: no shuffle BN; refmoco runs with ``bn_groups=1``)."""
+    return [training_step_group(*spec) for spec in _step_specs()]
+
+
+def _step_specs() -> list:
     from .nn import cnn_encoder, mlp_encoder
 
-    return [training_step_group("small CNN (32-64-64) on 1x8x8 images",
-                                cnn_encoder(in_channels=1), (1, 8, 8)),
-            training_step_group("MLP 64-256-256 + head 256-128", mlp_encoder(in_features=64),
-                                (64,))]
+    return [("small CNN (32-64-64) on 1x8x8 images", cnn_encoder(in_channels=1), (1, 8, 8)),
+            ("MLP 64-256-256 + head 256-128", mlp_encoder(in_features=64), (64,))]
 
 
 def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
@@ -270,7 +263,6 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
     from .dictionary import Queue
     from .mechanisms import MoCo
     from .optim import SGD
-    from .testing.torch_models import torch_twin
 
     t, m, lr = 0.1, 0.99, 0.03
     rng = np.random.default_rng(0)
@@ -291,37 +283,175 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
         cases.append(Case(f"refmoco {backend}", lambda moco=moco: moco.step(xq, xk, ids, lr)))
     torch = _torch()
     if torch is not None:
-        F = torch.nn.functional
-        params, buffers = encoder.init(np.random.default_rng(0), "float32")
-        net_q = torch_twin(encoder, params, buffers)
-        net_k = torch_twin(encoder, params, buffers)
-        for p in net_k.parameters():
-            p.requires_grad = False
-        opt = torch.optim.SGD(net_q.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        queue = F.normalize(torch.randn(128, k_size), dim=0)  # MoCo stores it (C, K)
-        tq, tk = torch.from_numpy(xq), torch.from_numpy(xk)
-        state = {"ptr": 0}
-
-        def official():
-            q = F.normalize(net_q(tq), dim=1)
-            with torch.no_grad():  # _momentum_update_key_encoder, then the keys
-                for pk, pq in zip(net_k.parameters(), net_q.parameters()):
-                    pk.data = pk.data * m + pq.data * (1.0 - m)
-                k = F.normalize(net_k(tk), dim=1)
-            l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
-            l_neg = torch.einsum("nc,ck->nk", [q, queue.clone().detach()])
-            logits = torch.cat([l_pos, l_neg], dim=1) / t
-            loss = F.cross_entropy(logits, torch.zeros(n, dtype=torch.long))
-            ptr = state["ptr"]  # _dequeue_and_enqueue
-            queue[:, ptr:ptr + n] = k.T
-            state["ptr"] = (ptr + n) % k_size
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-
-        cases.append(Case("PyTorch (MoCo's builder.py)", official))
+        cases.append(Case("PyTorch (MoCo's builder.py)",
+                          _torch_moco_step(torch, encoder, xq, xk, k_size, t, m, lr, "cpu")))
     return Group(f"MoCo training step: {name}, batch {n}, K={k_size}, float32", cases,
                  "PyTorch (MoCo's builder.py)", notes)
+
+
+def _torch_moco_step(torch, encoder, xq, xk, k_size, t, m, lr, device):
+    """MoCo's ``builder.py`` step (one process, no shuffle BN) with the weights of ``encoder``
+    initialised from seed 0, on ``device``; returns the step as a function of no arguments."""
+    import numpy as np
+
+    from .testing.torch_models import torch_twin
+
+    n = len(xq)
+    F = torch.nn.functional
+    params, buffers = encoder.init(np.random.default_rng(0), "float32")
+    net_q = torch_twin(encoder, params, buffers).to(device)
+    net_k = torch_twin(encoder, params, buffers).to(device)
+    for p in net_k.parameters():
+        p.requires_grad = False
+    opt = torch.optim.SGD(net_q.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    queue = F.normalize(torch.randn(128, k_size), dim=0).to(device)  # MoCo stores it (C, K)
+    tq, tk = torch.from_numpy(xq).to(device), torch.from_numpy(xk).to(device)
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    state = {"ptr": 0}
+
+    def official():
+        q = F.normalize(net_q(tq), dim=1)
+        with torch.no_grad():  # _momentum_update_key_encoder, then the keys
+            for pk, pq in zip(net_k.parameters(), net_q.parameters()):
+                pk.data = pk.data * m + pq.data * (1.0 - m)
+            k = F.normalize(net_k(tk), dim=1)
+        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", [q, queue.clone().detach()])
+        logits = torch.cat([l_pos, l_neg], dim=1) / t
+        loss = F.cross_entropy(logits, labels)
+        ptr = state["ptr"]  # _dequeue_and_enqueue
+        queue[:, ptr:ptr + n] = k.T
+        state["ptr"] = (ptr + n) % k_size
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return official
+
+
+# -- on the GPU: refmoco cupy against PyTorch CUDA ---------------------------------------------
+
+
+def _torch_cuda():
+    torch = _torch()
+    return torch if torch is not None and torch.cuda.is_available() else None
+
+
+def gpu_groups(quick: bool) -> list:
+    """The GPU cases, each group against PyTorch on the same GPU (when it has CUDA): InfoNCE,
+    the momentum update next to a device-to-device copy of the same buffer (the bandwidth the
+    update is measured against), and the MoCo training step. Empty without a GPU."""
+    cupy = _cupy()
+    if cupy is None:
+        return []
+    sizes = (4096, 16384) if quick else (4096, 16384, 65536)
+    return ([gpu_info_nce_group(cupy, k) for k in sizes] + [gpu_momentum_group(cupy)]
+            + [gpu_training_step_group(cupy, *spec) for spec in _step_specs()])
+
+
+def _gpu_sync(cupy):
+    torch = _torch_cuda()
+    stream = cupy.cuda.get_current_stream()
+
+    def sync():
+        stream.synchronize()
+        if torch is not None:
+            torch.cuda.synchronize()
+
+    return sync
+
+
+def gpu_info_nce_group(cupy, k_size: int, n: int = 256, c: int = 128) -> Group:
+    import numpy as np
+
+    import refmoco
+
+    rng = np.random.default_rng(0)
+    q, k, queue = _unit_rows(rng, n, c), _unit_rows(rng, n, c), _unit_rows(rng, k_size, c)
+    t, sync = 0.07, _gpu_sync(cupy)
+    qd, kd, queued = cupy.asarray(q), cupy.asarray(k), cupy.asarray(queue)
+    logits, dq = cupy.empty((n, k_size), cupy.float32), cupy.empty((n, c), cupy.float32)
+
+    def floor():  # the two products, cuBLAS through CuPy, into preallocated arrays
+        cupy.matmul(qd, queued.T, out=logits)
+        cupy.matmul(logits, queued, out=dq)
+
+    cases = [Case("matrix products only (cupy)", floor, sync),
+             Case("refmoco cupy", lambda: refmoco.info_nce_loss(qd, kd, queued, temperature=t,
+                                                                wrt=("q",), backend="cupy"), sync)]
+    reference, torch = "PyTorch CUDA (MoCo's code)", _torch_cuda()
+    if torch is not None:
+        tq, tk = torch.from_numpy(q).cuda(), torch.from_numpy(k).cuda()
+        tqueue = torch.from_numpy(np.ascontiguousarray(queue.T)).cuda()  # (C, K) as MoCo
+
+        def official():
+            qq = tq.detach().requires_grad_(True)
+            l_pos = torch.einsum("nc,nc->n", [qq, tk]).unsqueeze(-1)
+            l_neg = torch.einsum("nc,ck->nk", [qq, tqueue])
+            logits_ = torch.cat([l_pos, l_neg], dim=1) / t
+            labels = torch.zeros(logits_.shape[0], dtype=torch.long, device=tq.device)
+            torch.nn.functional.cross_entropy(logits_, labels).backward()
+            return qq.grad
+
+        cases.append(Case(reference, official, sync))
+    return Group(f"GPU: InfoNCE forward+backward, N={n}, C={c}, K={k_size}, float32", cases,
+                 reference)
+
+
+def gpu_momentum_group(cupy) -> Group:
+    import numpy as np
+
+    import refmoco
+
+    m, sync = 0.999, _gpu_sync(cupy)
+    size = sum(int(np.prod(s)) for s in resnet18_shapes())
+    rng = np.random.default_rng(0)
+    dk = cupy.asarray(rng.standard_normal(size, dtype=np.float32))
+    dq = cupy.asarray(rng.standard_normal(size, dtype=np.float32))
+    dst = cupy.empty_like(dk)
+    cases = [Case("refmoco cupy, flat buffer",
+                  lambda: refmoco.momentum_update(dk, dq, m, backend="cupy"), sync),
+             Case("device-to-device copy (cupy)", lambda: dst.__setitem__(Ellipsis, dq), sync)]
+    reference, torch = "torch._foreach_lerp_ (CUDA)", _torch_cuda()
+    if torch is not None:
+        sizes = [int(np.prod(s)) for s in resnet18_shapes()]
+        tk = list(torch.from_numpy(cupy.asnumpy(dk)).cuda().split(sizes))
+        tq = list(torch.from_numpy(cupy.asnumpy(dq)).cuda().split(sizes))
+        cases.append(Case(reference, lambda: torch._foreach_lerp_(tk, tq, 1.0 - m), sync))
+    group = Group(f"GPU: momentum update, {size / 1e6:.1f}M float32 parameters", cases, reference)
+    group.bandwidth = {"refmoco cupy, flat buffer": 12 * size,  # read two buffers, write one
+                       "device-to-device copy (cupy)": 8 * size}  # read one, write one
+    return group
+
+
+def gpu_training_step_group(cupy, name, encoder, shape, n=256, k_size=4096) -> Group:
+    import numpy as np
+
+    from .dictionary import Queue
+    from .mechanisms import MoCo
+    from .optim import SGD
+
+    t, m, lr, sync = 0.1, 0.99, 0.03, _gpu_sync(cupy)
+    rng = np.random.default_rng(0)
+    xq, xk = rng.random((n, *shape), dtype=np.float32), rng.random((n, *shape), dtype=np.float32)
+    xq_d, xk_d, ids = cupy.asarray(xq), cupy.asarray(xk), np.arange(n)
+    cases, notes = [], []
+    try:
+        params, buffers = encoder.init(np.random.default_rng(0), "float32", backend="cupy")
+        moco = MoCo(encoder, params, buffers, SGD(lr, momentum=0.9, weight_decay=5e-4,
+                                                  backend="cupy"),
+                    queue=Queue(k_size, 128, seed=0, backend="cupy"), momentum=m,
+                    temperature=t, bn_groups=1, backend="cupy")
+        moco.step(xq_d, xk_d, ids, lr)
+        cases.append(Case("refmoco cupy", lambda: moco.step(xq_d, xk_d, ids, lr), sync))
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        notes.append(f"refmoco cupy: {exc}")
+    reference, torch = "PyTorch CUDA (MoCo's builder.py)", _torch_cuda()
+    if torch is not None:
+        cases.append(Case(reference, _torch_moco_step(torch, encoder, xq, xk, k_size, t, m, lr,
+                                                      "cuda"), sync))
+    return Group(f"GPU: MoCo training step: {name}, batch {n}, K={k_size}, float32", cases,
+                 reference, notes)
 
 
 # -- running and reporting ----------------------------------------------------------------------
@@ -370,7 +500,9 @@ def report(groups: list, repeats: int) -> str:
             t = statistics.median(c.times)
             unit, scale = ("ms", 1e3) if t >= 1e-3 else ("us", 1e6)
             ratio = f"{t / ref_t:10.2f}x" if ref_t else f"{'-':>11s}"
-            out.append(f"  {c.label:38s} {t * scale:7.2f} {unit} {ratio}")
+            moved = g.bandwidth.get(c.label)
+            rate = f"  {moved / t / 1e9:6.1f} GB/s" if moved else ""
+            out.append(f"  {c.label:38s} {t * scale:7.2f} {unit} {ratio}{rate}")
         out += [f"  ({n})" for n in g.notes]
     out.append(f"\nmedians of {repeats} interleaved rounds; ratio = time / PyTorch's time")
     return "\n".join(out)
@@ -387,6 +519,7 @@ def run(args) -> int:
     groups += [momentum_group()] if "momentum" in only else []
     groups += [enqueue_group()] if "enqueue" in only else []
     groups += training_step_groups(args.quick) if "step" in only else []
+    groups += gpu_groups(args.quick) if "gpu" in only else []
     cases = [c for g in groups for c in g.cases]
     for c in cases:  # warm-up: compiles Numba kernels, starts thread pools, fills caches
         c.run()
