@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks of refmoco as one script, for a machine with an NVIDIA GPU, CuPy, numba-cuda and
+# PyTorch (CUDA): the tests marked `gpu` (REFMOCO_REQUIRE_GPU=1 makes a skip a failure), then
+# `refmoco bench --only gpu` (refmoco cupy against PyTorch CUDA on the same GPU).
+# Run from the repository root: bash scripts/gpu_check.sh [OUTDIR]   (logs go to OUTDIR)
+set -u -o pipefail
+out=${1:-${OUT:-.}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 REFMOCO_REQUIRE_GPU=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/gpu_env.txt"
+python3 - <<'PY' 2>&1 | tee -a "$out/gpu_env.txt"
+import importlib
+for name in ("numpy", "cupy", "numba", "numba_cuda", "torch", "hypothesis", "pytest"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:  # noqa: BLE001 - report whatever is missing
+        print(name, "unavailable:", exc)
+PY
+status=0
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu_tests.txt" \
+    || status=1
+timeout 240 python3 -m refmoco.bench --only gpu --repeats 5 --inherit-env 2>&1 \
+    | tee "$out/gpu_bench.txt" || status=1
+exit $status
