@@ -349,3 +349,90 @@ def test_torch_cross_entropy_agrees(logits):
     out = refmoco.softmax_cross_entropy(t, torch.tensor(labels))  # tensors go in via DLPack
     assert_close(out.loss, np.float64(loss.item()), rtol=1e-12, atol=1e-15)
     assert_close(out.grads["logits"], t.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+# -- the shared queue in blocks (online log-sum-exp) -------------------------------------------
+
+info_nce_module = refmoco.losses.info_nce  # the module (its block size, forward and backward)
+
+
+def _queue_blocks_vs_references(q, k, queue, t, block_rows):
+    """Blockwise forward/backward against the loop reference (per-query losses) and against
+    the per-query mode on the tiled queue (gradients: the unblocked softmax code path)."""
+    n = len(q)
+    losses, cache = info_nce_module.info_nce_forward(q, k, queue, t, np, block_rows=block_rows)
+    expected = [naive.info_nce(q[i : i + 1], k[i : i + 1], queue, t, "sum") for i in range(n)]
+    scale = logit_scale(q, k, temperature=t)
+    assert_close(losses, np.array(expected), rtol=1e-12, atol=1e-13 * scale)
+    dlosses = np.linspace(0.5, 1.5, n)  # not all equal: each row's scale must reach its row
+    grads = info_nce_module.info_nce_backward(dlosses, cache, ("q", "k", "negatives"), np)
+    tiled = np.broadcast_to(queue, (n,) + queue.shape).copy()
+    _, ref_cache = info_nce_module.info_nce_forward(q, k, tiled, t, np)
+    ref = info_nce_module.info_nce_backward(dlosses, ref_cache, ("q", "k", "negatives"), np)
+    tol = 1e-14 * scale * n
+    assert_close(grads["q"], ref["q"], atol=tol)
+    assert_close(grads["k"], ref["k"], atol=tol)
+    assert_close(grads["negatives"], ref["negatives"].sum(axis=0), atol=tol)
+
+
+@given(info_nce_inputs(mode="queue", unit=False), st.integers(1, 4))
+def test_queue_in_small_blocks_matches_loop_reference(inputs, block_rows):
+    q, k, negatives, t = inputs  # K in [1, 7]: several blocks, usually a ragged last one
+    _queue_blocks_vs_references(q, k, negatives, t, block_rows)
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 3, 7, 100])
+def test_queue_blocks_with_a_maximum_that_moves_between_blocks(block_rows, rng):
+    # Query 0's logits grow along the queue, by more than exp overflows in float64 at T = 0.01
+    # (a new maximum in every block, far above the positive: the rescaling factors
+    # exp(m_old - m_new) underflow to 0); query 1's fall (the first block holds the maximum);
+    # query 2's maximum is its positive.
+    c, num = 4, 7  # 7 keys: blocks of 2 or 3 leave a ragged last block
+    ramp = np.linspace(0.0, 10.0, num)
+    queue = np.zeros((num, c))
+    queue[:, 0], queue[:, 1], queue[:, 2] = ramp, ramp[::-1], -1.0
+    queue += 0.01 * rng.normal(size=queue.shape)
+    q = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, -0.5, 0]]) + 0.01 * rng.normal(size=(3, c))
+    k = np.array([[-1.0, 0, 0, 0], [0, 0, 0, 1.0], [0, 0, -1.0, 0]])
+    for t in (0.01, 0.5):
+        _queue_blocks_vs_references(q, k, queue, t, block_rows)
+
+
+def test_queue_blocks_through_the_public_function(monkeypatch, rng):
+    q, k = unit_rows(rng.normal(size=(3, 4))), unit_rows(rng.normal(size=(3, 4)))
+    queue = unit_rows(rng.normal(size=(11, 4)))
+    whole = refmoco.info_nce_loss(q, k, queue, temperature=0.2)
+    monkeypatch.setattr(info_nce_module, "QUEUE_BLOCK_BYTES", 4 * 3 * 8)  # 4 keys per block
+    blocks = refmoco.info_nce_loss(q, k, queue, temperature=0.2)
+    assert_close(blocks.loss, np.float64(naive.info_nce(q, k, queue, 0.2)), rtol=1e-12)
+    for name in ("q", "k", "negatives"):
+        assert_close(blocks.grads[name], whole.grads[name], rtol=1e-13)
+    check_grad(refmoco.info_nce_loss, {"q": q, "k": k, "negatives": queue, "temperature": 0.2},
+               mode="elementwise", **FD)
+    only_q = refmoco.info_nce_loss(q, k, queue, temperature=0.2, wrt=("q",))
+    np.testing.assert_array_equal(only_q.grads["q"], blocks.grads["q"])
+
+
+def test_queue_blocks_in_float32_stay_float32_and_finite(monkeypatch, rng):
+    monkeypatch.setattr(info_nce_module, "QUEUE_BLOCK_BYTES", 5 * 8 * 4)  # 5 keys per block
+    q = (rng.normal(size=(8, 16)) * 1e3).astype(np.float32)
+    k = (rng.normal(size=(8, 16)) * 1e3).astype(np.float32)
+    queue = (rng.normal(size=(32, 16)) * 1e3).astype(np.float32)
+    out = refmoco.info_nce_loss(q, k, queue, temperature=0.01)
+    assert out.loss.dtype == np.float32 and np.isfinite(out.loss)
+    assert all(g.dtype == np.float32 and np.isfinite(g).all() for g in out.grads.values())
+    expected = refmoco.info_nce_loss(q.astype(np.float64), k.astype(np.float64),
+                                     queue.astype(np.float64), temperature=0.01)
+    assert_close(out.loss, expected.loss.astype(np.float32), rtol=1e-5)
+    losses, cache = info_nce_module.info_nce_forward(q, k, queue, 0.01, np)
+    assert {a.dtype for a in (losses, *cache.queue)} == {np.dtype(np.float32)}
+
+
+def test_queue_forward_without_q_keeps_no_gradient_state(rng):
+    q, k, queue = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    losses, cache = info_nce_module.info_nce_forward(q, k, queue, 0.2, np, wrt=("k",))
+    assert cache.queue.mean_neg is None
+    full, _ = info_nce_module.info_nce_forward(q, k, queue, 0.2, np)
+    np.testing.assert_array_equal(losses, full)
+    with pytest.raises(ValueError, match="'q'"):
+        info_nce_module.info_nce_backward(np.ones(3), cache, ("q",), np)
