@@ -4,6 +4,10 @@ Like :class:`refmoco.optim.SGD`, :class:`Adam` works on whole flat arrays (such 
 ``FlatParams.flat``): one vectorised pass per step updates every parameter in place, and the state
 is two (three with AMSGrad) flat buffers of the same size plus a step counter.
 
+NumPy or CuPy arrays (parameters on the GPU) alike: the update is one reference code run by the
+arrays' module, the moment buffers live with the parameters, ``state_dict()`` returns host
+copies, and a loaded state follows the parameters to their device at the next step.
+
 References
 ----------
 - Kingma, Ba. Adam: A Method for Stochastic Optimization. arXiv:1412.6980.
@@ -17,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from refmoco.optim import _hyper, _step_arguments
+from refmoco.backend import namespace_of
+from refmoco.optim import _host_copy, _hyper, _state_to, _step_arguments
 
 _BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -125,9 +130,12 @@ class Adam:
             Non-float arrays or mismatched dtypes.
         """
         p, g, lr = _step_arguments(params, grads, self.lr if lr is None else lr)
+        xp = namespace_of(p)
+        for k in _BUFFERS:  # a loaded state follows the parameters to their device
+            setattr(self, k, _state_to(getattr(self, k), p))
         if self.exp_avg is None:
-            self.exp_avg, self.exp_avg_sq = np.zeros_like(p), np.zeros_like(p)
-            self.max_exp_avg_sq = np.zeros_like(p) if self.amsgrad else None
+            self.exp_avg, self.exp_avg_sq = xp.zeros_like(p), xp.zeros_like(p)
+            self.max_exp_avg_sq = xp.zeros_like(p) if self.amsgrad else None
         elif self.exp_avg.shape != p.shape or self.exp_avg.dtype != p.dtype:
             raise ValueError(
                 f"params: shape {p.shape} {p.dtype} does not match the optimizer state "
@@ -142,14 +150,14 @@ class Adam:
         v *= b2
         v += (1 - b2) * d * d  # v_t = b2 v + (1 - b2) d^2
         if self.amsgrad:
-            np.maximum(self.max_exp_avg_sq, v, out=self.max_exp_avg_sq)  # v-hat_t
+            xp.maximum(self.max_exp_avg_sq, v, out=self.max_exp_avg_sq)  # v-hat_t
             v = self.max_exp_avg_sq
         step_size = lr / (1 - b1**t)  # eta / (1 - b1^t)
-        denom = np.sqrt(v) / math.sqrt(1 - b2**t) + self.eps  # sqrt(v-hat / (1 - b2^t)) + eps
+        denom = xp.sqrt(v) / math.sqrt(1 - b2**t) + self.eps  # sqrt(v-hat / (1 - b2^t)) + eps
         p -= step_size * (m / denom)
 
     def state_dict(self) -> dict[str, Any]:
-        """Hyper-parameters, step count and copies of the moment buffers."""
+        """Hyper-parameters, step count and host (NumPy) copies of the moment buffers."""
         state: dict[str, Any] = {
             "lr": self.lr,
             "betas": self.betas,
@@ -160,7 +168,7 @@ class Adam:
         }
         for k in _BUFFERS:
             buf = getattr(self, k)
-            state[k] = None if buf is None else buf.copy()
+            state[k] = None if buf is None else _host_copy(buf)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -183,7 +191,7 @@ class Adam:
         step_count = state["step_count"]
         if isinstance(step_count, bool) or int(step_count) != step_count or step_count < 0:
             raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
-        bufs = {k: None if state[k] is None else np.array(state[k], copy=True) for k in _BUFFERS}
+        bufs = {k: None if state[k] is None else _host_copy(state[k]) for k in _BUFFERS}
         wanted = list(_BUFFERS if fresh.amsgrad else _BUFFERS[:2]) if step_count else []
         for k, buf in bufs.items():
             if (buf is None) == (k in wanted):

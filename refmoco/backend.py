@@ -186,3 +186,63 @@ def to_numpy(x: Any) -> np.ndarray:
 def array_module(name: str) -> ModuleType:
     """The array module of a backend name (used by stateful objects such as ``Queue``)."""
     return _cupy() if name == "cupy" else np
+
+
+# -- where an array lives: used by the stateful training code (refmoco.nn, optimizers, mechanisms)
+
+
+def namespace_of(*arrays: Any) -> ModuleType:
+    """The array module that computes on ``arrays``: CuPy for CuPy arrays, NumPy otherwise.
+
+    Entries that are neither NumPy nor CuPy arrays (``None``, Python scalars) are ignored. NumPy
+    and CuPy arrays together are a ``TypeError``: nothing is copied between host and device
+    behind the caller's back.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> namespace_of(np.ones(2), None, 1.5) is np
+    True
+    """
+    gpu = host = False
+    for a in arrays:
+        if is_cupy_array(a):
+            gpu = True
+        elif isinstance(a, np.ndarray):
+            host = True
+    if gpu and host:
+        raise TypeError("mixed NumPy and CuPy arrays: move them to one device first")
+    return sys.modules["cupy"] if gpu else np
+
+
+def backend_of(x: Any) -> str:
+    """``"cupy"`` for a CuPy array, ``"numpy"`` for anything else (a host array)."""
+    return "cupy" if is_cupy_array(x) else "numpy"
+
+
+def check_device(x: Any, name: str, xp: ModuleType) -> None:
+    """Raise a ``TypeError`` naming ``name`` unless ``x`` lives where ``xp`` computes.
+
+    ``xp`` is NumPy (``x`` must be a host array) or CuPy (``x`` must be a CuPy array).
+    """
+    want_gpu = xp is not np
+    if is_cupy_array(x) != want_gpu:
+        got = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+        if want_gpu:
+            raise TypeError(f"{name}: expected a CuPy array (the model lives on the GPU), got "
+                            f"{got}: move it with cupy.asarray(...)")
+        raise TypeError(f"{name}: expected a NumPy array (the model lives on the host), got "
+                        f"{got}: move it with refmoco.backend.to_numpy(...)")
+
+
+def to_backend(x: Any, backend: str) -> Any:
+    """``x`` where ``backend`` computes: a CuPy array for ``"cupy"``, a NumPy array otherwise.
+
+    The explicit transfer (a data loader's host-to-device copy, a checkpoint's load): a copy
+    only when the array moves; an array already there is returned as it is.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy":
+        return _cupy().asarray(as_array(x, "x"))
+    return to_numpy(x)

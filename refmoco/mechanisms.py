@@ -11,6 +11,13 @@ of the key encoder *before* the keys are computed, the keys under shuffle BN and
 gradient; the logits against the dictionary *before* the current keys are enqueued; the loss and
 its gradient; the backward through the encoder; one SGD step. Every mechanism keeps its whole
 state as arrays (``state_dict``) so a run can be saved and resumed bit for bit.
+
+On the GPU (``backend="cupy"``) the parameters, buffers, queue or bank and every intermediate are
+CuPy arrays and the step is the same code with ``xp = cupy``: the views ``x_q``, ``x_k`` must be
+CuPy arrays (a data loader's ``cupy.asarray``), the random draws (shuffle BN's permutation, the
+memory bank's negatives) still come from host NumPy generators and their index arrays are copied
+to the device, and the statistics come back as Python floats. ``state_dict`` is host NumPy arrays
+wherever the run lives, and ``load_state_dict`` puts them back where this mechanism lives.
 """
 
 from __future__ import annotations
@@ -19,9 +26,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .backend import (
+    BACKENDS,
+    as_array,
+    backend_of,
+    check_device,
+    namespace_of,
+    to_backend,
+    to_numpy,
+)
 from .dictionary import MemoryBank, Queue, rng_from_array, rng_to_array
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
+from .nn.params import host_copy
 from .optim import SGD
 
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
@@ -46,18 +63,21 @@ class Branch(NamedTuple):
 
 
 def encode(encoder, params, buffers, x, *, train: bool, groups=None,
-           backend: str = "numpy") -> Branch:
+           backend: str | None = None) -> Branch:
     """``normalize(encoder(x))``, with batch norm computed separately in each group of rows.
 
     ``groups`` (a list of index arrays partitioning the batch) emulates the per-GPU batch norm of
-    MoCo's multi-GPU training on one process; ``None`` is one group, the whole batch.
+    MoCo's multi-GPU training on one process; ``None`` is one group, the whole batch. Host index
+    arrays are copied to the device of ``x`` (nothing happens on the host).
     """
+    xp = namespace_of(x)
     groups = [np.arange(len(x))] if groups is None else groups
+    groups = [xp.asarray(rows) for rows in groups]
     out, caches = None, []
     for rows in groups:
         z, cache = encoder.forward(params, buffers, x[rows], train=train, backend=backend)
         if out is None:
-            out = np.empty((len(x), z.shape[1]), dtype=z.dtype)
+            out = xp.empty((len(x), z.shape[1]), dtype=z.dtype)
         out[rows] = z
         caches.append(cache)
     z, backward = l2_normalize(out, axis=1)
@@ -78,34 +98,48 @@ def split_groups(n: int, num_groups: int) -> list:
 
 
 class Mechanism:
-    """What every mechanism shares: the query encoder, its gradients and its optimizer."""
+    """What every mechanism shares: the query encoder, its gradients and its optimizer.
+
+    ``backend``: ``None`` follows the parameters (``"cupy"`` for a FlatParams on the GPU, else
+    ``"numpy"``); ``"numba"`` runs the loss, EMA, SGD step, convolutions and batch norms as Numba
+    kernels on the host; ``"cupy"`` needs the parameters, buffers and dictionary on the GPU.
+    """
 
     name = ""
 
     def __init__(self, encoder, params, buffers, optimizer: SGD, *, temperature: float,
-                 backend: str = "numpy"):
-        self.backend = backend  # "numba": loss, EMA, SGD step, convolutions and BN as Numba kernels
+                 backend: str | None = None):
+        self.backend = _check_placement(params, buffers, backend)
+        self.xp = params.xp
         self.encoder = encoder
         self.params = params  # FlatParams
         self.buffers = buffers  # dict of BN running statistics
-        self.grads = params.zeros_like()
+        self.grads = params.zeros_like()  # on the parameters' device
         self.optimizer = optimizer
         self.temperature = float(temperature)
+
+    def _views(self, x_q, x_k):
+        """The two views as arrays on this mechanism's device (else a TypeError naming them)."""
+        x_q, x_k = as_array(x_q, "x_q"), as_array(x_k, "x_k")
+        check_device(x_q, "x_q", self.xp)
+        check_device(x_k, "x_k", self.xp)
+        return x_q, x_k
 
     def _update(self, lr: float) -> None:
         self.optimizer.step(self.params.flat, self.grads.flat, lr=lr)
 
     def state_dict(self) -> dict:
-        state = {f"params/{k}": v.copy() for k, v in self.params.items()}
-        state.update({f"buffers/{k}": np.array(v) for k, v in self.buffers.items()})
+        """Every array of the run as host NumPy arrays (what a checkpoint stores)."""
+        state = {f"params/{k}": v for k, v in self.params.state_dict().items()}
+        state.update({f"buffers/{k}": host_copy(v) for k, v in self.buffers.items()})
         state.update({f"optimizer/{k}": np.array(v)
                       for k, v in self.optimizer.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s arrays (host or device) into this mechanism's device."""
         self.params.load_state_dict(_section(state, "params"))
-        for k, v in _section(state, "buffers").items():
-            self.buffers[k][...] = v
+        _load_buffers(self.buffers, _section(state, "buffers"))
         self.optimizer.load_state_dict(_section(state, "optimizer"))
 
     def check_state(self, state: dict) -> None:
@@ -116,9 +150,38 @@ class Mechanism:
                 raise ValueError(f"checkpoint: its {prefix} do not match this model "
                                  f"(different encoder or options?)")
             for k, v in got.items():
-                if np.shape(v) != np.shape(expected[k]):
+                if np.shape(v) != tuple(expected[k].shape):
                     raise ValueError(f"checkpoint: {prefix}/{k} has shape {np.shape(v)}, "
-                                     f"expected {np.shape(expected[k])}")
+                                     f"expected {tuple(expected[k].shape)}")
+
+
+def _check_placement(params, buffers, backend) -> str:
+    """The mechanism's backend, checked against where the parameters and buffers live."""
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy', got {backend!r}")
+    gpu = params.backend == "cupy"
+    if backend is None:
+        backend = "cupy" if gpu else "numpy"
+    elif (backend == "cupy") != gpu:
+        where = "CuPy arrays (on the GPU)" if gpu else "NumPy arrays (on the host)"
+        raise ValueError(f"backend: {backend!r} does not fit the parameters, which are {where}: "
+                         f"create them with model.init(..., backend={backend!r})")
+    for k, v in buffers.items():
+        check_device(v, f"buffers[{k!r}]", params.xp)
+    return backend
+
+
+def _check_store(store, name: str, backend: str) -> None:
+    """A queue or bank must live where the mechanism computes (``"numba"`` counts as host)."""
+    if (store.backend == "cupy") != (backend == "cupy"):
+        raise TypeError(f"{name}: it lives on backend={store.backend!r}, the mechanism on "
+                        f"backend={backend!r}: create it with backend={backend!r}")
+
+
+def _load_buffers(buffers: dict, saved: dict) -> None:
+    """Copy saved buffers (host arrays) into ``buffers``, wherever those live."""
+    for k, v in saved.items():
+        buffers[k][...] = to_backend(v, backend_of(buffers[k]))
 
 
 def _section(state: dict, prefix: str) -> dict:
@@ -132,17 +195,20 @@ class MoCo(Mechanism):
     name = "moco"
 
     def __init__(self, encoder, params, buffers, optimizer, *, queue: Queue, momentum: float,
-                 temperature: float, bn_groups: int = 1, seed: int = 0, backend="numpy"):
+                 temperature: float, bn_groups: int = 1, seed: int = 0, backend=None):
         super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
                          backend=backend)
+        _check_store(queue, "queue", self.backend)
         self.queue = queue
         self.momentum = float(momentum)
         self.bn_groups = int(bn_groups)
         self.key_params = params.copy()  # the key encoder starts as a copy (MoCo: θk ← θq)
-        self.key_buffers = {k: np.array(v) for k, v in buffers.items()}
-        self.rng = np.random.default_rng(seed)  # the shuffle of shuffle BN
+        self.key_buffers = {k: v.copy() for k, v in buffers.items()}
+        self.rng = np.random.default_rng(seed)  # the shuffle of shuffle BN (host, every backend)
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
+        xp = self.xp
+        x_q, x_k = self._views(x_q, x_k)
         n = len(x_q)
         groups = split_groups(n, self.bn_groups)
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, groups=groups,
@@ -150,18 +216,18 @@ class MoCo(Mechanism):
         # the key encoder: EMA first, then the keys of the shuffled batch, unshuffled
         momentum_update(self.key_params.flat, self.params.flat, self.momentum,
                         backend=self.backend)
-        perm = self.rng.permutation(n)
+        perm = xp.asarray(self.rng.permutation(n))  # drawn on the host, used where x_k lives
         k_shuffled = encode(self.encoder, self.key_params, self.key_buffers, x_k[perm],
                             train=True, groups=groups, backend=self.backend).z
-        k = np.empty_like(k_shuffled)
+        k = xp.empty_like(k_shuffled)
         k[perm] = k_shuffled  # unshuffle: row i is again the key of sample i
         # logits against the queue as it was before this batch (no gradient into k or queue)
         negatives = self.queue.keys
-        own = float(np.mean(self.queue.ids[None, :] == np.asarray(ids)[:, None]))
+        own = float(np.mean(self.queue.ids[None, :] == to_numpy(ids)[:, None]))  # host ids
         out = info_nce_loss(q.z, k, negatives, temperature=self.temperature, wrt=("q",),
                             backend=self.backend)
-        stats = StepStats(float(out.loss), float(np.mean(np.sum(q.z * k, axis=1))),
-                          float(np.mean(q.z @ negatives.mean(axis=0))), own)
+        stats = StepStats(float(out.loss), float((q.z * k).sum(axis=1).mean()),
+                          float((q.z @ negatives.mean(axis=0)).mean()), own)
         self.queue.enqueue(k, ids=ids)
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
@@ -169,8 +235,8 @@ class MoCo(Mechanism):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update({f"key_params/{k}": v.copy() for k, v in self.key_params.items()})
-        state.update({f"key_buffers/{k}": np.array(v) for k, v in self.key_buffers.items()})
+        state.update({f"key_params/{k}": v for k, v in self.key_params.state_dict().items()})
+        state.update({f"key_buffers/{k}": host_copy(v) for k, v in self.key_buffers.items()})
         state.update({f"queue/{k}": v for k, v in self.queue.state_dict().items()})
         state["moco/rng_state"] = rng_to_array(self.rng)
         return state
@@ -179,8 +245,7 @@ class MoCo(Mechanism):
         self.queue.load_state_dict(_section(state, "queue"))
         super().load_state_dict(state)
         self.key_params.load_state_dict(_section(state, "key_params"))
-        for k, v in _section(state, "key_buffers").items():
-            self.key_buffers[k][...] = v
+        _load_buffers(self.key_buffers, _section(state, "key_buffers"))
         self.rng = rng_from_array(state["moco/rng_state"])
 
 
@@ -190,13 +255,14 @@ class EndToEnd(Mechanism):
     name = "end-to-end"
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
+        x_q, x_k = self._views(x_q, x_k)
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
         k = encode(self.encoder, self.params, self.buffers, x_k, train=True, backend=self.backend)
         out = info_nce_loss(q.z, k.z, None, temperature=self.temperature, backend=self.backend)
         sims = q.z @ k.z.T  # (N, N)
         n = len(x_q)
-        neg = float((sims.sum() - np.trace(sims)) / max(n * (n - 1), 1))
-        stats = StepStats(float(out.loss), float(np.mean(np.diag(sims))), neg, 0.0)
+        neg = float((sims.sum() - sims.trace()) / max(n * (n - 1), 1))
+        stats = StepStats(float(out.loss), float(sims.diagonal().mean()), neg, 0.0)
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         backprop(self.encoder, self.params, k, out.grads["k"], self.grads, accumulate=True)
         self._update(lr)
@@ -210,22 +276,25 @@ class MemoryBankMechanism(Mechanism):
     name = "memory-bank"
 
     def __init__(self, encoder, params, buffers, optimizer, *, bank: MemoryBank,
-                 num_negatives: int, temperature: float, backend="numpy"):
+                 num_negatives: int, temperature: float, backend=None):
         super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
                          backend=backend)
+        _check_store(bank, "bank", self.backend)
         self.bank = bank
         self.num_negatives = int(num_negatives)
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
-        ids = np.asarray(ids)
+        xp = self.xp
+        x_q, x_k = self._views(x_q, x_k)
+        ids = to_numpy(ids)  # host: the bank samples and checks them there
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
         negative_rows = self.bank.sample(ids, self.num_negatives)  # (N, M) from the bank's rng
-        positives = self.bank.bank[ids]  # (N, C)
-        negatives = self.bank.bank[negative_rows]  # (N, M, C)
+        positives = self.bank.bank[xp.asarray(ids)]  # (N, C)
+        negatives = self.bank.bank[xp.asarray(negative_rows)]  # (N, M, C)
         out = info_nce_loss(q.z, positives, negatives, temperature=self.temperature, wrt=("q",),
                             backend=self.backend)
-        stats = StepStats(float(out.loss), float(np.mean(np.sum(q.z * positives, axis=1))),
-                          float(np.mean(np.einsum("nc,nmc->nm", q.z, negatives))), 0.0)
+        stats = StepStats(float(out.loss), float((q.z * positives).sum(axis=1).mean()),
+                          float(xp.einsum("nc,nmc->nm", q.z, negatives).mean()), 0.0)
         self.bank.update(ids, q.z)
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)

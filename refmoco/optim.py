@@ -4,6 +4,12 @@ r"""Stochastic gradient descent on flat parameter buffers, and MoCo v2's cosine 
 ``FlatParams.flat`` (:mod:`refmoco.nn.params`): one vectorised pass per step updates every
 parameter of a model in place, and the optimizer's state is one flat momentum buffer of the same
 size plus a step counter.
+
+The arrays may be NumPy or CuPy arrays (parameters on the GPU): the update is the same reference
+code, run by the arrays' module, and the momentum buffer lives with the parameters.
+``state_dict()`` returns it as a host copy (what a checkpoint stores); after ``load_state_dict``
+it follows the parameters to their device at the next step, as ``torch.optim`` moves a loaded
+state to its parameters' device.
 """
 
 from __future__ import annotations
@@ -13,17 +19,31 @@ from typing import Any
 
 import numpy as np
 
-from .backend import resolve
+from .backend import backend_of, is_cupy_array, resolve, to_backend, to_numpy
+
+OPTIMIZER_BACKENDS = (None, "numpy", "numba", "cupy")
 
 
-def _flat(a: Any, name: str) -> np.ndarray:
-    """The flat NumPy array behind ``a`` (a ``FlatParams`` gives its ``.flat``)."""
-    a = getattr(a, "flat", a) if not isinstance(a, np.ndarray) else a
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: expected a NumPy array or a FlatParams, got {type(a).__name__}")
+def _is_array(a: Any) -> bool:
+    return isinstance(a, np.ndarray) or is_cupy_array(a)
+
+
+def _flat(a: Any, name: str) -> Any:
+    """The flat NumPy or CuPy array behind ``a`` (a ``FlatParams`` gives its ``.flat``)."""
+    a = a if _is_array(a) else getattr(a, "flat", a)
+    if not _is_array(a):
+        raise TypeError(f"{name}: expected a NumPy or CuPy array or a FlatParams, got "
+                        f"{type(a).__name__}")
     if a.dtype.kind != "f":
         raise TypeError(f"{name}: expected a floating-point array, got dtype {a.dtype}")
     return a
+
+
+def _state_to(buf: Any, p: Any) -> Any:
+    """An optimizer state buffer moved to where the parameters ``p`` live (loaded state)."""
+    if buf is None or is_cupy_array(buf) == is_cupy_array(p):
+        return buf
+    return to_backend(buf, backend_of(p))
 
 
 def _hyper(value: Any, name: str, *, upper: float | None = None) -> float:
@@ -38,9 +58,14 @@ def _hyper(value: Any, name: str, *, upper: float | None = None) -> float:
     return v
 
 
-def _step_arguments(params: Any, grads: Any, lr: Any) -> tuple[np.ndarray, np.ndarray, float]:
-    """The flat arrays and learning rate of one optimizer step, checked: same shape and dtype."""
+def _step_arguments(params: Any, grads: Any, lr: Any) -> tuple[Any, Any, float]:
+    """The flat arrays and learning rate of one optimizer step, checked: same shape, dtype and
+    device (both NumPy or both CuPy arrays)."""
     p, g = _flat(params, "params"), _flat(grads, "grads")
+    if is_cupy_array(p) != is_cupy_array(g):
+        where = "CuPy (GPU)" if is_cupy_array(p) else "NumPy (host)"
+        raise TypeError(f"grads: expected a {where} array like params, got "
+                        f"{type(g).__module__.split('.')[0]}.{type(g).__name__}")
     if p.shape != g.shape:
         raise ValueError(f"grads: expected shape {p.shape} (as params), got {g.shape}")
     if p.dtype != g.dtype:
@@ -63,13 +88,19 @@ class SGD:
         In [0, 1].
     nesterov : bool
         Requires ``momentum > 0`` and ``dampening == 0`` (as PyTorch).
+    backend : {None, "numpy", "numba", "cupy"}
+        ``None``: the arrays' own (``"cupy"`` for CuPy arrays, else ``"numpy"``). ``"numba"``
+        fuses the step into one Numba kernel pass over NumPy arrays; ``"cupy"`` runs the
+        reference update on CuPy arrays. A named backend must fit the arrays of every step
+        (else a ``TypeError``).
 
     Attributes
     ----------
     step_count : int
         Steps taken.
     momentum_buffer : ndarray of shape (P,) or None
-        One entry per parameter; ``None`` until the first step with ``momentum > 0``.
+        One entry per parameter, where the parameters live; ``None`` until the first step with
+        ``momentum > 0``.
 
     Notes
     -----
@@ -103,10 +134,11 @@ class SGD:
         dampening: float = 0.0,
         nesterov: bool = False,
         *,
-        backend: str = "numpy",
+        backend: str | None = None,
     ):
-        if backend not in ("numpy", "numba"):
-            raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r}")
+        if backend not in OPTIMIZER_BACKENDS:
+            raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy', got "
+                             f"{backend!r}")
         self.backend = backend
         self.lr = _hyper(lr, "lr")
         self.momentum = _hyper(momentum, "momentum")
@@ -130,9 +162,9 @@ class SGD:
         Parameters
         ----------
         params : ndarray of shape (P,) or FlatParams
-            Updated in place (any shape works; a FlatParams' ``.flat`` is used).
+            Updated in place (any shape works; a FlatParams' ``.flat`` is used). NumPy or CuPy.
         grads : ndarray of shape (P,) or FlatParams
-            Same shape and dtype as ``params``; not modified.
+            Same shape, dtype and device as ``params``; not modified.
         lr : float, optional
             This step's learning rate instead of ``self.lr`` (which is left as it is).
 
@@ -141,10 +173,15 @@ class SGD:
         ValueError
             Mismatched shapes, a momentum buffer of another size, or a bad ``lr``.
         TypeError
-            Non-float arrays or mismatched dtypes.
+            Non-float arrays, mismatched dtypes, NumPy and CuPy arrays together, or arrays that
+            do not fit ``backend``.
         """
         p, g, lr = _step_arguments(params, grads, self.lr if lr is None else lr)
-        buf = self.momentum_buffer
+        if self.backend is not None and (self.backend == "cupy") != is_cupy_array(p):
+            want = "CuPy" if self.backend == "cupy" else "NumPy"
+            raise TypeError(f"params: SGD(backend={self.backend!r}) updates {want} arrays, got "
+                            f"{type(p).__module__.split('.')[0]}.{type(p).__name__}")
+        buf = self.momentum_buffer = _state_to(self.momentum_buffer, p)
         if buf is not None and (buf.shape != p.shape or buf.dtype != p.dtype):
             raise ValueError(
                 f"params: shape {p.shape} {p.dtype} does not match the momentum buffer "
@@ -162,7 +199,7 @@ class SGD:
         d = g + self.weight_decay * p if self.weight_decay else g  # d_t
         if self.momentum:
             if buf is None:
-                buf = self.momentum_buffer = np.array(d, copy=True)  # b_1 = d_1
+                buf = self.momentum_buffer = d.copy()  # b_1 = d_1
             else:
                 buf *= self.momentum
                 buf += (1 - self.dampening) * d  # b_t = mu b_{t-1} + (1 - tau) d_t
@@ -171,7 +208,7 @@ class SGD:
         self.step_count += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """Hyper-parameters, step count and a copy of the momentum buffer."""
+        """Hyper-parameters, step count and a host (NumPy) copy of the momentum buffer."""
         return {
             "lr": self.lr,
             "momentum": self.momentum,
@@ -181,11 +218,15 @@ class SGD:
             "step_count": self.step_count,
             "momentum_buffer": None
             if self.momentum_buffer is None
-            else self.momentum_buffer.copy(),
+            else _host_copy(self.momentum_buffer),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (validated before anything changes)."""
+        """Restore what :meth:`state_dict` returned (validated before anything changes).
+
+        The backend stays this optimizer's own. The momentum buffer is kept as a host copy
+        (on the GPU with ``backend="cupy"``) and follows the parameters at the next step.
+        """
         keys = ("lr", "momentum", "weight_decay", "dampening", "nesterov", "step_count")
         missing = [k for k in (*keys, "momentum_buffer") if k not in state]
         if missing:
@@ -196,20 +237,28 @@ class SGD:
             state["weight_decay"],
             state["dampening"],
             state["nesterov"],
+            backend=self.backend,
         )
         step_count = state["step_count"]
         if isinstance(step_count, bool) or int(step_count) != step_count or step_count < 0:
             raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
         buf = state["momentum_buffer"]
         if buf is not None:
-            buf = np.array(buf, copy=True)
+            buf = _host_copy(buf)
             if buf.ndim != 1 or buf.dtype.kind != "f":
                 raise ValueError(
                     f"momentum_buffer: expected a 1-d float array, got {buf.dtype} {buf.shape}"
                 )
+            if self.backend == "cupy":
+                buf = to_backend(buf, "cupy")
         self.__dict__.update(fresh.__dict__)
         self.step_count = int(step_count)
         self.momentum_buffer = buf
+
+
+def _host_copy(a: Any) -> np.ndarray:
+    """A NumPy copy of an array (a device-to-host copy of a CuPy array)."""
+    return a.get() if is_cupy_array(a) else np.array(to_numpy(a), copy=True)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0) -> float:

@@ -1,5 +1,12 @@
 """The trainer behind ``refmoco train``: data, views, the mechanism's steps, evaluation, and
-checkpoints that resume a run bit for bit."""
+checkpoints that resume a run bit for bit.
+
+With ``backend="cupy"`` the model, optimizer state and queue (or bank) live on the GPU. The data
+pipeline stays on the host: the views are drawn by the NumPy augmentations from the seeded
+generator, exactly as on the other backends, and each batch is copied to the device right before
+its step (as a data loader would). Evaluation copies the features back to the host. Checkpoints
+hold host NumPy arrays only, so a run saved on one backend resumes on any other.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .augment import Augment, two_views
+from .backend import to_backend, to_numpy
 from .data import Dataset, load_dataset
 from .dictionary import MemoryBank, Queue, atomic_savez, rng_from_array, rng_to_array
 from .evaluate import alignment, knn_accuracy, linear_probe_accuracy, pixel_baseline, uniformity
@@ -92,16 +100,16 @@ class Trainer:
         else:
             self.encoder = mlp_encoder(in_features=int(np.prod(self.x_train.shape[1:])),
                                        out_dim=c.out_dim)
-        params, buffers = self.encoder.init(np.random.default_rng(c.seed), c.dtype)
-        if c.backend == "cupy":
-            raise ValueError("backend: training on 'cupy' is not supported yet (the encoders are "
-                             "NumPy only); use 'numpy' or 'numba'")
+        # drawn on the host from the seed (the same weights on every backend), then moved
+        params, buffers = self.encoder.init(np.random.default_rng(c.seed), c.dtype,
+                                            backend=c.backend)
         optimizer = SGD(lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay,
                         backend=c.backend)
         n_train = len(self.x_train)
         self.batch_size = min(c.batch_size, n_train)
         if c.mechanism == "moco":
-            queue = Queue(c.queue_size, c.out_dim, dtype=c.dtype, seed=c.seed)
+            queue = Queue(c.queue_size, c.out_dim, dtype=c.dtype, seed=c.seed,
+                          backend=c.backend)
             self.mechanism = MoCo(self.encoder, params, buffers, optimizer, queue=queue,
                                   momentum=c.momentum, temperature=c.temperature,
                                   bn_groups=c.bn_groups, seed=c.seed, backend=c.backend)
@@ -110,7 +118,7 @@ class Trainer:
                                       temperature=c.temperature, backend=c.backend)
         else:
             bank = MemoryBank(n_train, c.out_dim, momentum=c.bank_momentum, dtype=c.dtype,
-                              seed=c.seed)
+                              seed=c.seed, backend=c.backend)
             self.mechanism = MemoryBankMechanism(self.encoder, params, buffers, optimizer,
                                                  bank=bank, num_negatives=c.queue_size,
                                                  temperature=c.temperature, backend=c.backend)
@@ -124,14 +132,16 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------
     def features(self, x, batch: int = 512):
-        """Eval-mode (z, h): the normalised head output and the backbone features."""
+        """Eval-mode (z, h) on the host: the normalised head output and the backbone features
+        (each chunk of ``x`` goes to the model's device and its features come back)."""
         zs, hs = [], []
         m = self.mechanism
         for i in range(0, len(x), batch):
-            z, h, _ = self.encoder.forward_features(m.params, m.buffers, x[i:i + batch],
+            chunk = to_backend(x[i:i + batch], m.backend)
+            z, h, _ = self.encoder.forward_features(m.params, m.buffers, chunk,
                                                     train=False, backend=m.backend)
-            zs.append(z)
-            hs.append(h)
+            zs.append(to_numpy(z))
+            hs.append(to_numpy(h))
         z, h = np.concatenate(zs), np.concatenate(hs)
         return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), h
 
@@ -163,10 +173,10 @@ class Trainer:
         start = time.perf_counter()
         for s in range(self.steps_per_epoch):
             ids = order[s * self.batch_size:(s + 1) * self.batch_size]
-            x_q, x_k = two_views(self.x_train[ids], self.augment, self.rng)
+            x_q, x_k = two_views(self.x_train[ids], self.augment, self.rng)  # on the host
             step = self.epoch * self.steps_per_epoch + s
             lr = cosine_lr(step, total_steps, c.lr)
-            stats = m.step(x_q, x_k, ids, lr)
+            stats = m.step(to_backend(x_q, m.backend), to_backend(x_k, m.backend), ids, lr)
             if not math.isfinite(stats.loss):
                 raise FloatingPointError(f"the loss became {stats.loss} at step {step}: lower "
                                          f"--lr or raise --temperature")
@@ -236,8 +246,8 @@ class Trainer:
 def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
         dataset: Dataset | None = None) -> dict:
     """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot."""
+    trainer = Trainer(config, dataset)  # first: a missing backend fails before any file is made
     os.makedirs(out, exist_ok=True)
-    trainer = Trainer(config, dataset)
     ckpt = os.path.join(out, CHECKPOINT)
     if resume:
         trainer.load(out)

@@ -8,9 +8,14 @@ float32 out.
 Layouts follow PyTorch: a linear map's weight is (out, in), a convolution takes NCHW input and a
 (out, in, kh, kw) weight, batch norm reduces over every axis but the channel axis 1.
 
-The convolution and batch norm take ``backend="numba"``: the same op with its strided copies and
-reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`). Their caches record the backend, so
-the backward runs where its forward ran.
+Every op runs on NumPy or CuPy arrays: the array module ``xp`` comes from the arrays
+(:func:`refmoco.backend.namespace_of`), so on the GPU the same reference code runs as cuBLAS
+matrix products and CuPy elementwise kernels, and every result stays on the device.
+
+The convolution and batch norm take ``backend=``: ``None`` (the arrays' module), ``"numpy"``,
+``"cupy"`` (both the reference code; the name is checked against the arrays) or ``"numba"``: the
+same op with its strided copies and reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`).
+Their caches record the backend, so the backward runs where its forward ran.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from refmoco.backend import is_cupy_array, namespace_of
 
 # ------------------------------------------------------------------------------------ linear
 
@@ -74,13 +81,48 @@ class Conv2dCache(NamedTuple):
     backend: str = "numpy"  # where the forward ran; the backward runs there too
 
 
-def _check_backend(backend):
-    if backend not in ("numpy", "numba"):
-        raise ValueError(f"backend: expected 'numpy' or 'numba' for the encoder layers, "
-                         f"got {backend!r}")
+def _check_backend(backend, x):
+    """The backend that runs an op on ``x``: ``None`` is the arrays' own ("numpy" or "cupy");
+    a named backend must fit the arrays (``"cupy"`` takes CuPy arrays, the others NumPy arrays)."""
+    if backend not in (None, "numpy", "numba", "cupy"):
+        raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy' for the encoder "
+                         f"layers, got {backend!r}")
+    gpu = is_cupy_array(x)
+    if backend is None:
+        return "cupy" if gpu else "numpy"
+    if (backend == "cupy") != gpu:
+        raise TypeError(f"x: backend={backend!r} runs on {'CuPy' if backend == 'cupy' else 'NumPy'}"
+                        f" arrays, got {type(x).__module__.split('.')[0]}.{type(x).__name__}")
+    return backend
 
 
-def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend="numpy"):
+def _im2col(x_pad, kh, kw, s, Ho, Wo):
+    """The (N*Ho*Wo, kh*kw*C) im2col matrix of a zero-padded channels-last (N, Hp, Wp, C) input.
+
+    Row (n, i, j) holds the window at output pixel (i, j), ordered (a, e, c). NumPy copies it out
+    of a strided window view in one pass; other array modules (CuPy) fill it with one strided copy
+    per kernel offset (a, e), the mirror image of the col2im loop in the backward (the same
+    entries: tested against each other).
+    """
+    N, C = x_pad.shape[0], x_pad.shape[3]
+    xp = namespace_of(x_pad)
+    if xp is np:
+        win = sliding_window_view(x_pad, (kh, kw), axis=(1, 2))[:, ::s, ::s]  # (N,Ho,Wo,C,kh,kw)
+        return win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * C)  # (a copy)
+    return _im2col_by_offsets(x_pad, kh, kw, s, Ho, Wo, xp)
+
+
+def _im2col_by_offsets(x_pad, kh, kw, s, Ho, Wo, xp):
+    """:func:`_im2col` as ``kh * kw`` strided copies, with any array module ``xp``."""
+    N, C = x_pad.shape[0], x_pad.shape[3]
+    cols = xp.empty((N, Ho, Wo, kh, kw, C), dtype=x_pad.dtype)
+    for a in range(kh):
+        for e in range(kw):
+            cols[:, :, :, a, e, :] = x_pad[:, a : a + s * Ho : s, e : e + s * Wo : s, :]
+    return cols.reshape(N * Ho * Wo, kh * kw * C)
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     r"""2-d cross-correlation (PyTorch's ``conv2d``) by im2col and one matrix product.
 
     Parameters
@@ -90,8 +132,9 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend="numpy"):
     b : ndarray of shape (O,) or None
     stride, padding : int
         Zero padding of ``padding`` pixels on every side, then windows every ``stride`` pixels.
-    backend : {"numpy", "numba"}
-        ``"numba"`` gathers the windows with a Numba kernel (same result).
+    backend : {None, "numpy", "cupy", "numba"}
+        ``None``: the arrays' module (NumPy or CuPy). ``"numba"`` gathers the windows with a
+        Numba kernel (same result).
 
     Returns
     -------
@@ -113,25 +156,25 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend="numpy"):
     backward is ``dW_mat = dY_mat^T cols`` and ``dcols = dY_mat W_mat``, whose entries are added
     back to the pixels they came from (col2im), one kernel offset (a, e) at a time.
     """
-    _check_backend(backend)
+    backend = _check_backend(backend, x)
     if backend == "numba":
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.conv2d_forward(x, w, b, stride=stride, padding=padding)
+    xp = namespace_of(x)
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
     s, p = stride, padding
-    x_pad = np.zeros((N, H + 2 * p, W + 2 * p, C), x.dtype)  # channels last, zero border
+    Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
+    x_pad = xp.zeros((N, H + 2 * p, W + 2 * p, C), dtype=x.dtype)  # channels last, zero border
     x_pad[:, p : p + H, p : p + W, :] = x.transpose(0, 2, 3, 1)
-    win = sliding_window_view(x_pad, (kh, kw), axis=(1, 2))[:, ::s, ::s]  # (N, Ho, Wo, C, kh, kw)
-    Ho, Wo = win.shape[1], win.shape[2]
-    cols = win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * C)  # im2col (a copy)
+    cols = _im2col(x_pad, kh, kw, s, Ho, Wo)  # (N*Ho*Wo, kh*kw*C)
     w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
     y = cols @ w_mat.T  # (N*Ho*Wo, O)
     if b is not None:
         y += b
     y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
-    return y, Conv2dCache(cols, w, x.shape, s, p)
+    return y, Conv2dCache(cols, w, x.shape, s, p, backend)
 
 
 def conv2d_backward(dy, cache):
@@ -143,6 +186,7 @@ def conv2d_backward(dy, cache):
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.conv2d_backward(dy, cache)
+    xp = namespace_of(dy)
     cols, w, (N, C, H, W), s, p, _ = cache
     O, _, kh, kw = w.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
@@ -151,12 +195,12 @@ def conv2d_backward(dy, cache):
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
     db = dy_mat.sum(axis=0)  # (O,)
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
-    dx_pad = np.zeros((N, H + 2 * p, W + 2 * p, C), dy.dtype)
+    dx_pad = xp.zeros((N, H + 2 * p, W + 2 * p, C), dtype=dy.dtype)
     for a in range(kh):  # col2im: each kernel offset adds its slice of dcols back
         for e in range(kw):
             dx_pad[:, a : a + s * Ho : s, e : e + s * Wo : s, :] += dcols[:, :, :, a, e, :]
     dx = dx_pad[:, p : p + H, p : p + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W)
-    return dx, np.ascontiguousarray(dw), db
+    return dx, xp.ascontiguousarray(dw), db
 
 
 # ------------------------------------------------------------------------------------ relu
@@ -168,7 +212,7 @@ class ReLUCache(NamedTuple):
 
 def relu_forward(x):
     r"""``y = max(x, 0)``; the gradient passes where :math:`x > 0` (PyTorch's convention at 0)."""
-    return np.maximum(x, 0), ReLUCache(x > 0)
+    return namespace_of(x).maximum(x, 0), ReLUCache(x > 0)
 
 
 def relu_backward(dy, cache):
@@ -197,7 +241,7 @@ def _channel_view(a, ndim):
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1, eps=1e-5,
-                       backend="numpy"):
+                       backend=None):
     r"""Batch normalisation over every axis but axis 1, as ``torch.nn.BatchNorm{1,2}d``.
 
     Parameters
@@ -211,8 +255,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
         Normalise with the batch statistics and update the running ones (True), or normalise with
         the running statistics (False).
     momentum, eps : float
-    backend : {"numpy", "numba"}
-        ``"numba"`` computes the statistics (summed in float64) and the normalisation with Numba
+    backend : {None, "numpy", "cupy", "numba"}
+        ``None``: the arrays' module (NumPy or CuPy). ``"numba"`` computes the statistics (summed in float64) and the normalisation with Numba
         kernels.
 
     Returns
@@ -235,7 +279,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     Training also updates :math:`\bar\mu \leftarrow (1-\rho)\bar\mu + \rho\mu` and
     :math:`\bar\sigma^2 \leftarrow (1-\rho)\bar\sigma^2 + \rho\,\sigma^2 m/(m-1)` (unbiased).
     """
-    _check_backend(backend)
+    backend = _check_backend(backend, x)
     axes = (0,) + tuple(range(2, x.ndim))
     if train and x.size // x.shape[1] < 2:
         raise ValueError(
@@ -256,11 +300,11 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
         running_var += momentum * var * (m / (m - 1))  # the unbiased variance
     else:
         mean, var = running_mean, running_var
-    inv_std = _channel_view(1 / np.sqrt(var + eps), x.ndim)  # (1, C, 1, ...)
+    inv_std = _channel_view(1 / namespace_of(x).sqrt(var + eps), x.ndim)  # (1, C, 1, ...)
     x_hat = (x - _channel_view(mean, x.ndim)) * inv_std
     g = _channel_view(gamma, x.ndim)
     y = g * x_hat + _channel_view(beta, x.ndim)
-    return y, BatchNormCache(x_hat, inv_std, g, train)
+    return y, BatchNormCache(x_hat, inv_std, g, train, backend)
 
 
 def batch_norm_backward(dy, cache):
@@ -312,6 +356,6 @@ def global_avg_pool_forward(x):
 def global_avg_pool_backward(dy, x_shape):
     """Gradient ``dx`` (N, C, H, W) of :func:`global_avg_pool_forward`."""
     H, W = x_shape[2], x_shape[3]
-    dx = np.empty(x_shape, dtype=dy.dtype)
+    dx = namespace_of(dy).empty(x_shape, dtype=dy.dtype)
     dx[...] = (dy / (H * W))[:, :, None, None]
     return dx

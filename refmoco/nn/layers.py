@@ -12,6 +12,11 @@ keyed by PyTorch's ``state_dict()`` names, and every call receives them::
 changes nothing else; ``cache`` holds the arrays the backward needs. Inside a :class:`Sequential`
 the names get PyTorch's dotted prefixes (``"0.weight"``, ``"backbone.1.running_mean"``).
 
+Parameters and buffers may be NumPy or CuPy arrays: every op takes its array module from its
+arrays, so a layer runs wherever its inputs live. ``init_params`` and ``init_buffers`` create
+host (NumPy) arrays, drawn from a NumPy ``Generator`` so that a seed gives the same weights on
+every backend; :meth:`refmoco.nn.Model.init` moves them to the device.
+
 Initialisation follows PyTorch's defaults: weights and biases of ``Linear`` and ``Conv2d`` are
 drawn from :math:`U(-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}})` (``kaiming_uniform_`` with
 ``a = sqrt(5)`` gives exactly this bound), batch norm starts at weight 1, bias 0, running mean 0,
@@ -89,7 +94,7 @@ class Layer:
         return list(self.param_shapes()) + list(self.buffer_names)
 
     def forward(self, params: Mapping, buffers: Mapping, x: np.ndarray, *, train: bool = False,
-                backend: str = "numpy"):
+                backend: str | None = None):
         """``(y, cache)``: the output, and what :meth:`backward` needs.
 
         Parameters
@@ -99,9 +104,11 @@ class Layer:
             Buffers are updated in place in training; nothing else is written.
         x : ndarray
         train : bool
-        backend : {"numpy", "numba"}
-            ``"numba"`` runs the convolutions and batch norms with Numba kernels (the same
-            function); the other layers are NumPy either way. The backward follows the forward.
+        backend : {None, "numpy", "cupy", "numba"}
+            ``None`` computes with the arrays' module (NumPy, or CuPy for arrays on the GPU);
+            ``"numpy"`` and ``"cupy"`` name it (and must fit the arrays). ``"numba"`` runs the
+            convolutions and batch norms with Numba kernels (the same function); the other
+            layers are NumPy either way. The backward follows the forward.
         """
         raise NotImplementedError
 
@@ -135,7 +142,7 @@ class Linear(Layer):
         dt, bound = check_dtype(dtype), 1 / math.sqrt(self.in_features)
         return {k: _uniform(rng, bound, s, dt) for k, s in self.param_shapes().items()}
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         _check_input(x, (2,), self.in_features, "Linear")
         return F.linear_forward(x, params["weight"], params["bias"] if self.bias else None)
 
@@ -183,7 +190,7 @@ class Conv2d(Layer):
         dt, bound = check_dtype(dtype), 1 / math.sqrt(fan_in)
         return {k: _uniform(rng, bound, s, dt) for k, s in self.param_shapes().items()}
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         _check_input(x, (4,), self.in_channels, "Conv2d")
         kh, kw = self.kernel_size
         if x.shape[2] + 2 * self.padding < kh or x.shape[3] + 2 * self.padding < kw:
@@ -230,7 +237,7 @@ class _BatchNorm(Layer):
             "num_batches_tracked": np.zeros((), np.int64),  # a 0-d int64, as PyTorch's
         }
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         _check_input(x, self._ndims, self.num_features, type(self).__name__)
         y, cache = F.batch_norm_forward(
             x, params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
@@ -269,7 +276,7 @@ class BatchNorm2d(_BatchNorm):
 class ReLU(Layer):
     """``y = max(x, 0)``, any shape."""
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         return F.relu_forward(x)
 
     def backward(self, params, cache, dy):
@@ -280,7 +287,7 @@ class ReLU(Layer):
 class Flatten(Layer):
     """(N, d1, d2, ...) -> (N, d1 * d2 * ...), as ``torch.nn.Flatten()``."""
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         return x.reshape(x.shape[0], -1), x.shape
 
     def backward(self, params, cache, dy):
@@ -295,7 +302,7 @@ class GlobalAvgPool2d(Layer):
     parameters, so the names of the layers before it agree.
     """
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         _check_input(x, (4,), None, "GlobalAvgPool2d")
         return F.global_avg_pool_forward(x)
 
@@ -318,7 +325,7 @@ class L2Normalize(Layer):
     axis: int = -1
     eps: float = 1e-12
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         y, _ = l2_normalize(x, axis=self.axis, eps=self.eps)
         return y, L2NormalizeCache(x)
 

@@ -11,6 +11,13 @@ A :class:`Model` owns no arrays. It creates them (``init``), and every call take
 buffer, keyed by PyTorch's ``state_dict()`` names); ``buffers`` is a plain dict of the batch-norm
 running statistics, kept apart so that optimizers and momentum updates never touch them.
 
+On the GPU, ``model.init(rng, dtype, backend="cupy")`` (or ``model.to(params, buffers, "cupy")``)
+puts the parameters and buffers on the device as CuPy arrays; every call then takes CuPy inputs
+and returns CuPy arrays, computed by the same reference code with ``xp = cupy``. The backend of a
+call follows the parameters (``backend=None``); a NumPy input for a model on the GPU, or the
+reverse, is a ``TypeError`` naming the argument, never a silent copy. ``state_dict`` returns host
+NumPy copies and ``load_state_dict`` copies into wherever the model lives.
+
 An :class:`Encoder` is ``Sequential(OrderedDict(backbone=..., head=...))``: the backbone gives the
 features ``h`` (what MoCo's linear protocol trains a classifier on), the projection head maps them
 to ``z`` (what the contrastive loss sees, after L2 normalisation). ``forward_features`` returns
@@ -25,7 +32,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from refmoco.backend import as_array, float_array
+from refmoco.backend import (
+    BACKENDS,
+    as_array,
+    backend_of,
+    check_device,
+    float_array,
+    namespace_of,
+    to_backend,
+    to_numpy,
+)
 from refmoco.nn.layers import (
     BatchNorm1d,
     BatchNorm2d,
@@ -37,7 +53,7 @@ from refmoco.nn.layers import (
     ReLU,
     check_dtype,
 )
-from refmoco.nn.params import FlatParams
+from refmoco.nn.params import FlatParams, host_copy
 from refmoco.nn.sequential import Scoped, Sequential
 
 
@@ -59,18 +75,45 @@ def _params_dtype(params: Mapping) -> np.dtype | None:
     return next(iter(params.values())).dtype if len(params) else None
 
 
-def _cast(a: Any, name: str, dtype: np.dtype | None) -> np.ndarray:
-    """``a`` as a NumPy array of the parameters' dtype (integer input is a TypeError)."""
+def _params_xp(params: Mapping):
+    """The parameters' array module (``None`` for a network without parameters)."""
+    if isinstance(params, FlatParams):
+        return params.xp
+    for v in params.values():
+        return namespace_of(v)
+    return None
+
+
+def _cast(a: Any, name: str, dtype: np.dtype | None, xp) -> Any:
+    """``a`` as an array of the parameters' dtype on the parameters' device (integer input is
+    a TypeError, and so is an array on the other device: no silent copy)."""
     a = float_array(a, name)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name}: refmoco.nn runs on NumPy arrays, got {type(a).__name__}")
+    if xp is not None:  # None: a network without parameters runs wherever its input lives
+        check_device(a, name, xp)
     return a if dtype is None else a.astype(dtype, copy=False)
 
 
-def _check_backend(backend: Any) -> None:
-    if backend not in ("numpy", "numba"):
-        raise ValueError(f"backend: expected 'numpy' or 'numba', got {backend!r} (the encoders "
-                         f"run on NumPy arrays)")
+def _placement(params: Mapping, buffers: Mapping, x: Any, backend: Any):
+    """``(backend, xp)`` of a forward pass: where the parameters live, checked against
+    ``backend`` (a ValueError) and the buffers (a TypeError naming the buffer)."""
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy', got {backend!r}")
+    xp = _params_xp(params)
+    if xp is None:  # no parameters: the input decides
+        xp = namespace_of(as_array(x, "x"))
+    gpu = xp is not np
+    if backend is None:
+        backend = "cupy" if gpu else "numpy"
+    elif (backend == "cupy") != gpu:
+        where = "CuPy arrays (on the GPU)" if gpu else "NumPy arrays (on the host)"
+        raise ValueError(
+            f"backend: {backend!r} does not fit the parameters, which are {where}: pass "
+            f"backend={'cupy' if gpu else 'numpy'!r}, or move the model with "
+            f"model.to(params, buffers, {backend!r})"
+        )
+    for k, v in buffers.items():
+        check_device(v, f"buffers[{k!r}]", xp)
+    return backend, xp
 
 
 class Model:
@@ -98,14 +141,19 @@ class Model:
         """Names of the buffers (batch-norm running statistics and batch counters)."""
         return tuple(self.net.buffer_names)
 
-    def init(self, rng: np.random.Generator, dtype: Any = "float32") -> tuple[FlatParams, dict]:
+    def init(self, rng: np.random.Generator, dtype: Any = "float32", *,
+             backend: str = "numpy") -> tuple[FlatParams, dict]:
         """Fresh parameters and buffers, initialised as PyTorch initialises the same modules.
 
         Parameters
         ----------
         rng : numpy.random.Generator
-            Every random draw comes from it.
+            Every random draw comes from it, on the host, so that a seed gives the same weights
+            on every backend.
         dtype : {"float32", "float64"}
+        backend : {"numpy", "numba", "cupy"}
+            Where the arrays live: the host, or the GPU for ``"cupy"`` (CuPy arrays; the host
+            draws are copied there once).
 
         Returns
         -------
@@ -114,13 +162,27 @@ class Model:
         """
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         dt = check_dtype(dtype)
         params = FlatParams(self.param_shapes(), dt)
         params.load_state_dict(self.net.init_params(rng, dt))
-        return params, self.net.init_buffers(dt)
+        return self.to(params, self.net.init_buffers(dt), backend)
+
+    def to(self, params: FlatParams, buffers: Mapping, backend: str) -> tuple[FlatParams, dict]:
+        """``(params, buffers)`` where ``backend`` computes: CuPy arrays on the GPU for
+        ``"cupy"``, NumPy arrays on the host for ``"numpy"`` and ``"numba"``.
+
+        Arrays that move are copied (the originals are left as they are); arrays already there
+        are returned as they are (``params`` itself, the same buffer arrays in a new dict).
+        """
+        if not isinstance(params, FlatParams):
+            raise TypeError(f"params: expected a FlatParams, got {type(params).__name__}")
+        params = params.to(backend)
+        return params, {k: to_backend(v, backend) for k, v in buffers.items()}
 
     def forward(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool,
-                backend: str = "numpy"):
+                backend: str | None = None):
         """Run the network.
 
         Parameters
@@ -129,12 +191,15 @@ class Model:
         buffers : mapping of str to ndarray
             Updated in place when ``train`` (batch-norm running statistics).
         x : ndarray
-            Cast to the parameters' dtype.
+            Cast to the parameters' dtype. On the parameters' device: NumPy for a model on the
+            host, CuPy for a model on the GPU (else a ``TypeError``).
         train : bool
             Batch statistics and running-statistics updates (True) or running statistics (False).
-        backend : {"numpy", "numba"}
-            ``"numba"``: convolutions and batch norms as Numba kernels (the same function); the
-            backward of this pass runs on the same backend.
+        backend : {None, "numpy", "numba", "cupy"}
+            ``None``: where the parameters live (``"cupy"`` for CuPy parameters, else
+            ``"numpy"``); a named backend must fit them (else a ``ValueError``). ``"numba"``:
+            convolutions and batch norms as Numba kernels (the same function); the backward of
+            this pass runs on the same backend.
 
         Returns
         -------
@@ -142,8 +207,8 @@ class Model:
         cache : ModelCache
             Everything :meth:`backward` needs.
         """
-        x = _cast(x, "x", _params_dtype(params))
-        _check_backend(backend)
+        backend, xp = _placement(params, buffers, x, backend)
+        x = _cast(x, "x", _params_dtype(params), xp)
         out, cache = self.net.forward(params, buffers, x, train=bool(train), backend=backend)
         return out, ModelCache(cache, out.shape)
 
@@ -175,18 +240,19 @@ class Model:
         grads : FlatParams
         """
         dtype = _params_dtype(params)
-        dout = self._check_grad(dout, "dout", cache.out_shape, dtype)
+        dout = self._check_grad(dout, "dout", cache.out_shape, dtype, _params_xp(params))
         dx, g = self.net.backward(params, cache.net, dout)
-        return dx, self._write(g, grads, accumulate, dtype)
+        return dx, self._write(g, grads, accumulate, dtype, _params_xp(params))
 
     @staticmethod
-    def _check_grad(d: Any, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
-        d = _cast(d, name, dtype)
+    def _check_grad(d: Any, name: str, shape: tuple, dtype: np.dtype, xp) -> Any:
+        d = _cast(d, name, dtype, xp)
         if d.shape != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {d.shape}")
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(d.shape)}")
         return d
 
-    def _write(self, g: dict, grads: FlatParams | None, accumulate: bool, dtype) -> FlatParams:
+    def _write(self, g: dict, grads: FlatParams | None, accumulate: bool, dtype,
+               xp) -> FlatParams:
         shapes = self.param_shapes()
         if grads is None:
             return FlatParams.from_arrays({k: g[k] for k in shapes}, dtype)
@@ -199,6 +265,8 @@ class Model:
                 "grads: expected a FlatParams with the model's layout and dtype "
                 "(params.zeros_like())"
             )
+        if xp is not None:
+            check_device(grads.flat, "grads", xp)
         for name, value in g.items():
             if accumulate:
                 grads[name][...] += value
@@ -208,18 +276,20 @@ class Model:
 
     # --- state dicts (PyTorch-compatible) ----------------------------------------------------
     def state_dict(self, params: Mapping, buffers: Mapping) -> dict[str, np.ndarray]:
-        """Parameters and buffers as one ``{name: array}`` dict (copies) in PyTorch's order.
+        """Parameters and buffers as one ``{name: array}`` dict of host NumPy copies, in
+        PyTorch's order (arrays on the GPU are copied to the host).
 
         ``torch_module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})`` loads it
         into the same architecture built from ``torch.nn.Sequential``.
         """
         merged = {**params, **buffers}
-        return {k: np.array(merged[k], copy=True) for k in self.net.state_names()}
+        return {k: host_copy(merged[k]) for k in self.net.state_names()}
 
     def load_state_dict(
         self, params: FlatParams, buffers: dict, state_dict: Mapping, *, strict: bool = True
     ) -> None:
-        """Load a ``state_dict`` (NumPy arrays or PyTorch tensors) into ``params`` and ``buffers``.
+        """Load a ``state_dict`` (NumPy or CuPy arrays, PyTorch tensors) into ``params`` and
+        ``buffers``, copying each array to where its destination lives (host or GPU).
 
         Every parameter and buffer must be present with its shape; names that are neither are an
         error when ``strict``. All is checked before anything is written.
@@ -241,15 +311,15 @@ class Model:
         for k in self.buffer_names:
             if k not in state_dict:
                 raise ValueError(f"state_dict: missing buffer {k!r}")
-            a = np.asarray(as_array(state_dict[k], k))
-            if a.shape != buffers[k].shape:
+            a = to_numpy(as_array(state_dict[k], k))
+            if a.shape != tuple(buffers[k].shape):
                 raise ValueError(
-                    f"state_dict[{k!r}]: expected shape {buffers[k].shape}, got {a.shape}"
+                    f"state_dict[{k!r}]: expected shape {tuple(buffers[k].shape)}, got {a.shape}"
                 )
             new_buffers[k] = a
         params.load_state_dict(state_dict, strict=False)  # checks everything before writing
         for k, a in new_buffers.items():
-            buffers[k][...] = a
+            buffers[k][...] = to_backend(a, backend_of(buffers[k]))
 
 
 class Encoder(Model):
@@ -274,13 +344,13 @@ class Encoder(Model):
         self.feature_dim = linears[0].in_features if linears else None
         self.out_dim = linears[-1].out_features if linears else None
 
-    def forward(self, params, buffers, x, *, train, backend="numpy"):
+    def forward(self, params, buffers, x, *, train, backend=None):
         """As :meth:`Model.forward`; the cache is an :class:`EncoderCache`."""
         z, _, cache = self.forward_features(params, buffers, x, train=train, backend=backend)
         return z, cache
 
     def forward_features(self, params: Mapping, buffers: Mapping, x: Any, *, train: bool,
-                         backend: str = "numpy"):
+                         backend: str | None = None):
         """One pass that returns the head's output and the backbone's features (``train`` and
         ``backend`` as in :meth:`Model.forward`).
 
@@ -293,9 +363,9 @@ class Encoder(Model):
         cache : EncoderCache
             For :meth:`backward_features` (or :meth:`backward`).
         """
-        x = _cast(x, "x", _params_dtype(params))
+        backend, xp = _placement(params, buffers, x, backend)
+        x = _cast(x, "x", _params_dtype(params), xp)
         train = bool(train)
-        _check_backend(backend)
         h, c_backbone = self.backbone.forward(
             Scoped(params, "backbone"), Scoped(buffers, "backbone"), x, train=train,
             backend=backend,
@@ -333,20 +403,21 @@ class Encoder(Model):
         dx : ndarray, shape of the input
         grads : FlatParams
         """
-        dtype = _params_dtype(params)
-        dz = self._check_grad(dz, "dz", cache.out_shape, dtype)
+        dtype, xp = _params_dtype(params), _params_xp(params)
+        dz = self._check_grad(dz, "dz", cache.out_shape, dtype, xp)
         c_backbone, c_head = cache.net
         dh_head, g_head = self.head.backward(Scoped(params, "head"), c_head, dz)
         if dh is not None:
-            dh_head = dh_head + self._check_grad(dh, "dh", cache.feature_shape, dtype)
+            dh_head = dh_head + self._check_grad(dh, "dh", cache.feature_shape, dtype, xp)
         dx, g_backbone = self.backbone.backward(Scoped(params, "backbone"), c_backbone, dh_head)
         g = {f"backbone.{k}": v for k, v in g_backbone.items()}
         g.update({f"head.{k}": v for k, v in g_head.items()})
-        return dx, self._write(g, grads, accumulate, dtype)
+        return dx, self._write(g, grads, accumulate, dtype, xp)
 
     def backward(self, params, cache, dout, *, grads=None, accumulate=False):
         """As :meth:`Model.backward`: ``backward_features`` with ``dh=None``."""
-        dout = self._check_grad(dout, "dout", cache.out_shape, _params_dtype(params))
+        dout = self._check_grad(dout, "dout", cache.out_shape, _params_dtype(params),
+                                _params_xp(params))
         return self.backward_features(params, cache, dout, grads=grads, accumulate=accumulate)
 
 

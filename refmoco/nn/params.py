@@ -10,6 +10,12 @@ Gradients and optimizer state use the same layout (:meth:`FlatParams.zeros_like`
 
 Batch-norm running statistics are buffers, not parameters: they are kept apart, in a plain dict
 (see :mod:`refmoco.nn.models`), so no momentum update or optimizer step ever touches them.
+
+The buffer is a NumPy array (host) or a CuPy array (GPU), and the named arrays are views of the
+same kind. :meth:`FlatParams.to` moves a FlatParams between them; ``zeros_like`` and ``copy`` stay
+where the original lives. ``state_dict()`` always returns host NumPy copies (what a checkpoint
+stores) and ``load_state_dict`` accepts host or device arrays, copying them to where the buffer
+lives: a checkpoint saved on one backend loads on any other.
 """
 
 from __future__ import annotations
@@ -19,8 +25,21 @@ from typing import Any
 
 import numpy as np
 
-from refmoco.backend import as_array
+from refmoco.backend import (
+    BACKENDS,
+    as_array,
+    backend_of,
+    is_cupy_array,
+    namespace_of,
+    to_backend,
+    to_numpy,
+)
 from refmoco.nn.layers import check_dtype
+
+
+def host_copy(a: Any) -> np.ndarray:
+    """A NumPy copy of ``a``: a device-to-host copy of a CuPy array, a plain copy otherwise."""
+    return a.get() if is_cupy_array(a) else np.array(a, copy=True)
 
 
 class FlatParams(Mapping):
@@ -32,7 +51,8 @@ class FlatParams(Mapping):
         Names and shapes, in order (the order of the slices in ``flat``).
     dtype : {"float32", "float64"}
     flat : ndarray of shape (size,), optional
-        An existing buffer to view (shared, not copied); zeros when omitted.
+        An existing buffer to view (shared, not copied): a NumPy array, or a CuPy array for
+        parameters on the GPU. Host zeros when omitted.
 
     Attributes
     ----------
@@ -42,6 +62,10 @@ class FlatParams(Mapping):
     dtype : numpy.dtype
     size : int
         The total number of parameters.
+    xp : module
+        The buffer's array module: ``numpy``, or ``cupy`` on the GPU.
+    backend : str
+        ``"cupy"`` when the buffer is a CuPy array, ``"numpy"`` otherwise.
 
     Examples
     --------
@@ -61,7 +85,9 @@ class FlatParams(Mapping):
         if flat is None:
             flat = np.zeros(self.size, self.dtype)
         elif not (
-            isinstance(flat, np.ndarray) and flat.shape == (self.size,) and flat.dtype == self.dtype
+            (isinstance(flat, np.ndarray) or is_cupy_array(flat))
+            and flat.shape == (self.size,)
+            and flat.dtype == self.dtype
         ):
             raise ValueError(
                 f"flat: expected a 1-d {self.dtype} ndarray of size {self.size}, "
@@ -79,13 +105,52 @@ class FlatParams(Mapping):
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], dtype: Any = None) -> FlatParams:
-        """A new buffer holding copies of ``arrays`` (dtype: ``dtype``, else the first array's)."""
-        arrays = {k: np.asarray(as_array(v, k)) for k, v in arrays.items()}
+        """A new buffer holding copies of ``arrays`` (dtype: ``dtype``, else the first array's).
+
+        The buffer lives where the arrays live (on the GPU for CuPy arrays); NumPy and CuPy
+        arrays together are a ``TypeError``.
+        """
+        arrays = {k: as_array(v, k) for k, v in arrays.items()}
+        xp = namespace_of(*arrays.values())
         if dtype is None:
             dtype = next(iter(arrays.values())).dtype if arrays else "float32"
-        p = cls({k: a.shape for k, a in arrays.items()}, dtype)
+        dtype = check_dtype(dtype)
+        shapes = {k: tuple(a.shape) for k, a in arrays.items()}
+        size = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+        p = cls(shapes, dtype, flat=xp.empty(size, dtype=dtype))
         p.load_state_dict(arrays)
         return p
+
+    # --- where the buffer lives ----------------------------------------------------------------
+    @property
+    def xp(self):
+        """The array module of the buffer (``numpy``, or ``cupy`` on the GPU)."""
+        return namespace_of(self.flat)
+
+    @property
+    def backend(self) -> str:
+        """``"cupy"`` for a buffer on the GPU, ``"numpy"`` for one on the host."""
+        return backend_of(self.flat)
+
+    def to(self, backend: str) -> FlatParams:
+        """These parameters where ``backend`` computes: on the GPU for ``"cupy"``, on the host
+        for ``"numpy"`` and ``"numba"``.
+
+        Returns ``self`` when the buffer is already there, else a new FlatParams holding a copy
+        (one transfer of the whole flat buffer).
+
+        Raises
+        ------
+        ValueError
+            An unknown backend.
+        refmoco.backend.BackendUnavailableError
+            ``"cupy"`` without CuPy or without a GPU.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if (backend == "cupy") == is_cupy_array(self.flat):
+            return self
+        return FlatParams(self.shapes, self.dtype, flat=to_backend(self.flat, backend))
 
     # --- Mapping ---------------------------------------------------------------------------
     def __getitem__(self, name: str) -> np.ndarray:
@@ -102,15 +167,18 @@ class FlatParams(Mapping):
 
     # --- same layout -------------------------------------------------------------------------
     def zeros_like(self) -> FlatParams:
-        """A new, zero-filled FlatParams with the same names, shapes, dtype and offsets."""
-        return FlatParams(self.shapes, self.dtype)
+        """A new, zero-filled FlatParams with the same names, shapes, dtype, offsets and device."""
+        if isinstance(self.flat, np.ndarray):
+            return FlatParams(self.shapes, self.dtype)
+        return FlatParams(self.shapes, self.dtype, flat=self.xp.zeros(self.size, dtype=self.dtype))
 
     def copy(self) -> FlatParams:
-        """A new FlatParams with a copy of the buffer."""
+        """A new FlatParams with a copy of the buffer (on the same device)."""
         return FlatParams(self.shapes, self.dtype, flat=self.flat.copy())
 
     def same_layout(self, other: Any) -> bool:
-        """True when ``other`` is a FlatParams with the same names, shapes and dtype, in order."""
+        """True when ``other`` is a FlatParams with the same names, shapes and dtype, in order
+        (wherever it lives: see :attr:`backend`)."""
         return (
             isinstance(other, FlatParams)
             and other.dtype == self.dtype
@@ -119,14 +187,19 @@ class FlatParams(Mapping):
 
     # --- state dict --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
-        """A ``{name: array}`` dict of copies (safe to keep while training goes on)."""
-        return {k: v.copy() for k, v in self._views.items()}
+        """A ``{name: array}`` dict of host NumPy copies (safe to keep while training goes on;
+        parameters on the GPU are copied to the host, as a checkpoint stores them)."""
+        if isinstance(self.flat, np.ndarray):
+            return {k: v.copy() for k, v in self._views.items()}
+        host = FlatParams(self.shapes, self.dtype, flat=host_copy(self.flat))  # one transfer
+        return dict(host.items())  # views of that fresh host copy
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, strict: bool = True) -> None:
-        """Copy ``state_dict``'s arrays (NumPy arrays or PyTorch tensors) into the buffer.
+        """Copy ``state_dict``'s arrays (NumPy or CuPy arrays, PyTorch tensors) into the buffer.
 
         Everything is checked before anything is written: on an error the parameters are left
-        as they were.
+        as they were. Arrays are copied to where the buffer lives (host to GPU, or back), and
+        cast to its dtype.
 
         Parameters
         ----------
@@ -149,7 +222,7 @@ class FlatParams(Mapping):
         unexpected = [k for k in state_dict if k not in self._views]
         if strict and unexpected:
             raise ValueError(f"state_dict: unexpected key(s) {unexpected}")
-        arrays = {k: np.asarray(as_array(state_dict[k], k)) for k in self._views}
+        arrays = {k: as_array(state_dict[k], k) for k in self._views}
         for k, a in arrays.items():
             if a.shape != self.shapes[k]:
                 raise ValueError(
@@ -159,5 +232,8 @@ class FlatParams(Mapping):
                 raise TypeError(
                     f"state_dict[{k!r}]: expected a floating-point array, got {a.dtype}"
                 )
+        gpu = is_cupy_array(self.flat)
         for k, a in arrays.items():
+            if is_cupy_array(a) != gpu:  # the explicit transfer of a load
+                a = to_backend(a, "cupy") if gpu else to_numpy(a)
             self._views[k][...] = a

@@ -105,7 +105,7 @@ class Sequential(Layer):
     def buffer_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return tuple(f"{n}.{k}" for n, layer in self.layers.items() for k in layer.buffer_names)
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
         caches = []
         for name, layer in self.layers.items():
             x, cache = layer.forward(Scoped(params, name), Scoped(buffers, name), x, train=train,

@@ -1,0 +1,567 @@
+"""Training on CuPy arrays: the encoders, the optimizer, the three mechanisms and the trainer with
+``backend="cupy"`` against the NumPy reference, and the transfers between host and device.
+
+Every device test runs twice, through the ``xp`` fixture:
+
+- ``cupy``: a real GPU (marked ``gpu``; skipped without CuPy and a CUDA device, and
+  ``REFMOCO_REQUIRE_GPU=1`` turns that skip into a failure, as in ``test_backends.py``);
+- ``fake``: a strict stand-in for CuPy on the host (:class:`FakeCupy`). Its arrays are NumPy
+  arrays in a box whose type lives in a module named ``cupy``, so refmoco treats them as device
+  arrays; it refuses what CuPy refuses (``np.asarray`` of a device array, NumPy functions on it,
+  host arrays inside device operations, a host array written into a device array), so the
+  generic ``xp`` code, the placement checks and every host/device transfer are exercised without
+  a GPU. The CUDA kernels are not: on the fake, the mechanisms' InfoNCE and EMA run the NumPy
+  reference on the boxed arrays (those kernels have their own GPU and simulator tests).
+
+Tolerances, relative to the scale of the compared array: float64 1e-10, float32 1e-5.
+"""
+
+import functools
+import json
+import operator
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import refmoco.mechanisms as mechanisms
+from refmoco import MemoryBank, Queue
+from refmoco.backend import backend_of, check_device, namespace_of, to_backend, to_numpy
+from refmoco.cli import main
+from refmoco.data import Dataset, load_digits
+from refmoco.mechanisms import EndToEnd, MemoryBankMechanism, MoCo
+from refmoco.nn import FlatParams, cnn_encoder, mlp_encoder
+from refmoco.nn import functional as F
+from refmoco.optim import SGD
+from refmoco.train import CHECKPOINT, TrainConfig, Trainer
+
+TOL = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
+LR, WD, SGD_M, T = 0.1, 5e-4, 0.9, 0.2
+
+
+# -- a strict stand-in for CuPy --------------------------------------------------------------------
+
+
+def _unwrap(obj):
+    """Device arrays to their NumPy payload; a host array inside a device operation is refused."""
+    if isinstance(obj, FakeDeviceArray):
+        return obj._a
+    if isinstance(obj, np.ndarray):
+        raise TypeError("fake cupy: Unsupported type <class 'numpy.ndarray'> (a host array in a "
+                        "device operation)")
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v) for k, v in obj.items()}
+    return obj
+
+
+def _index(idx):
+    """An index: host integer arrays are accepted (CuPy copies them to the device)."""
+    if isinstance(idx, tuple):
+        return tuple(_index(i) for i in idx)
+    if isinstance(idx, FakeDeviceArray):
+        return idx._a
+    return idx
+
+
+def _wrap(obj):
+    """NumPy results back in the box; scalars become 0-d device arrays, as CuPy returns them."""
+    if isinstance(obj, np.ndarray):
+        return FakeDeviceArray(obj)
+    if isinstance(obj, np.generic):
+        return FakeDeviceArray(np.asarray(obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_wrap(o) for o in obj)
+    return obj
+
+
+def _call(f, args, kwargs):
+    return _wrap(f(*_unwrap(args), **_unwrap(kwargs)))
+
+
+def _on_device(f):
+    """``f`` (a NumPy function or method) taking and returning boxed arrays."""
+    return lambda *args, **kwargs: _call(f, args, kwargs)
+
+
+class FakeDeviceArray:
+    """A NumPy array that pretends to live on a GPU (its type's module is ``cupy._fake``)."""
+
+    __slots__ = ("_a",)
+    __hash__ = None
+
+    def __init__(self, a):
+        assert isinstance(a, np.ndarray)
+        self._a = a
+
+    # what CuPy refuses
+    def __array__(self, *args, **kwargs):
+        raise TypeError("fake cupy: Implicit conversion to a NumPy array is not allowed")
+
+    def __array_function__(self, func, types, args, kwargs):
+        raise TypeError(f"fake cupy: numpy.{func.__name__} called on a device array")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # NumPy scalars are fine
+        return _call(getattr(ufunc, method), inputs, kwargs)
+
+    # what CuPy has
+    def get(self, stream=None):
+        return self._a.copy()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no __array_interface__ & co: no silent conversion
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if callable(attr):
+            return _on_device(attr)
+        return _wrap(attr)
+
+    def __getitem__(self, idx):
+        return _wrap(self._a[_index(idx)])
+
+    def __setitem__(self, idx, value):
+        self._a[_index(idx)] = _unwrap(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(row) for row in self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __repr__(self):
+        return f"fake_device_array({self._a!r})"
+
+
+def _binary(op, reflected=False):
+    if reflected:
+        return lambda self, other: _call(op, (other, self), {})
+    return lambda self, other: _call(op, (self, other), {})
+
+
+def _inplace(op):
+    def method(self, other):
+        op(self._a, _unwrap(other))
+        return self
+
+    return method
+
+
+for _name, _op in [("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                   ("truediv", operator.truediv), ("floordiv", operator.floordiv),
+                   ("pow", operator.pow), ("matmul", operator.matmul), ("mod", operator.mod),
+                   ("and", operator.and_), ("or", operator.or_), ("xor", operator.xor)]:
+    setattr(FakeDeviceArray, f"__{_name}__", _binary(_op))
+    setattr(FakeDeviceArray, f"__r{_name}__", _binary(_op, reflected=True))
+    setattr(FakeDeviceArray, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(FakeDeviceArray, f"__{_name}__", _binary(getattr(operator, _name)))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(FakeDeviceArray, f"__{_name}__",
+            (lambda op: lambda self: _call(op, (self,), {}))(getattr(operator, _name)))
+FakeDeviceArray.__module__ = "cupy._fake"  # what refmoco.backend.is_cupy_array looks at
+
+
+class FakeCupy(types.ModuleType):
+    """The module ``cupy`` of the stand-in: NumPy's functions on boxed arrays."""
+
+    ndarray = FakeDeviceArray
+
+    def __init__(self):
+        super().__init__("cupy")
+
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def asarray(a, dtype=None):
+        if isinstance(a, FakeDeviceArray):
+            return a if dtype is None else a.astype(dtype, copy=False)
+        return FakeDeviceArray(np.array(a, dtype=dtype, copy=True))  # a host-to-device copy
+
+    @staticmethod
+    def array(a, dtype=None, copy=True):
+        if isinstance(a, FakeDeviceArray):
+            return FakeDeviceArray(np.array(a._a, dtype=dtype, copy=copy))
+        return FakeDeviceArray(np.array(a, dtype=dtype, copy=True))
+
+    @staticmethod
+    def asnumpy(a):
+        return a.get() if isinstance(a, FakeDeviceArray) else np.asarray(a)
+
+    def __getattr__(self, name):
+        obj = getattr(np, name)
+        if isinstance(obj, types.ModuleType):  # no cupy.random, cupy.linalg & co in the training
+            raise AttributeError(f"fake cupy: cupy.{name} is not provided")
+        if isinstance(obj, type) or not callable(obj):  # dtypes (xp.int64), constants
+            return obj
+        return _on_device(obj)
+
+
+def _on_host_info_nce(real, q, k, negatives=None, **kwargs):
+    """The mechanisms' InfoNCE on the fake: the NumPy reference on the boxed arrays."""
+    if not isinstance(q, FakeDeviceArray):  # a host run: as it is
+        return real(q, k, negatives, **kwargs)
+    kwargs["backend"] = "numpy"
+    out = real(q._a, k._a, None if negatives is None else negatives._a, **kwargs)
+    return type(out)(_wrap(np.asarray(out.loss)), {n: _wrap(g) for n, g in out.grads.items()})
+
+
+def _on_host_momentum_update(real, target, source, momentum, *, backend=None):
+    if not isinstance(target, FakeDeviceArray):  # a host run: as it is
+        return real(target, source, momentum, backend=backend)
+    real(target._a, source._a, momentum, backend="numpy")  # in place, on the shared payload
+    return target
+
+
+def _real_cupy():
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    if cupy is None or not cupy.is_available():
+        if os.environ.get("REFMOCO_REQUIRE_GPU") == "1":
+            pytest.fail("REFMOCO_REQUIRE_GPU=1 but CuPy has no CUDA device")
+        pytest.skip("needs CuPy and a CUDA GPU")
+    return cupy
+
+
+@pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request, monkeypatch):
+    """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
+    if request.param == "cupy":
+        return _real_cupy()
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(mechanisms, "info_nce_loss",
+                        functools.partial(_on_host_info_nce, mechanisms.info_nce_loss))
+    monkeypatch.setattr(mechanisms, "momentum_update",
+                        functools.partial(_on_host_momentum_update, mechanisms.momentum_update))
+    return fake
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def assert_same(got, want, name, tol_scale=1.0):
+    """``got`` (host or device) equals the host reference ``want`` within the dtype's tolerance
+    relative to the scale of ``want``; same dtype and shape; integers and strings exactly."""
+    got, want = to_numpy(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    if want.dtype.kind != "f":
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        return
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[want.dtype] * tol_scale * scale,
+                               err_msg=name)
+
+
+def build(kind):
+    if kind == "mlp":
+        return mlp_encoder(in_features=16, hidden=12, feat_dim=10, out_dim=6), (16,)
+    return cnn_encoder(in_channels=1, widths=(3, 4, 5), out_dim=6), (1, 6, 6)
+
+
+def views(shape, n, seed, dtype="float64"):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, *shape)).astype(dtype),
+            rng.normal(size=(n, *shape)).astype(dtype))
+
+
+# -- the fake itself: it must refuse what CuPy refuses -----------------------------------------
+
+
+def test_the_stand_in_refuses_what_cupy_refuses(monkeypatch):
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    a = fake.asarray(np.arange(4.0))
+    assert namespace_of(a) is fake and backend_of(a) == "cupy" and isinstance(a, fake.ndarray)
+    for bad in (lambda: np.asarray(a), lambda: np.mean(a), lambda: a + np.ones(4),
+                lambda: np.ones(4) * a, lambda: a.__setitem__(slice(None), np.ones(4)),
+                lambda: fake.maximum(a, np.zeros(4))):
+        with pytest.raises(TypeError):
+            bad()
+    b = a[np.array([0, 2])] * np.float32(2) + 1.0  # host indices and NumPy scalars are fine
+    np.testing.assert_array_equal(b.get(), [1.0, 5.0])
+    view = a[1:3]
+    view += 1.0
+    np.testing.assert_array_equal(to_numpy(a), [0.0, 2.0, 3.0, 3.0])
+    assert float(a.sum()) == 8.0 and isinstance(a.sum(), fake.ndarray)
+
+
+# -- host-only checks of the transfer logic ---------------------------------------------------------
+
+
+def test_namespace_and_transfer_helpers_on_the_host():
+    x = np.ones((2, 3), np.float32)
+    assert namespace_of(x, None, 2.0) is np and namespace_of() is np
+    assert backend_of(x) == "numpy"
+    assert to_backend(x, "numpy") is x and to_backend(x, "numba") is x  # no copy on the host
+    np.testing.assert_array_equal(to_backend([1.0, 2.0], "numpy"), [1.0, 2.0])
+    check_device(x, "x", np)
+    with pytest.raises(ValueError, match="backend"):
+        to_backend(x, "gpu")
+
+
+def test_im2col_by_offsets_equals_the_window_view():
+    """CuPy gathers the im2col windows by kernel offsets; NumPy through a strided view."""
+    rng = np.random.default_rng(0)
+    for n, h, w, c, kh, kw, s in [(2, 6, 6, 3, 3, 3, 1), (3, 7, 5, 2, 3, 2, 2), (1, 4, 4, 1, 1, 1, 3),
+                                  (2, 8, 8, 4, 3, 3, 2)]:
+        x_pad = rng.normal(size=(n, h, w, c))
+        ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
+        np.testing.assert_array_equal(F._im2col_by_offsets(x_pad, kh, kw, s, ho, wo, np),
+                                      F._im2col(x_pad, kh, kw, s, ho, wo))
+
+
+def test_host_state_dicts_are_copies_and_placement_is_checked():
+    enc, shape = build("cnn")
+    params, buffers = enc.init(np.random.default_rng(0), "float32")
+    same_params, same_buffers = enc.to(params, buffers, "numba")  # already on the host
+    assert same_params is params and all(same_buffers[k] is buffers[k] for k in buffers)
+    p2, b2 = enc.init(np.random.default_rng(0), "float32", backend="numba")
+    np.testing.assert_array_equal(p2.flat, params.flat)
+    sd = enc.state_dict(params, buffers)
+    assert all(type(v) is np.ndarray and not np.shares_memory(v, params.flat) for v in sd.values())
+    assert params.to("numpy") is params and params.backend == "numpy" and params.xp is np
+    grads = FlatParams.from_arrays(dict(params))
+    assert grads.same_layout(params) and not np.shares_memory(grads.flat, params.flat)
+    with pytest.raises(ValueError, match="backend"):
+        enc.init(np.random.default_rng(0), "float32", backend="gpu")
+    with pytest.raises(ValueError, match="backend"):
+        SGD(0.1, backend="gpu")
+    x = np.zeros((2, *shape), np.float32)
+    with pytest.raises(ValueError, match="backend"):  # the model is on the host
+        enc.forward(params, buffers, x, train=True, backend="cupy")
+    assert int(buffers["backbone.1.num_batches_tracked"]) == 0
+
+
+def test_sgd_keeps_its_backend_and_a_host_copy_of_its_state():
+    pytest.importorskip("numba")
+    p, g = np.ones(4), np.full(4, 0.5)
+    opt = SGD(0.1, momentum=0.9, backend="numba")
+    opt.step(p, g)
+    state = opt.state_dict()
+    assert state["momentum_buffer"] is not opt.momentum_buffer
+    other = SGD(0.1, momentum=0.9, backend="numba")
+    other.load_state_dict(state)
+    assert other.backend == "numba"  # the backend is the optimizer's own, not the state's
+    q = p.copy()
+    opt.step(p, g)
+    other.step(q, g)
+    np.testing.assert_array_equal(q, p)
+
+
+# -- on the device ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_encoder_on_the_device_equals_numpy(xp, kind, dtype):
+    enc, shape = build(kind)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, *shape)).astype(dtype)
+    dz = rng.normal(size=(6, enc.out_dim)).astype(dtype)
+    dh = rng.normal(size=(6, enc.feature_dim)).astype(dtype)
+    results = []
+    for backend, move in (("numpy", np.asarray), ("cupy", xp.asarray)):
+        params, buffers = enc.init(np.random.default_rng(0), dtype, backend=backend)
+        z, h, cache = enc.forward_features(params, buffers, move(x), train=True)
+        dx, grads = enc.backward_features(params, cache, move(dz), move(dh))
+        dx_only, grads_only = enc.backward(params, cache, move(dz))
+        z_eval, h_eval, _ = enc.forward_features(params, buffers, move(x), train=False)
+        out = {"params": params.flat, "z": z, "h": h, "dx": dx, "grads": grads.flat,
+               "dx_only": dx_only, "grads_only": grads_only.flat, "z_eval": z_eval,
+               "h_eval": h_eval, **buffers}
+        kind_of_array = xp.ndarray if backend == "cupy" else np.ndarray
+        for name, value in out.items():
+            assert isinstance(value, kind_of_array), name  # nothing left the device
+        results.append(out)
+    ref, dev = results
+    for name in ref:
+        assert_same(dev[name], ref[name], name)
+    for name in ("z", "h", "dx", "grads", "z_eval"):
+        assert ref[name].dtype == np.dtype(dtype)  # dtype preserved
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mechanism, dtype", [("moco", "float64"), ("moco", "float32"),
+                                              ("end-to-end", "float64"),
+                                              ("memory-bank", "float64")])
+def test_mechanism_steps_on_the_device_equal_numpy(xp, mechanism, dtype, kind):
+    """Two steps of each mechanism: params, key params, BN buffers, optimizer state, queue or
+    bank (with ids, pointer and random states) and losses agree with the NumPy steps."""
+    results = []
+    for backend, move in (("numpy", np.asarray), ("cupy", xp.asarray)):
+        enc, shape = build(kind)
+        params, buffers = enc.init(np.random.default_rng(0), dtype, backend=backend)
+        opt = SGD(LR, momentum=SGD_M, weight_decay=WD, backend=backend)
+        if mechanism == "moco":
+            mech = MoCo(enc, params, buffers, opt, momentum=0.9, temperature=T, bn_groups=2,
+                        queue=Queue(13, 6, dtype=dtype, backend=backend))
+        elif mechanism == "end-to-end":
+            mech = EndToEnd(enc, params, buffers, opt, temperature=T)
+        else:
+            mech = MemoryBankMechanism(enc, params, buffers, opt, num_negatives=5,
+                                       bank=MemoryBank(20, 6, dtype=dtype, backend=backend),
+                                       temperature=T)
+        assert mech.backend == backend  # inferred from where the parameters live
+        stats = []
+        for s in range(2):
+            x_q, x_k = views(shape, 8, s, dtype)
+            stats.append(mech.step(move(x_q), move(x_k), np.arange(8) + 8 * s, LR))
+        assert all(isinstance(v, float) for row in stats for v in row)
+        results.append((stats, mech.state_dict()))
+    (stats_ref, state_ref), (stats_dev, state_dev) = results
+    tol = TOL[np.dtype(dtype)]
+    for a, b in zip(stats_dev, stats_ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * 10)
+    assert set(state_dev) == set(state_ref)
+    for key, want in state_ref.items():
+        assert isinstance(state_dev[key], (np.ndarray, np.generic)), key  # host arrays only
+        assert_same(state_dev[key], want, key)
+    assert state_ref["params/head.2.weight"].dtype == np.dtype(dtype)
+
+
+def test_mixing_host_and_device_arrays_is_a_type_error(xp):
+    enc, _ = build("mlp")
+    p_dev, b_dev = enc.init(np.random.default_rng(0), "float32", backend="cupy")
+    p_host, b_host = enc.init(np.random.default_rng(0), "float32")
+    x = np.ones((4, 16), np.float32)
+    x_dev = xp.asarray(x)
+    with pytest.raises(TypeError, match="x"):
+        enc.forward(p_dev, b_dev, x, train=True)
+    with pytest.raises(TypeError, match="x"):
+        enc.forward_features(p_host, b_host, x_dev, train=True)
+    with pytest.raises(TypeError, match="buffers"):
+        enc.forward(p_dev, b_host, x_dev, train=True)
+    with pytest.raises(ValueError, match="backend"):
+        enc.forward(p_dev, b_dev, x_dev, train=True, backend="numpy")
+    with pytest.raises(ValueError, match="backend"):
+        enc.forward(p_dev, b_dev, x_dev, train=True, backend="numba")
+    assert int(b_dev["backbone.2.num_batches_tracked"]) == 0  # the rejected calls changed nothing
+    z, cache = enc.forward(p_dev, b_dev, x_dev, train=True)
+    with pytest.raises(TypeError, match="dout"):
+        enc.backward(p_dev, cache, np.ones(z.shape, np.float32))
+    with pytest.raises(TypeError, match="grads"):
+        enc.backward(p_dev, cache, xp.ones(z.shape, dtype=np.float32), grads=p_host.zeros_like())
+    with pytest.raises(TypeError, match="params"):
+        SGD(0.1, backend="cupy").step(p_host.flat, p_host.zeros_like().flat)
+    with pytest.raises(TypeError, match="params"):
+        SGD(0.1, backend="numpy").step(p_dev.flat, p_dev.zeros_like().flat)
+    with pytest.raises(TypeError, match="grads"):
+        SGD(0.1).step(p_dev.flat, p_host.zeros_like().flat)
+    with pytest.raises(TypeError):
+        FlatParams.from_arrays({"a": np.ones(2), "b": xp.ones(2)})
+    with pytest.raises(TypeError, match="queue"):
+        MoCo(enc, p_dev, b_dev, SGD(0.1), queue=Queue(8, 6), momentum=0.9, temperature=T)
+    with pytest.raises(TypeError, match="bank"):
+        MemoryBankMechanism(enc, p_dev, b_dev, SGD(0.1), bank=MemoryBank(8, 6),
+                            num_negatives=3, temperature=T)
+    with pytest.raises(ValueError, match="backend"):
+        EndToEnd(enc, p_host, b_host, SGD(0.1), temperature=T, backend="cupy")
+    moco = MoCo(enc, p_dev, b_dev, SGD(0.1), queue=Queue(8, 6, backend="cupy"), momentum=0.9,
+                temperature=T)
+    with pytest.raises(TypeError, match="x_q"):
+        moco.step(x, x_dev, np.arange(4), 0.1)
+    with pytest.raises(TypeError, match="x_k"):
+        moco.step(x_dev, x, np.arange(4), 0.1)
+    moco.step(x_dev, x_dev + 0.5, np.arange(4), 0.1)  # the right arrays work
+
+
+def test_params_move_both_ways_and_checkpoints_are_host_arrays(xp):
+    enc, shape = build("cnn")
+    params, buffers = enc.init(np.random.default_rng(0), "float32")
+    p_dev, b_dev = enc.to(params, buffers, "cupy")
+    assert p_dev.backend == "cupy" and p_dev.xp is xp and p_dev is not params
+    assert isinstance(p_dev["backbone.0.weight"], xp.ndarray)
+    assert p_dev.zeros_like().backend == "cupy" and p_dev.copy().backend == "cupy"
+    p_dev["head.2.bias"][...] = 3.0  # the views are views of the device buffer
+    assert float(p_dev.flat[-1]) == 3.0 and float(params.flat[-1]) != 3.0
+    sd = enc.state_dict(p_dev, b_dev)
+    assert all(type(v) is np.ndarray for v in sd.values())
+    assert all(type(v) is np.ndarray for v in p_dev.state_dict().values())
+    p_back, b_back = enc.to(p_dev, b_dev, "numpy")
+    assert p_back.backend == "numpy"
+    np.testing.assert_array_equal(p_back.flat, to_numpy(p_dev.flat))
+    # a host state dict loads into the device model, and a device one into the host model
+    params2, buffers2 = enc.init(np.random.default_rng(5), "float32", backend="cupy")
+    enc.load_state_dict(params2, buffers2, sd)
+    np.testing.assert_array_equal(to_numpy(params2.flat), to_numpy(p_dev.flat))
+    assert isinstance(buffers2["backbone.1.running_var"], xp.ndarray)
+    host_params, host_buffers = enc.init(np.random.default_rng(5), "float32")
+    host_params.load_state_dict({k: xp.asarray(v) for k, v in p_dev.state_dict().items()})
+    np.testing.assert_array_equal(host_params.flat, to_numpy(p_dev.flat))
+
+
+@pytest.fixture(scope="module")
+def small():
+    d = load_digits(seed=0)
+    return Dataset(d.x_train[:200], d.y_train[:200], d.x_test[:100], d.y_test[:100], "small")
+
+
+def test_trainer_checkpoints_resume_across_backends(xp, tmp_path, small):
+    """One epoch on one backend, the checkpoint, the second epoch on the other backend: the
+    state moves exactly and the run ends where a run on the host ends."""
+    pytest.importorskip("sklearn")
+
+    def config(backend):
+        return TrainConfig(encoder="mlp", epochs=2, batch_size=64, queue_size=96, bn_groups=2,
+                           dtype="float64", backend=backend)
+
+    ref = Trainer(config("numpy"), small)
+    ref.train_epoch()
+    ref.train_epoch()
+    want = ref.mechanism.state_dict()
+    for first, second in (("cupy", "numpy"), ("numpy", "cupy")):
+        a = Trainer(config(first), small)
+        a.train_epoch()
+        folder = tmp_path / f"{first}-then-{second}"
+        folder.mkdir()
+        a.save(str(folder))
+        with np.load(folder / CHECKPOINT, allow_pickle=False) as f:  # host arrays, no pickle
+            assert "mechanism/params/head.2.weight" in f.files
+        b = Trainer(config(second), small)
+        b.load(str(folder))
+        saved, loaded = a.state_dict(), b.state_dict()
+        for key in saved:
+            if key != "trainer/config":  # records the backend, which may change on resume
+                np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
+        row = b.train_epoch()
+        assert b.epoch == 2 and np.isfinite(row["loss"])
+        got = b.mechanism.state_dict()
+        for key, value in want.items():
+            assert_same(got[key], value, f"{first} then {second}: {key}", tol_scale=10.0)
+        scores = b.evaluate(linear=False)
+        assert all(isinstance(v, float) for v in scores.values())
+        z, h = b.features(small.x_test[:10].astype("float64"))
+        assert type(z) is np.ndarray and type(h) is np.ndarray  # evaluation runs on the host
+
+
+def test_cli_trains_with_backend_cupy(xp, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    d = load_digits(seed=0)
+    images = (np.concatenate([d.x_train, d.x_test])[:240, 0] * 255).astype(np.uint8)
+    labels = np.concatenate([d.y_train, d.y_test])[:240]
+    np.savez(tmp_path / "mine.npz", images=images, labels=labels, train=np.arange(240) < 180)
+    code = main(["train", "--data", str(tmp_path / "mine.npz"), "--out", str(tmp_path / "o"),
+                 "--epochs", "1", "--batch-size", "60", "--queue-size", "60", "--backend", "cupy",
+                 "--encoder", "mlp", "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["final"]["knn_accuracy"] <= 1
+    metrics = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert metrics["config"]["backend"] == "cupy" and len(metrics["epochs"]) == 1
