@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .backend import BackendUnavailableError
 from .cli_extra import add_cpc_parser, add_mi_parser
 from .train import TrainConfig
 
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
             return args.handler(args)
         if args.command == "train":
             return _train(args)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError,
+            BackendUnavailableError) as exc:
         print(f"refmoco {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -148,3 +148,18 @@ def test_cli_trains_on_a_user_npz(tmp_path, capsys):
     assert 0 <= summary["final"]["knn_accuracy"] <= 1
     metrics = json.load(open(tmp_path / "o" / "metrics.json"))
     assert metrics["dataset"]["train"] == 180 and metrics["dataset"]["test"] == 60
+
+
+def test_cli_without_a_gpu_says_what_to_install_and_writes_nothing(tmp_path, capsys):
+    from refmoco.backend import BackendUnavailableError, resolve
+
+    try:
+        resolve("cupy")
+    except BackendUnavailableError:
+        pass
+    else:
+        pytest.skip("this machine has CuPy and a GPU")
+    out = tmp_path / "run"
+    assert main(["train", "--backend", "cupy", "--epochs", "1", "--out", str(out)]) == 2
+    assert "pip install 'refmoco[gpu]'" in capsys.readouterr().err
+    assert not out.exists()
