@@ -95,7 +95,12 @@ def _fold_block(st, inv_t, m, s, alpha, exp):
     b, n = st.shape
     for i in range(n):
         alpha[i] = m[i]  # alpha holds the new maximum until it is known
-    for j in range(b):
+    full = b - b % 4
+    for j in range(0, full, 4):  # four rows per sweep: a quarter of the loads/stores of alpha
+        for i in range(n):
+            v = max(max(st[j, i], st[j + 1, i]), max(st[j + 2, i], st[j + 3, i])) * inv_t
+            alpha[i] = v if v > alpha[i] else alpha[i]
+    for j in range(full, b):
         for i in range(n):
             v = st[j, i] * inv_t
             alpha[i] = v if v > alpha[i] else alpha[i]
