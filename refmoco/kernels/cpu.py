@@ -292,5 +292,5 @@ def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_s
         buf = np.empty(0, dtype)
     typed = dtype.type
     with PARALLEL_LOCK:
-            _sgd(p.reshape(-1), g.reshape(-1), buf.reshape(-1), typed(lr), typed(momentum),
+        _sgd(p.reshape(-1), g.reshape(-1), buf.reshape(-1), typed(lr), typed(momentum),
              typed(1.0 - dampening), typed(weight_decay), bool(nesterov), bool(first_step))
