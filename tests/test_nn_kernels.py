@@ -158,3 +158,32 @@ def test_a_bad_backend_is_a_value_error_and_changes_nothing():
         F.conv2d_forward(x, np.ones((1, 1, 3, 3)), backend="Numba")
     for k, v in before.items():
         np.testing.assert_array_equal(buffers[k], v, err_msg=k)
+
+
+@given(shape=st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple), dtype=DTYPE,
+       last=st.booleans(), same=st.booleans(), seed=st.integers(0, 2**16))
+def test_relu_numba_equals_numpy(shape, dtype, last, same, seed):
+    """Values and memory layout of y, the mask and dx; dy in the same or another layout."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[..., 0] = 0.0  # the kink: no gradient at 0, as PyTorch
+    x = channels_last(x) if last and x.ndim > 2 else x
+    y_ref, c_ref = F.relu_forward(x)
+    y, cache = F.relu_forward(x, backend="numba")
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(cache.mask, c_ref.mask)
+    assert y.dtype == dtype
+    assert [st_ for st_, n in zip(y.strides, shape) if n > 1] == [  # the same memory order
+        st_ for st_, n in zip(y_ref.strides, shape) if n > 1]
+    dy = rng.standard_normal(shape).astype(dtype)
+    dy = dy if same and not last else channels_last(dy) if dy.ndim > 2 else dy
+    np.testing.assert_array_equal(F.relu_backward(dy, cache), F.relu_backward(dy, c_ref))
+
+
+def test_relu_numba_keeps_nan_like_numpy():
+    x = np.array([[np.nan, -1.0, 2.0]], np.float32)
+    y, cache = F.relu_forward(x, backend="numba")
+    np.testing.assert_array_equal(y, F.relu_forward(x)[0])
+    dy = np.array([[1.0, np.inf, 3.0]], np.float32)
+    with np.errstate(invalid="ignore"):  # inf * 0 = nan, as the reference's product
+        np.testing.assert_array_equal(F.relu_backward(dy, cache), dy * (x > 0))

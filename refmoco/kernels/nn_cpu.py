@@ -25,12 +25,14 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..nn.functional import BatchNormCache, Conv2dCache
+from ..nn.functional import BatchNormCache, Conv2dCache, ReLUCache
 from ._jit import PARALLEL_LOCK, choose_threading_layer, jit
 
 choose_threading_layer()  # before the first parallel kernel runs; see _jit.py
 
 # -- convolution ----------------------------------------------------------------------------------
+
+PARALLEL_MIN = 1 << 19  # below this many copied elements one thread is faster (launch costs)
 
 
 @jit(parallel=True)
@@ -76,6 +78,10 @@ def _col2im(dcols, dx, s, p):
                                 dx[n, r, col, c] += dcols[n, i, j, a, e, c]
 
 
+_im2col_serial = jit(_im2col.py_func)
+_col2im_serial = jit(_col2im.py_func)
+
+
 def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     """As :func:`refmoco.nn.functional.conv2d_forward`, with the im2col gather as a kernel."""
     N, C, H, W = x.shape
@@ -84,8 +90,11 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
     cols = np.empty((N, Ho, Wo, kh, kw, C), x.dtype)
     x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # a view when x is channels-last
-    with PARALLEL_LOCK:
-        _im2col(x_nhwc, cols, kh, kw, s, p, Ho, Wo)
+    if cols.size < PARALLEL_MIN:
+        _im2col_serial(x_nhwc, cols, kh, kw, s, p, Ho, Wo)
+    else:
+        with PARALLEL_LOCK:
+            _im2col(x_nhwc, cols, kh, kw, s, p, Ho, Wo)
     cols = cols.reshape(N * Ho * Wo, kh * kw * C)  # (N*Ho*Wo, kh*kw*C), rows ordered (a, e, c)
     w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
     y = cols @ w_mat.T  # (N*Ho*Wo, O)
@@ -106,8 +115,11 @@ def conv2d_backward(dy, cache):
     db = dy_mat.sum(axis=0)
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
     dx = np.empty((N, H, W, C), dy.dtype)
-    with PARALLEL_LOCK:
-        _col2im(dcols, dx, s, p)
+    if dcols.size < PARALLEL_MIN:
+        _col2im_serial(dcols, dx, s, p)
+    else:
+        with PARALLEL_LOCK:
+            _col2im(dcols, dx, s, p)
     return dx.transpose(0, 3, 1, 2), np.ascontiguousarray(dw), db
 
 
@@ -217,3 +229,62 @@ def batch_norm_backward(dy, cache):
     dx = np.empty_like(dy2)
     _bn_input_grad(dy2, x_hat2, scale, mean_dy, mean_dy_xhat, dx)
     return _like(dx, dy.shape), dgamma64.astype(dtype), dbeta64.astype(dtype)
+
+
+# -- ReLU -----------------------------------------------------------------------------------------
+
+
+@jit
+def _relu(x, y, mask):
+    """``y = max(x, 0)`` (NaN stays NaN, as ``np.maximum``) and ``mask = x > 0``, one pass."""
+    for i in range(x.size):
+        v = x[i]
+        mask[i] = v > 0
+        y[i] = 0 if v <= 0 else v
+
+
+@jit
+def _relu_grad(dy, mask, dx):
+    """``dx = dy * mask``, the reference's product (NaN in ``dy`` survives a 0 in the mask)."""
+    for i in range(dy.size):
+        dx[i] = dy[i] * mask[i]
+
+
+def _flat(x):
+    """``x``'s memory as a 1-d array (a view when x is C-contiguous or channels-last, else a
+    copy) and the function that gives a 1-d result of that memory back x's shape and strides."""
+    if x.flags.c_contiguous:
+        return x.reshape(-1), lambda r: r.reshape(x.shape)
+    if x.ndim > 2:
+        rows = _rows(x)  # (rows, C), channels last
+        return rows.reshape(-1), lambda r: _like(r.reshape(rows.shape), x.shape)
+    return np.ascontiguousarray(x).reshape(-1), lambda r: r.reshape(x.shape)
+
+
+def _order(a):
+    """``"C"`` for C-contiguous memory, ``"last"`` for channels-last, else None."""
+    if a.flags.c_contiguous:
+        return "C"
+    if a.ndim > 2 and np.moveaxis(a, 1, -1).flags.c_contiguous:
+        return "last"
+    return None
+
+
+def relu_forward(x):
+    """As :func:`refmoco.nn.functional.relu_forward`, in one pass."""
+    flat, back = _flat(x)
+    y, mask = np.empty_like(flat), np.empty(flat.shape, np.bool_)
+    _relu(flat, y, mask)
+    return back(y), ReLUCache(back(mask), "numba")
+
+
+def relu_backward(dy, cache):
+    """As :func:`refmoco.nn.functional.relu_backward`."""
+    mask = cache.mask
+    if _order(mask) is None or _order(mask) != _order(dy):  # not one memory order: NumPy's
+        return dy * mask
+    flat_dy, back = _flat(dy)
+    flat_mask, _ = _flat(mask)
+    dx = np.empty_like(flat_dy)
+    _relu_grad(flat_dy, flat_mask, dx)
+    return back(dx)

@@ -208,11 +208,19 @@ def conv2d_backward(dy, cache):
 
 class ReLUCache(NamedTuple):
     mask: np.ndarray  # x > 0, same shape as x
+    backend: str = "numpy"  # where the forward ran; the backward runs there too
 
 
-def relu_forward(x):
-    r"""``y = max(x, 0)``; the gradient passes where :math:`x > 0` (PyTorch's convention at 0)."""
-    return namespace_of(x).maximum(x, 0), ReLUCache(x > 0)
+def relu_forward(x, *, backend=None):
+    r"""``y = max(x, 0)``; the gradient passes where :math:`x > 0` (PyTorch's convention at 0).
+
+    ``backend="numba"`` computes ``y`` and the mask in one pass (same values)."""
+    backend = _check_backend(backend, x)
+    if backend == "numba":
+        from refmoco.kernels import nn_cpu
+
+        return nn_cpu.relu_forward(x)
+    return namespace_of(x).maximum(x, 0), ReLUCache(x > 0, backend)
 
 
 def relu_backward(dy, cache):
@@ -221,6 +229,10 @@ def relu_backward(dy, cache):
     A product with the mask rather than ``np.where`` (several times slower on random masks);
     the two differ only for non-finite ``dy`` at inactive units.
     """
+    if cache.backend == "numba":
+        from refmoco.kernels import nn_cpu
+
+        return nn_cpu.relu_backward(dy, cache)
     return dy * cache.mask
 
 

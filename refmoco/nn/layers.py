@@ -277,7 +277,7 @@ class ReLU(Layer):
     """``y = max(x, 0)``, any shape."""
 
     def forward(self, params, buffers, x, *, train=False, backend=None):
-        return F.relu_forward(x)
+        return F.relu_forward(x, backend=backend)
 
     def backward(self, params, cache, dy):
         return F.relu_backward(dy, cache), {}
