@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from gpu import require_cupy
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import FLOAT, arrays, info_nce_inputs, unit_rows
@@ -332,15 +333,7 @@ def test_bench_models_moco_resnet18():
 
 @pytest.fixture(scope="module")
 def cupy():
-    try:
-        import cupy
-    except ImportError:
-        cupy = None
-    if cupy is None or not cupy.is_available():
-        if os.environ.get("REFMOCO_REQUIRE_GPU") == "1":
-            pytest.fail("REFMOCO_REQUIRE_GPU=1 but CuPy has no CUDA device")
-        pytest.skip("needs CuPy and a CUDA GPU")
-    return cupy
+    return require_cupy()
 
 
 @pytest.mark.gpu

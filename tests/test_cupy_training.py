@@ -19,12 +19,12 @@ Tolerances, relative to the scale of the compared array: float64 1e-10, float32 
 import functools
 import json
 import operator
-import os
 import sys
 import types
 
 import numpy as np
 import pytest
+from gpu import require_cupy
 
 import refmoco.mechanisms as mechanisms
 from refmoco import MemoryBank, Queue
@@ -226,23 +226,13 @@ def _on_host_momentum_update(real, target, source, momentum, *, backend=None):
     return target
 
 
-def _real_cupy():
-    try:
-        import cupy
-    except ImportError:
-        cupy = None
-    if cupy is None or not cupy.is_available():
-        if os.environ.get("REFMOCO_REQUIRE_GPU") == "1":
-            pytest.fail("REFMOCO_REQUIRE_GPU=1 but CuPy has no CUDA device")
-        pytest.skip("needs CuPy and a CUDA GPU")
-    return cupy
 
 
 @pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
 def xp(request, monkeypatch):
     """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
     if request.param == "cupy":
-        return _real_cupy()
+        return require_cupy()
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(mechanisms, "info_nce_loss",

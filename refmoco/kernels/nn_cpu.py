@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ..nn.functional import BatchNormCache, Conv2dCache, ReLUCache
+from ..nn.functional import BatchNormCache, Conv2dCache, ReLUCache, update_running_stats
 from ._jit import PARALLEL_LOCK, choose_threading_layer, jit
 
 choose_threading_layer()  # before the first parallel kernel runs; see _jit.py
@@ -198,10 +198,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     if train:
         mean64, var64 = _column_mean_var(x2)
         mean, var = mean64.astype(dtype), var64.astype(dtype)
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-        running_var *= 1 - momentum
-        running_var += momentum * var * (m / (m - 1))  # the unbiased variance
+        update_running_stats(running_mean, running_var, mean, var, m, momentum)
     else:
         mean, var = running_mean, running_var
     inv_std = (1 / np.sqrt(var + eps)).astype(dtype, copy=False)  # (C,)

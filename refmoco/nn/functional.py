@@ -252,6 +252,15 @@ def _channel_view(a, ndim):
     return a.reshape((1, -1) + (1,) * (ndim - 2))
 
 
+def update_running_stats(running_mean, running_var, mean, var, m, momentum):
+    """In place, PyTorch's update from a batch of ``m`` values per channel: the running variance
+    tracks the unbiased variance ``var * m / (m - 1)``."""
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += momentum * var * (m / (m - 1))
+
+
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1, eps=1e-5,
                        backend=None):
     r"""Batch normalisation over every axis but axis 1, as ``torch.nn.BatchNorm{1,2}d``.
@@ -303,13 +312,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
         return nn_cpu.batch_norm_forward(x, gamma, beta, running_mean, running_var, train=train,
                                          momentum=momentum, eps=eps)
     if train:
-        m = x.size // x.shape[1]
         mean = x.mean(axis=axes)  # (C,)
         var = x.var(axis=axes)  # (C,) biased
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-        running_var *= 1 - momentum
-        running_var += momentum * var * (m / (m - 1))  # the unbiased variance
+        update_running_stats(running_mean, running_var, mean, var, x.size // x.shape[1], momentum)
     else:
         mean, var = running_mean, running_var
     inv_std = _channel_view(1 / namespace_of(x).sqrt(var + eps), x.ndim)  # (1, C, 1, ...)
