@@ -476,8 +476,9 @@ def settings() -> list:
         from .kernels._jit import thread_settings
 
         info = thread_settings()
-        lines.append(f"numba {numba.__version__}: threading layer {info.pop('numba_threading_layer')}"
-                     f", {info.pop('numba_threads')} threads")
+        lines.append(f"numba {numba.__version__}: kernels on {info.pop('kernel_threads')} threads "
+                     f"(refmoco's pool), Numba threading layer "
+                     f"{info.pop('numba_threading_layer')}")
         lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in info.items()
                                                   if k != "cpus"))
     except ImportError:

@@ -5,9 +5,9 @@ Tolerances follow the dtype and the size of the terms a result is computed from 
 difference of logits as large as ``|q| |n| C / T``); they are never chosen per test."""
 
 import math
-import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -293,24 +293,58 @@ def test_read_only_target_is_rejected_and_unchanged_on_numba():
 
 
 def test_parallel_kernels_from_several_threads_at_once():
-    """refmoco selects Numba's workqueue layer, which aborts the process on concurrent parallel
-    launches: its kernels must serialise them (run in a subprocess, so an abort is a failure)."""
-    code = """if True:
-        import threading, numpy as np, refmoco
-        from refmoco.kernels import cpu
-        n = cpu.PARALLEL_MIN * 4
-        def work():
-            t, s = np.ones(n, np.float32), np.ones(n, np.float32)
-            for _ in range(50):
-                refmoco.momentum_update(t, s, 0.5, backend="numba")
-        threads = [threading.Thread(target=work) for _ in range(3)]
-        [t.start() for t in threads]; [t.join() for t in threads]
-        import numba; print(numba.threading_layer())
-    """
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "workqueue"
+    """Kernels split over refmoco's thread pool, called from several Python threads at once
+    (Numba's workqueue layer would abort here: refmoco never starts a Numba threading layer).
+    Each thread's result is checked against the NumPy reference."""
+    n = cpu.PARALLEL_MIN * 4 + 3  # several parts, the last one ragged
+    rng = np.random.default_rng(0)
+    sources = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            t = np.ones(n, np.float32)
+            for _ in range(20):
+                refmoco.momentum_update(t, sources[i], 0.5, backend="numba")
+            results[i] = t
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    for i, s in enumerate(sources):
+        ref = np.ones(n, np.float32)
+        for _ in range(20):
+            refmoco.momentum_update(ref, s, 0.5)
+        np.testing.assert_array_equal(results[i], ref)  # bitwise: same operations, same order
+
+
+def test_run_parts_cuts_every_array_alike_and_reraises():
+    from refmoco.kernels._jit import num_threads, run_parts
+
+    seen = []
+
+    def kernel(a, empty, k):
+        seen.append((int(a[0]), len(a), len(empty), k))
+        if (a == -1).any():
+            raise ValueError("boom")
+
+    a = np.arange(1000)
+    run_parts(kernel, (a, np.empty(0)), (7,), work=1000, min_work=1)
+    starts = sorted(seen)
+    assert len(starts) == min(num_threads(), 1000)
+    assert [start for start, *_ in starts] == sorted({start for start, *_ in starts})
+    assert sum(length for _, length, _, _ in starts) == 1000  # every row in exactly one part
+    assert all(empty == 0 and k == 7 for _, _, empty, k in starts)  # empty arrays passed whole
+    seen.clear()
+    run_parts(kernel, (a, np.empty(0)), (7,), work=1000, min_work=10**6)  # too little work
+    assert seen == [(0, 1000, 0, 7)]
+    b = a.copy()
+    b[-1] = -1  # in the last part: a pool thread's when there are several
+    with pytest.raises(ValueError, match="boom"):
+        run_parts(kernel, (b, np.empty(0)), (0,), work=1000, min_work=1)
 
 
 def test_kernels_and_bench_import_neither_numba_nor_torch():

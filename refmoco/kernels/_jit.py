@@ -7,28 +7,30 @@ error model (a division by zero gives ``inf``, as in NumPy, and loops stay vecto
 
 Threads
 -------
-Measured on a shared 2-core machine (``docs/benchmarks.md``), two thread pools that spin while
-idle slow whatever runs next, by 2x and more:
+Every kernel is a serial Numba function that releases the GIL (``nogil``). An op that is worth
+running on several cores calls :func:`run_parts`: the arrays are cut into contiguous parts along
+their first axis, one per thread, and the parts run at once, the calling thread taking the first
+and a small pool of Python threads the others. Idle pool threads sleep on a condition variable.
 
-- Numba's default ``omp`` layer (libgomp) spins after each parallel region: the next serial
-  kernel, BLAS call or PyTorch op finds a core taken. :func:`choose_threading_layer` therefore
-  selects Numba's ``workqueue`` layer, which sleeps, unless you chose a layer yourself
-  (``NUMBA_THREADING_LAYER``, or ``numba.config.THREADING_LAYER`` before the first parallel
-  call). That layer aborts the process if two Python threads launch parallel kernels at once, so
-  refmoco's parallel kernels take :data:`PARALLEL_LOCK`; if your own code runs ``parallel=True``
-  functions from several threads, set ``NUMBA_THREADING_LAYER=omp`` (or ``tbb``).
-- OpenBLAS's workers spin after each call; ``OPENBLAS_THREAD_TIMEOUT=4`` makes them sleep almost
-  at once. OpenBLAS reads it when NumPy loads, which a library cannot precede: set it in your
-  shell (``refmoco bench`` sets it for itself). The InfoNCE kernel is serial Numba between BLAS
-  calls, in blocks large enough that it stays fast either way.
+Why not Numba's own ``parallel=True`` (``prange``), measured on a 2-core machine
+(``docs/benchmarks.md``): its default ``omp`` layer (libgomp) spins after each parallel region,
+so the next BLAS call or PyTorch op finds a core taken (2x slower and worse); its ``workqueue``
+layer sleeps but its launches were slow here (a momentum update over 11.2M parameters took
+7.3–8.9 ms with ``prange`` against 5.4–5.8 ms split over two Python threads, and
+``torch._foreach_lerp_`` 5.7–6.2 ms), and it aborts the process when two Python threads launch
+parallel kernels at once. Numba's threading layer is never started by refmoco.
 
-:func:`thread_settings` reports what is in effect.
+The number of threads is ``NUMBA_NUM_THREADS`` (default: the CPUs this process may use).
+OpenBLAS's workers also spin after each call; ``OPENBLAS_THREAD_TIMEOUT=4`` makes them sleep
+almost at once. OpenBLAS reads it when NumPy loads, which a library cannot precede: set it in your
+shell (``refmoco bench`` sets it for itself). :func:`thread_settings` reports what is in effect.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 from llvmlite import ir
@@ -39,19 +41,57 @@ _OPTIONS = {"nogil": True, "cache": False, "fastmath": False,
             "error_model": "numpy"}
 
 
-PARALLEL_LOCK = threading.Lock()  # one parallel kernel at a time (workqueue is not thread-safe)
-
-
-def choose_threading_layer() -> None:
-    """Use Numba's ``workqueue`` layer unless the user has chosen a layer."""
-    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"
-
-
-def jit(fn=None, *, parallel: bool = False):
-    """``numba.njit`` with refmoco's options; ``parallel=True`` for ``prange`` loops."""
-    decorate = numba.njit(**_OPTIONS, parallel=parallel)
+def jit(fn=None):
+    """``numba.njit`` with refmoco's options (serial, releases the GIL)."""
+    decorate = numba.njit(**_OPTIONS)
     return decorate if fn is None else decorate(fn)
+
+
+def num_threads() -> int:
+    """Threads for :func:`run_parts`: ``NUMBA_NUM_THREADS`` (default: the usable CPUs)."""
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _workers() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, num_threads() - 1), thread_name_prefix="refmoco")
+        return _pool
+
+
+def run_parts(kernel, arrays, scalars=(), *, work: int, min_work: int) -> None:
+    """Run ``kernel(*parts, *scalars)`` on contiguous parts of ``arrays`` at once.
+
+    Every array is cut along its first axis at the same places (so they must share its length;
+    an empty array, such as an unused buffer, is passed whole to every part), into as many parts
+    as there are threads but no part with less than ``min_work`` of the ``work`` (below that, a
+    thread's start costs more than it saves). The calling thread runs the first part; the call
+    returns when all are done and re-raises a part's exception. ``kernel`` must release the GIL
+    (:func:`jit` does) and must write only into its own part.
+    """
+    size = len(arrays[0])
+    parts = max(1, min(num_threads(), work // max(1, min_work), size))
+    if parts == 1:
+        kernel(*arrays, *scalars)
+        return
+    align = 16 if arrays[0].ndim == 1 else 1  # 1-d parts start on 64-byte lines (float32)
+    cuts = [0] + [size * i // parts // align * align for i in range(1, parts)] + [size]
+
+    def part(lo, hi):
+        return [a[lo:hi] if len(a) else a for a in arrays]
+
+    pending = [_workers().submit(kernel, *part(lo, hi), *scalars)
+               for lo, hi in zip(cuts[1:-1], cuts[2:], strict=True)]
+    try:
+        kernel(*part(cuts[0], cuts[1]), *scalars)
+    finally:
+        for f in pending:
+            f.result()
 
 
 def cuda_jit(fn):
@@ -84,10 +124,10 @@ def thread_settings() -> dict:
     started = getattr(parallel, "_is_initialized", False)
     layer = getattr(parallel, "_threading_layer", None) if started else None
     env = ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
-           "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER", "NUMBA_NUM_THREADS")
+           "OMP_WAIT_POLICY", "NUMBA_NUM_THREADS")
     return {
         "cpus": os.cpu_count(),
-        "numba_threads": numba.config.NUMBA_NUM_THREADS,
-        "numba_threading_layer": layer or f"{numba.config.THREADING_LAYER} (not started)",
+        "kernel_threads": num_threads(),
+        "numba_threading_layer": layer or "not started",
         **{name: os.environ.get(name, "-") for name in env},
     }

@@ -9,6 +9,9 @@ r"""Numba CPU kernels: what ``backend="numba"`` runs on NumPy arrays.
 - :func:`momentum_update`: ``target = m * target + (1 - m) * source`` in one fused pass.
 - :func:`sgd_step`: one ``torch.optim.SGD`` step on flat buffers in one fused pass.
 
+The two elementwise passes run on all cores through :func:`refmoco.kernels._jit.run_parts`
+(contiguous parts of the flat buffers, one per thread).
+
 Each computes what the NumPy reference computes, in the same order where that order is exact
 (the momentum update and the SGD step are bitwise equal to it); the loss and its gradients differ
 only by the rounding of sums taken in another order.
@@ -23,11 +26,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
 
-from ._jit import PARALLEL_LOCK, bits_to_float, choose_threading_layer, jit
-
-choose_threading_layer()  # before the first parallel kernel runs; see _jit.py
+from ._jit import bits_to_float, jit, run_parts
 
 # -- exp(x) for x <= 0 (softmax weights): Cody-Waite range reduction and a polynomial -------------
 # x = n ln2 + r with |r| <= ln2 / 2; exp(x) = 2^n exp(r); 2^n is built from its bits.
@@ -223,17 +223,11 @@ def info_nce_queue(q, k, queue, temperature, reduction, wrt, *, block_rows=None)
 
 # -- momentum update ----------------------------------------------------------------------------
 
-PARALLEL_MIN = 1 << 18  # below this many elements a parallel launch costs more than it saves
-
-
-@jit(parallel=True)
-def _lerp_parallel(t, s, m, w):
-    for i in prange(t.size):
-        t[i] = t[i] * m + w * s[i]
+PARALLEL_MIN = 1 << 18  # elements per thread below which one thread is faster
 
 
 @jit
-def _lerp_serial(t, s, m, w):
+def _lerp(t, s, m, w):
     for i in range(t.size):
         t[i] = t[i] * m + w * s[i]
 
@@ -247,12 +241,8 @@ def momentum_update(target, source, m):
         return
     t = target if target.flags.c_contiguous else np.ascontiguousarray(target)
     s = np.ascontiguousarray(source, dtype=dtype)
-    args = (t.reshape(-1), s.reshape(-1), dtype.type(m), dtype.type(1.0 - m))
-    if t.size < PARALLEL_MIN:
-        _lerp_serial(*args)
-    else:
-        with PARALLEL_LOCK:
-            _lerp_parallel(*args)
+    run_parts(_lerp, (t.reshape(-1), s.reshape(-1)), (dtype.type(m), dtype.type(1.0 - m)),
+              work=t.size, min_work=PARALLEL_MIN)
     if t is not target:
         target[...] = t
 
@@ -260,9 +250,9 @@ def momentum_update(target, source, m):
 # -- SGD ----------------------------------------------------------------------------------------
 
 
-@jit(parallel=True)
+@jit
 def _sgd(p, g, buf, lr, momentum, damp_w, weight_decay, nesterov, first_step):
-    for i in prange(p.size):
+    for i in range(p.size):
         d = g[i]
         if weight_decay != 0:
             d = d + weight_decay * p[i]  # d_t = g_t + lambda theta
@@ -291,6 +281,6 @@ def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_s
             raise ValueError("buf: a momentum buffer is required when momentum > 0")
         buf = np.empty(0, dtype)
     typed = dtype.type
-    with PARALLEL_LOCK:
-        _sgd(p.reshape(-1), g.reshape(-1), buf.reshape(-1), typed(lr), typed(momentum),
-             typed(1.0 - dampening), typed(weight_decay), bool(nesterov), bool(first_step))
+    run_parts(_sgd, (p.reshape(-1), g.reshape(-1), buf.reshape(-1)),
+              (typed(lr), typed(momentum), typed(1.0 - dampening), typed(weight_decay),
+               bool(nesterov), bool(first_step)), work=p.size, min_work=PARALLEL_MIN)

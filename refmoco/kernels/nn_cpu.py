@@ -6,8 +6,9 @@ the col2im scatter (nine strided in-place additions) and batch norm's per-channe
 three of four axes took about two thirds of the step. Here each of them is one Numba pass over
 contiguous channel vectors:
 
-- :func:`conv2d_forward` / :func:`conv2d_backward`: im2col and col2im as kernels, parallel over
-  the images of the batch (each image's rows and pixels belong to one thread: no races); the
+- :func:`conv2d_forward` / :func:`conv2d_backward`: im2col and col2im as kernels, split over
+  the images of the batch for large batches (each image's rows and pixels belong to one thread:
+  no races); the
   products stay NumPy's BLAS, exactly as in :func:`refmoco.nn.functional.conv2d_forward`.
 - :func:`batch_norm_forward` / :func:`batch_norm_backward`: the statistics and the normalisation
   on the array seen as ``(rows, channels)`` (an NCHW array with channels-last memory, as the
@@ -23,24 +24,21 @@ every output and gradient against the NumPy reference.
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from ..nn.functional import BatchNormCache, Conv2dCache, ReLUCache, update_running_stats
-from ._jit import PARALLEL_LOCK, choose_threading_layer, jit
-
-choose_threading_layer()  # before the first parallel kernel runs; see _jit.py
+from ._jit import jit, run_parts
 
 # -- convolution ----------------------------------------------------------------------------------
 
-PARALLEL_MIN = 1 << 19  # below this many copied elements one thread is faster (launch costs)
+PARALLEL_MIN = 1 << 19  # copied elements per thread below which one thread is faster
 
 
-@jit(parallel=True)
+@jit
 def _im2col(x, cols, kh, kw, s, p, ho, wo):
     """``cols[n, i, j, a, e, c] = x[n, s i + a - p, s j + e - p, c]`` (0 outside the image);
     ``x`` is (N, H, W, C), channels last."""
     n_img, h, w, ch = x.shape
-    for n in prange(n_img):
+    for n in range(n_img):
         for i in range(ho):
             for j in range(wo):
                 for a in range(kh):
@@ -55,12 +53,12 @@ def _im2col(x, cols, kh, kw, s, p, ho, wo):
                                 cols[n, i, j, a, e, c] = 0
 
 
-@jit(parallel=True)
+@jit
 def _col2im(dcols, dx, s, p):
     """``dx[n, r, col, c] += dcols[n, i, j, a, e, c]`` for every window pixel inside the image."""
     n_img, ho, wo, kh, kw, ch = dcols.shape
     h, w = dx.shape[1], dx.shape[2]
-    for n in prange(n_img):
+    for n in range(n_img):
         for r in range(h):
             for col in range(w):
                 for c in range(ch):
@@ -78,10 +76,6 @@ def _col2im(dcols, dx, s, p):
                                 dx[n, r, col, c] += dcols[n, i, j, a, e, c]
 
 
-_im2col_serial = jit(_im2col.py_func)
-_col2im_serial = jit(_col2im.py_func)
-
-
 def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     """As :func:`refmoco.nn.functional.conv2d_forward`, with the im2col gather as a kernel."""
     N, C, H, W = x.shape
@@ -90,11 +84,8 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
     cols = np.empty((N, Ho, Wo, kh, kw, C), x.dtype)
     x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # a view when x is channels-last
-    if cols.size < PARALLEL_MIN:
-        _im2col_serial(x_nhwc, cols, kh, kw, s, p, Ho, Wo)
-    else:
-        with PARALLEL_LOCK:
-            _im2col(x_nhwc, cols, kh, kw, s, p, Ho, Wo)
+    run_parts(_im2col, (x_nhwc, cols), (kh, kw, s, p, Ho, Wo), work=cols.size,
+              min_work=PARALLEL_MIN)  # parts: groups of images
     cols = cols.reshape(N * Ho * Wo, kh * kw * C)  # (N*Ho*Wo, kh*kw*C), rows ordered (a, e, c)
     w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
     y = cols @ w_mat.T  # (N*Ho*Wo, O)
@@ -115,11 +106,7 @@ def conv2d_backward(dy, cache):
     db = dy_mat.sum(axis=0)
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
     dx = np.empty((N, H, W, C), dy.dtype)
-    if dcols.size < PARALLEL_MIN:
-        _col2im_serial(dcols, dx, s, p)
-    else:
-        with PARALLEL_LOCK:
-            _col2im(dcols, dx, s, p)
+    run_parts(_col2im, (dcols, dx), (s, p), work=dcols.size, min_work=PARALLEL_MIN)
     return dx.transpose(0, 3, 1, 2), np.ascontiguousarray(dw), db
 
 
