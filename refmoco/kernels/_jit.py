@@ -117,6 +117,18 @@ def bits_to_float(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (IEEE fused multiply-add; a CPU without FMA gets libm's
+    ``fma``). Exact rounding, so results stay deterministic without ``fastmath``."""
+    if a == b == c and a in (types.float32, types.float64):
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+
+        return a(a, b, c), codegen
+    return None
+
+
 def thread_settings() -> dict:
     """The thread-related settings in effect, as the benchmark reports them."""
     from numba.np.ufunc import parallel
