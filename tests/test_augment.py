@@ -183,8 +183,11 @@ def test_crop_magnifies_a_ramp():
 
 
 @settings(deadline=None, max_examples=30)
-@given(shape=shapes, seed=seeds, low=st.floats(0.0, 2.0), width=st.floats(0.0, 1.0))
+@given(shape=shapes, seed=seeds, low=st.floats(0.0, 2.0, allow_subnormal=False),
+       width=st.floats(0.0, 1.0, allow_subnormal=False))
 def test_intensity_scales_each_image_by_one_factor(shape, seed, low, width):
+    """A subnormal factor (low = 0, width ~ 5e-324) cannot be recovered as out / x to 1e-12:
+    the strategies stay in the normal range (found by a saved example)."""
     x = _images(shape, seed) + 0.5
     out = intensity_jitter(x, np.random.default_rng(seed), low, low + width)
     factor = out / x
