@@ -19,6 +19,12 @@ PyTorch module ::
 
 so that ``W[s - 1]`` of :func:`refmoco.cpc_loss` is ``predictors.{s-1}.weight``.
 
+The model runs where its parameters live: ``CPC.init(rng, dtype, backend="cupy")`` (or
+``params.to("cupy")``) puts them on the GPU, and ``encode``, ``forward`` and ``loss_and_grads``
+then take CuPy inputs and return CuPy arrays, computed by the same code with ``xp = cupy`` (an
+input on the other device is a ``TypeError`` naming it, never a silent copy). The training loop
+(:func:`train_cpc`), the data and the linear probes stay on the host.
+
 The task (:func:`digit_sequences`): each sequence is a run of scikit-learn digit images whose
 classes follow an arithmetic rule, ``label_t = (a + delta * t) mod 10``, with the start ``a`` and
 step ``delta`` drawn per sequence and each image drawn at random from its class. Only the class of
@@ -44,6 +50,7 @@ import numpy as np
 
 from refmoco._checks import check_int, check_positive
 from refmoco.adam import Adam
+from refmoco.backend import BACKENDS, as_array, check_device
 from refmoco.losses import cpc_loss
 from refmoco.nn import FlatParams, Linear, ReLU, Sequential
 from refmoco.nn.gru import GRU, gru_backward, gru_forward
@@ -101,8 +108,22 @@ class CPC:
             shapes[f"predictors.{s}.weight"] = (self.embed_dim, self.context_dim)
         return shapes
 
-    def init(self, rng: np.random.Generator, dtype: Any = "float32") -> FlatParams:
-        """Fresh parameters, initialised as PyTorch initialises the module (no buffers)."""
+    def init(self, rng: np.random.Generator, dtype: Any = "float32", *,
+             backend: str = "numpy") -> FlatParams:
+        """Fresh parameters, initialised as PyTorch initialises the module (no buffers).
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+            Every draw is made from it on the host, so a seed gives the same weights on every
+            backend.
+        dtype : {"float32", "float64"}
+        backend : {"numpy", "numba", "cupy"}
+            Where the parameters live: the host, or the GPU for ``"cupy"`` (one copy of the
+            host draws), as :meth:`refmoco.nn.Model.init`.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
         dt = check_dtype(dtype)
         arrays = {f"encoder.{k}": v for k, v in self.encoder.init_params(rng, dt).items()}
         arrays.update({f"gru.{k}": v for k, v in self.gru.init_params(rng, dt).items()})
@@ -110,14 +131,23 @@ class CPC:
             arrays[f"predictors.{s}.weight"] = self.predictor.init_params(rng, dt)["weight"]
         params = FlatParams(self.param_shapes(), dt)
         params.load_state_dict(arrays)
-        return params
+        return params.to(backend)
 
     def _W(self, params) -> np.ndarray:
-        return np.stack([params[f"predictors.{s}.weight"] for s in range(self.num_steps)])
+        return params.xp.stack([params[f"predictors.{s}.weight"] for s in range(self.num_steps)])
+
+    @staticmethod
+    def _input(params: FlatParams, x):
+        """``x`` as an array of the parameters' dtype on their device (else a TypeError)."""
+        x = as_array(x, "x")
+        check_device(x, "x", params.xp)
+        return params.xp.asarray(x, dtype=params.dtype)
 
     def encode(self, params: FlatParams, x) -> np.ndarray:
-        """Per-step features: the encoder on (N, F) inputs gives (N, D)."""
-        x = np.asarray(x, dtype=params.dtype).reshape(len(x), -1)
+        """Per-step features: the encoder on (N, F) inputs gives (N, D), on the parameters'
+        device."""
+        x = self._input(params, x)
+        x = x.reshape(len(x), -1)
         return self.encoder.forward(Scoped(params, "encoder"), {}, x)[0]
 
     def forward(self, params: FlatParams, x):
@@ -127,7 +157,8 @@ class CPC:
         ----------
         params : FlatParams
         x : ndarray of shape (B, T, F)
-            Cast to the parameters' dtype.
+            Cast to the parameters' dtype; on their device (NumPy for parameters on the host,
+            CuPy for parameters on the GPU), else a ``TypeError``.
 
         Returns
         -------
@@ -136,9 +167,11 @@ class CPC:
         cache : tuple
             The encoder's and the GRU's caches.
         """
-        x = np.asarray(x, dtype=params.dtype)
+        x = self._input(params, x)
         if x.ndim != 3 or x.shape[2] != self.in_features:
-            raise ValueError(f"x: expected shape (B, T, {self.in_features}), got {x.shape}")
+            raise ValueError(
+                f"x: expected shape (B, T, {self.in_features}), got {tuple(x.shape)}"
+            )
         b, t, f = x.shape
         z, enc_cache = self.encoder.forward(Scoped(params, "encoder"), {}, x.reshape(b * t, f))
         z = z.reshape(b, t, -1)  # (B, T, D)
@@ -152,13 +185,15 @@ class CPC:
         ----------
         params : FlatParams
         x : ndarray of shape (B, T, F)
+            On the parameters' device, as in :meth:`forward`.
 
         Returns
         -------
         loss : ndarray, 0-d
-            ``cpc_loss(z, c, W).loss`` (mean over the valid (s, t, b)).
+            ``cpc_loss(z, c, W).loss`` (mean over the valid (s, t, b)), on the parameters'
+            device (``float(loss)`` brings it to the host).
         grads : FlatParams
-            Same layout and dtype as ``params``.
+            Same layout, dtype and device as ``params``.
 
         Notes
         -----

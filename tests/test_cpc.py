@@ -1,14 +1,17 @@
 """refmoco.cpc: the whole model's gradient by finite differences and against PyTorch autograd,
-the digit-sequence task, a short training run and ``refmoco cpc``."""
+the digit-sequence task, a short training run and ``refmoco cpc``, and the model on CuPy arrays
+(a GPU, or the stand-in of ``fake_cupy.py``) against NumPy."""
 
 import json
 import math
 
 import numpy as np
 import pytest
+from fake_cupy import assert_same, device_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refmoco.adam import Adam
 from refmoco.cpc import CPC, CPCConfig, digit_sequences, train_cpc
 from refmoco.nn import FlatParams
 from refmoco.testing import assert_close, check_grad
@@ -177,3 +180,64 @@ def test_cli_writes_metrics_and_plot(tmp_path, monkeypatch, tiny_digits, capsys)
     assert metrics["log_batch_size"] == pytest.approx(math.log(8))
     assert (tmp_path / "cpc.png").stat().st_size > 0
     assert json.loads(capsys.readouterr().out)["final"] == metrics["final"]
+
+
+# ---------------------------------------------------------------------------------- on the device
+
+
+@pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request, monkeypatch):
+    """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
+    return device_module(request.param, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_on_the_device_equals_numpy(xp, dtype):
+    """The same seed gives the same weights on the device; encodings, contexts, loss and every
+    gradient equal NumPy's, stay on the device and keep the dtype; so do three Adam steps in
+    float64 (in float32, Adam's ``g / sqrt(v)`` would turn the rounding of a gradient that
+    cancels to ~0 into an update of size ``lr``)."""
+    model = CPC(in_features=6, hidden=8, embed_dim=4, context_dim=5, num_steps=2)
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((5, 4, 6)) for _ in range(3)]  # float64: cast to the params' dtype
+    frames = rng.standard_normal((7, 6))
+    results = []
+    for backend, move in (("numpy", np.asarray), ("cupy", xp.asarray)):
+        params = model.init(np.random.default_rng(0), dtype, backend=backend)
+        assert params.backend == backend and params.dtype == np.dtype(dtype)
+        out = {"init": params.flat.copy(), "encode": model.encode(params, move(frames))}
+        out["z"], out["c"], _ = model.forward(params, move(xs[0]))
+        out["loss"], grads = model.loss_and_grads(params, move(xs[0]))
+        assert grads.same_layout(params) and grads.backend == backend
+        out["grads"] = grads.flat
+        opt = Adam(lr=1e-2)
+        for i, x in enumerate(xs if dtype == "float64" else []):
+            loss, grads = model.loss_and_grads(params, move(x))
+            opt.step(params, grads)
+            out[f"loss {i}"] = loss
+        out["trained"] = params.flat
+        results.append(out)
+    ref, dev = results
+    for name, want in ref.items():
+        assert want.dtype == np.dtype(dtype), name
+        assert isinstance(dev[name], xp.ndarray), name  # nothing left the device
+        assert_same(dev[name], want, name)
+
+
+def test_mixing_host_and_device_arrays_is_a_type_error(xp):
+    model = CPC(in_features=4, hidden=3, embed_dim=2, context_dim=2, num_steps=1)
+    p_dev = model.init(np.random.default_rng(0), "float32", backend="cupy")
+    p_host = model.init(np.random.default_rng(0), "float32")
+    x = np.ones((2, 3, 4), np.float32)
+    x_dev = xp.asarray(x)
+    for params, wrong in ((p_dev, x), (p_host, x_dev)):
+        with pytest.raises(TypeError, match="^x: "):
+            model.loss_and_grads(params, wrong)
+        with pytest.raises(TypeError, match="^x: "):
+            model.forward(params, wrong)
+        with pytest.raises(TypeError, match="^x: "):
+            model.encode(params, wrong[0])
+    with pytest.raises(ValueError, match="backend"):
+        model.init(np.random.default_rng(0), backend="gpu")
+    loss, _ = model.loss_and_grads(p_dev, x_dev)  # the right arrays work
+    assert isinstance(loss, xp.ndarray) and np.isfinite(float(loss))

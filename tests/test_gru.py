@@ -1,7 +1,9 @@
-"""refmoco.nn.gru: a loop transcription of the equations, finite differences, torch.nn.GRU."""
+"""refmoco.nn.gru: a loop transcription of the equations, finite differences, torch.nn.GRU, and
+the same code on CuPy arrays (a GPU, or the stand-in of ``fake_cupy.py``) against NumPy."""
 
 import numpy as np
 import pytest
+from fake_cupy import assert_same, device_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +188,82 @@ def test_state_dict_round_trip_with_torch(torch, rng):
     x = rng.standard_normal((2, 6, 3))
     out, _ = GRU(3, 4).forward(p, {}, x)
     assert_close(out, ref(torch.from_numpy(x))[0].detach().numpy(), name="out")
+
+
+# ---------------------------------------------------------------------------------- on the device
+
+
+@pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request, monkeypatch):
+    """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
+    return device_module(request.param, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_on_the_device_equals_numpy(xp, dtype):
+    """Sequence, cell and layer, forward and backward, with an initial state and a gradient of
+    the final state: the device results equal NumPy's, stay on the device and keep the dtype."""
+    rng = np.random.default_rng(0)
+    n, i, h, t = 3, 4, 5, 6
+    p = random_params(rng, i, h, dtype)
+    x, h0 = rng.standard_normal((n, t, i)).astype(dtype), rng.standard_normal((n, h)).astype(dtype)
+    u, v = rng.standard_normal((n, t, h)).astype(dtype), rng.standard_normal((n, h)).astype(dtype)
+    layer = GRU(i, h)
+    results = []
+    for move in (np.asarray, xp.asarray):
+        w = [move(p[k]) for k in NAMES]
+        out, cache = gru_forward(move(x), move(h0), *w)
+        grads = gru_backward(move(u), cache, dh_last=move(v))
+        h1, cell_cache = gru_cell_forward(move(x[:, 0]), move(h0), *w)
+        cell_grads = gru_cell_backward(move(v), cell_cache)
+        out_layer, layer_cache = layer.forward(dict(zip(NAMES, w, strict=True)), {}, move(x))
+        dx_layer, layer_grads = layer.backward(dict(zip(NAMES, w, strict=True)), layer_cache,
+                                               move(u))  # fmt: skip
+        results.append({"out": out, **dict(zip(("dx", "dh0", *NAMES), grads, strict=True)),
+                        "h1": h1, **{f"cell {k}": g for k, g in zip(
+                            ("dx", "dh", *NAMES), cell_grads, strict=True)},
+                        "layer out": out_layer, "layer dx": dx_layer,
+                        **{f"layer {k}": g for k, g in layer_grads.items()}})  # fmt: skip
+    ref, dev = results
+    assert set(dev) == set(ref)
+    for name, want in ref.items():
+        assert isinstance(want, np.ndarray) and want.dtype == np.dtype(dtype), name
+        assert isinstance(dev[name], xp.ndarray), name  # nothing left the device
+        assert_same(dev[name], want, name)
+
+
+def test_mixing_host_and_device_arrays_is_a_type_error(xp):
+    """An argument on the other device than the weights is a TypeError that names it."""
+    rng = np.random.default_rng(0)
+    p = random_params(rng, 2, 3)
+    x, h0 = rng.standard_normal((2, 4, 2)), rng.standard_normal((2, 3))
+    host = [p[k] for k in NAMES]
+    dev = [xp.asarray(a) for a in host]
+    x_dev, h0_dev = xp.asarray(x), xp.asarray(h0)
+    with pytest.raises(TypeError, match="^x: "):
+        gru_forward(x, h0_dev, *dev)
+    with pytest.raises(TypeError, match="^h0: "):
+        gru_forward(x_dev, h0, *dev)
+    with pytest.raises(TypeError, match="^b_hh: "):
+        gru_forward(x_dev, None, *dev[:3], host[3])
+    with pytest.raises(TypeError, match="^x: "):  # host weights: the device input is the odd one
+        gru_forward(x_dev, None, *host)
+    out, cache = gru_forward(x_dev, h0_dev, *dev)
+    with pytest.raises(TypeError, match="^dout: "):
+        gru_backward(np.ones(out.shape), cache)
+    with pytest.raises(TypeError, match="^dh_last: "):
+        gru_backward(xp.ones(out.shape), cache, dh_last=np.ones(h0.shape))
+    with pytest.raises(TypeError, match="^h: "):
+        gru_cell_forward(x_dev[:, 0], h0, *dev)
+    _, cell_cache = gru_cell_forward(x_dev[:, 0], h0_dev, *dev)
+    with pytest.raises(TypeError, match="^dh_new: "):
+        gru_cell_backward(np.ones(h0.shape), cell_cache)
+    layer, params = GRU(2, 3), dict(zip(NAMES, dev, strict=True))
+    with pytest.raises(TypeError, match="^x: "):
+        layer.forward(params, {}, x)
+    with pytest.raises(TypeError, match="^x: "):  # backend="cupy" names the device of the input
+        layer.forward(dict(zip(NAMES, host, strict=True)), {}, x, backend="cupy")
+    with pytest.raises(ValueError, match="backend"):
+        layer.forward(params, {}, x_dev, backend="gpu")
+    out_layer, _ = layer.forward(params, {}, x_dev, backend="cupy")  # the right arrays work
+    assert isinstance(out_layer, xp.ndarray)

@@ -12,6 +12,12 @@ The equations, gate order (r, z, n), parameter names and layouts are PyTorch's `
 The free functions :func:`gru_forward` / :func:`gru_backward` also take an initial state ``h0`` and
 return its gradient; :func:`gru_cell_forward` / :func:`gru_cell_backward` are one time step.
 
+Every function runs on NumPy or CuPy arrays, as the other layers of :mod:`refmoco.nn` do: the array
+module ``xp`` is the weights' (:func:`refmoco.backend.namespace_of`), so on the GPU the same code
+runs as cuBLAS products and CuPy elementwise kernels and every result stays on the device. An
+argument on the other device is a ``TypeError`` naming it (nothing is copied behind the caller's
+back). Only the loop over time steps runs on the host, as Python.
+
 References
 ----------
 - Cho et al. Learning Phrase Representations using RNN Encoder-Decoder. arXiv:1406.1078.
@@ -27,12 +33,25 @@ from typing import NamedTuple
 
 import numpy as np
 
+from refmoco.backend import check_device, namespace_of
+from refmoco.nn.functional import _check_backend
 from refmoco.nn.layers import Layer, _check_positive_int, _uniform, check_dtype
 
 
-def _sigmoid(a):
+def _sigmoid(a, xp=np):
     """``1 / (1 + exp(-a))`` as ``(1 + tanh(a / 2)) / 2``: no overflow for any ``a``."""
-    return 0.5 * (1.0 + np.tanh(0.5 * a))
+    return 0.5 * (1.0 + xp.tanh(0.5 * a))
+
+
+def _placement(w, **arrays):
+    """The array module of the weight ``w``; a ``TypeError`` naming any of ``arrays`` (``None``
+    entries skipped) that lives on the other device. NumPy arrays with NumPy weights skip the
+    checks (a user's loop calls the cell once per time step)."""
+    xp = np if isinstance(w, np.ndarray) else namespace_of(w)
+    for name, a in arrays.items():
+        if a is not None and not (xp is np and isinstance(a, np.ndarray)):
+            check_device(a, name, xp)
+    return xp
 
 
 class GRUCellCache(NamedTuple):
@@ -75,18 +94,19 @@ def gru_cell_forward(x, h, w_ih, w_hh, b_ih, b_hh):
         n &= \tanh(W_{in} x + b_{in} + r \odot (W_{hn} h + b_{hn})) \\
         h' &= (1 - z) \odot n + z \odot h
     """
+    xp = _placement(w_ih, x=x, h=h, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     hs = h.shape[1]
     gi = x @ w_ih.T + b_ih  # (N, 3H)
     gh = h @ w_hh.T + b_hh  # (N, 3H)
-    r = _sigmoid(gi[:, :hs] + gh[:, :hs])  # (N, H)
-    z = _sigmoid(gi[:, hs : 2 * hs] + gh[:, hs : 2 * hs])  # (N, H)
+    r = _sigmoid(gi[:, :hs] + gh[:, :hs], xp)  # (N, H)
+    z = _sigmoid(gi[:, hs : 2 * hs] + gh[:, hs : 2 * hs], xp)  # (N, H)
     hn = gh[:, 2 * hs :]  # (N, H)
-    n = np.tanh(gi[:, 2 * hs :] + r * hn)  # (N, H)
+    n = xp.tanh(gi[:, 2 * hs :] + r * hn)  # (N, H)
     h_new = n + z * (h - n)  # (N, H): (1 - z) n + z h
     return h_new, GRUCellCache(x, h, r, z, n, hn, w_ih, w_hh)
 
 
-def _cell_pre_backward(dh_new, h, r, z, n, hn):
+def _cell_pre_backward(dh_new, h, r, z, n, hn, xp=np):
     """Gradients of the gates' pre-activations, ``(dgi, dgh, dh_direct)``, each (N, 3H) / (N, H).
 
     ``dgi`` is the gradient of ``W_ih x + b_ih``, ``dgh`` that of ``W_hh h + b_hh``;
@@ -98,8 +118,8 @@ def _cell_pre_backward(dh_new, h, r, z, n, hn):
     dr = da_n * hn  # (N, H)
     da_r = dr * r * (1 - r)  # (N, H): through sigma
     da_z = dz * z * (1 - z)  # (N, H)
-    dgi = np.concatenate([da_r, da_z, da_n], axis=-1)  # (N, 3H)
-    dgh = np.concatenate([da_r, da_z, da_n * r], axis=-1)  # (N, 3H)
+    dgi = xp.concatenate([da_r, da_z, da_n], axis=-1)  # (N, 3H)
+    dgh = xp.concatenate([da_r, da_z, da_n * r], axis=-1)  # (N, 3H)
     return dgi, dgh, dh_new * z
 
 
@@ -122,7 +142,8 @@ def gru_cell_backward(dh_new, cache):
         \partial h &= \partial h' \odot z + \partial(W_{hh}h + b_{hh})\, W_{hh}
     """
     x, h, r, z, n, hn, w_ih, w_hh = cache
-    dgi, dgh, dh = _cell_pre_backward(dh_new, h, r, z, n, hn)
+    xp = _placement(w_ih, dh_new=dh_new)
+    dgi, dgh, dh = _cell_pre_backward(dh_new, h, r, z, n, hn, xp)
     dx = dgi @ w_ih  # (N, I)
     dh = dh + dgh @ w_hh  # (N, H)
     return dx, dh, dgi.T @ x, dgh.T @ h, dgi.sum(axis=0), dgh.sum(axis=0)
@@ -163,19 +184,20 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     projections :math:`W_{ih} x_t + b_{ih}` of all steps are one matrix product before the loop;
     only :math:`W_{hh} h_{t-1}` is computed step by step.
     """
+    xp = _placement(w_ih, x=x, h0=h0, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
     nb, t_len, _ = x.shape
     hs = w_hh.shape[1]
-    h = np.zeros((nb, hs), dtype=x.dtype) if h0 is None else h0
+    h = xp.zeros((nb, hs), dtype=x.dtype) if h0 is None else h0
     gi = x @ w_ih.T + b_ih  # (N, T, 3H)
-    out = np.empty((nb, t_len, hs), dtype=x.dtype)
-    h_prev, r, z, n, hn = (np.empty_like(out) for _ in range(5))
+    out = xp.empty((nb, t_len, hs), dtype=x.dtype)
+    h_prev, r, z, n, hn = (xp.empty_like(out) for _ in range(5))
     for t in range(t_len):
         gh = h @ w_hh.T + b_hh  # (N, 3H)
         h_prev[:, t] = h
-        r[:, t] = _sigmoid(gi[:, t, :hs] + gh[:, :hs])  # (N, H)
-        z[:, t] = _sigmoid(gi[:, t, hs : 2 * hs] + gh[:, hs : 2 * hs])  # (N, H)
+        r[:, t] = _sigmoid(gi[:, t, :hs] + gh[:, :hs], xp)  # (N, H)
+        z[:, t] = _sigmoid(gi[:, t, hs : 2 * hs] + gh[:, hs : 2 * hs], xp)  # (N, H)
         hn[:, t] = gh[:, 2 * hs :]  # (N, H)
-        n[:, t] = np.tanh(gi[:, t, 2 * hs :] + r[:, t] * hn[:, t])  # (N, H)
+        n[:, t] = xp.tanh(gi[:, t, 2 * hs :] + r[:, t] * hn[:, t])  # (N, H)
         h = out[:, t] = n[:, t] + z[:, t] * (h - n[:, t])  # (N, H)
     return out, GRUCache(x, h_prev, r, z, n, hn, w_ih, w_hh)
 
@@ -209,14 +231,15 @@ def gru_backward(dout, cache, dh_last=None):
     x_t` and :math:`\partial W_{hh} = \sum_t \partial g^h_t{}^\top h_{t-1}`, each one product.
     """
     x, h_prev, r, z, n, hn, w_ih, w_hh = cache
+    xp = _placement(w_ih, dout=dout, dh_last=dh_last)
     t_len = x.shape[1]
-    dgi = np.empty(x.shape[:2] + (w_ih.shape[0],), dtype=dout.dtype)  # (N, T, 3H)
-    dgh = np.empty_like(dgi)  # (N, T, 3H)
-    dh = np.zeros_like(dout[:, 0]) if dh_last is None else dh_last  # (N, H)
+    dgi = xp.empty(x.shape[:2] + (w_ih.shape[0],), dtype=dout.dtype)  # (N, T, 3H)
+    dgh = xp.empty_like(dgi)  # (N, T, 3H)
+    dh = xp.zeros_like(dout[:, 0]) if dh_last is None else dh_last  # (N, H)
     for t in reversed(range(t_len)):
         dh = dout[:, t] + dh  # (N, H): the output's gradient plus what step t + 1 sent back
         dgi[:, t], dgh[:, t], dh_direct = _cell_pre_backward(
-            dh, h_prev[:, t], r[:, t], z[:, t], n[:, t], hn[:, t]
+            dh, h_prev[:, t], r[:, t], z[:, t], n[:, t], hn[:, t], xp
         )
         dh = dh_direct + dgh[:, t] @ w_hh  # (N, H): the gradient of h_{t-1}
     dx = dgi @ w_ih  # (N, T, I)
@@ -236,6 +259,9 @@ class GRU(Layer):
     Parameters ``weight_ih_l0`` (3H, I), ``weight_hh_l0`` (3H, H), ``bias_ih_l0`` (3H,),
     ``bias_hh_l0`` (3H,), gates stacked in the order r, z, n; all initialised from
     :math:`U(-1/\sqrt{H}, 1/\sqrt{H})` as PyTorch does. See :func:`gru_forward`.
+
+    ``init_params`` draws host arrays; with CuPy parameters and input the layer runs on the GPU
+    (``backend=None`` follows the arrays; ``"numba"`` is the NumPy code).
 
     Examples
     --------
@@ -264,7 +290,8 @@ class GRU(Layer):
         dt, bound = check_dtype(dtype), 1 / math.sqrt(self.hidden_size)
         return {k: _uniform(rng, bound, s, dt) for k, s in self.param_shapes().items()}
 
-    def forward(self, params, buffers, x, *, train=False, backend="numpy"):
+    def forward(self, params, buffers, x, *, train=False, backend=None):
+        _check_backend(backend, x)  # None, "numpy", "numba" (the same code) or "cupy"
         if x.ndim != 3 or x.shape[2] != self.input_size:
             raise ValueError(
                 f"x: GRU expects shape (N, T, {self.input_size}), got {tuple(x.shape)}"

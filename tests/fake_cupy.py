@@ -1,0 +1,241 @@
+"""A strict stand-in for CuPy on the host, for the device tests (``test_cupy_training.py``,
+``test_gru.py``, ``test_cpc.py``).
+
+Its arrays (:class:`FakeDeviceArray`) are NumPy arrays in a box whose type lives in a module named
+``cupy``, so refmoco treats them as device arrays; :class:`FakeCupy` is the module ``cupy`` that
+computes on them (NumPy's functions, unboxed and boxed again). It refuses what CuPy refuses:
+``np.asarray`` of a device array, NumPy functions on it, host arrays inside device operations, a
+host array written into a device array. So the generic ``xp`` code, the placement checks and every
+host/device transfer run without a GPU; what it cannot exercise is CuPy's own numerics and kernels.
+
+:func:`device_module` is the body of the ``xp`` fixtures: real CuPy for ``"cupy"`` (a GPU, else
+a skip, or a failure under ``REFMOCO_REQUIRE_GPU=1``), the stand-in installed as
+``sys.modules["cupy"]`` for ``"fake"``; :func:`assert_same` compares a device result with the
+host reference (tolerances :data:`TOL`, relative to the scale of the reference).
+
+:meth:`FakeCupy.__getattr__` hands out NumPy's functions by name, so a function NumPy has and CuPy
+lacks would pass here and fail on a GPU: device code uses only functions CuPy documents.
+"""
+
+import operator
+import sys
+import types
+
+import numpy as np
+from gpu import require_cupy
+
+from refmoco.backend import to_numpy
+
+# device results against the host reference: relative to the scale of the compared array
+TOL = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
+
+
+def device_module(kind, monkeypatch):
+    """The device's array module for a test: ``kind`` is ``"cupy"`` (real CuPy on a GPU, else a
+    skip) or ``"fake"`` (a fresh :class:`FakeCupy`, installed as ``sys.modules["cupy"]`` for the
+    test's duration through ``monkeypatch``)."""
+    if kind == "cupy":
+        return require_cupy()
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    return fake
+
+
+def assert_same(got, want, name, tol_scale=1.0):
+    """``got`` (host or device) equals the host reference ``want`` within the dtype's tolerance
+    relative to the scale of ``want``; same dtype and shape; integers and strings exactly."""
+    got, want = to_numpy(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    assert got.shape == want.shape, f"{name}: shape {got.shape}, expected {want.shape}"
+    if want.dtype.kind != "f":
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        return
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[want.dtype] * tol_scale * scale,
+                               err_msg=name)
+
+
+# -- the stand-in ----------------------------------------------------------------------------------
+
+
+def _unwrap(obj):
+    """Device arrays to their NumPy payload; a host array inside a device operation is refused."""
+    if isinstance(obj, FakeDeviceArray):
+        return obj._a
+    if isinstance(obj, np.ndarray):
+        raise TypeError("fake cupy: Unsupported type <class 'numpy.ndarray'> (a host array in a "
+                        "device operation)")
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unwrap(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v) for k, v in obj.items()}
+    return obj
+
+
+def _index(idx):
+    """An index: host integer arrays are accepted (CuPy copies them to the device)."""
+    if isinstance(idx, tuple):
+        return tuple(_index(i) for i in idx)
+    if isinstance(idx, FakeDeviceArray):
+        return idx._a
+    return idx
+
+
+def _wrap(obj):
+    """NumPy results back in the box; scalars become 0-d device arrays, as CuPy returns them."""
+    if isinstance(obj, np.ndarray):
+        return FakeDeviceArray(obj)
+    if isinstance(obj, np.generic):
+        return FakeDeviceArray(np.asarray(obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_wrap(o) for o in obj)
+    return obj
+
+
+def _call(f, args, kwargs):
+    return _wrap(f(*_unwrap(args), **_unwrap(kwargs)))
+
+
+def _on_device(f):
+    """``f`` (a NumPy function or method) taking and returning boxed arrays."""
+    return lambda *args, **kwargs: _call(f, args, kwargs)
+
+
+class FakeDeviceArray:
+    """A NumPy array that pretends to live on a GPU (its type's module is ``cupy._fake``)."""
+
+    __slots__ = ("_a",)
+    __hash__ = None
+
+    def __init__(self, a):
+        assert isinstance(a, np.ndarray)
+        self._a = a
+
+    # what CuPy refuses
+    def __array__(self, *args, **kwargs):
+        raise TypeError("fake cupy: Implicit conversion to a NumPy array is not allowed")
+
+    def __array_function__(self, func, types, args, kwargs):
+        raise TypeError(f"fake cupy: numpy.{func.__name__} called on a device array")
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):  # NumPy scalars are fine
+        return _call(getattr(ufunc, method), inputs, kwargs)
+
+    # what CuPy has
+    def get(self, stream=None):
+        return self._a.copy()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no __array_interface__ & co: no silent conversion
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        if callable(attr):
+            return _on_device(attr)
+        return _wrap(attr)
+
+    def __getitem__(self, idx):
+        return _wrap(self._a[_index(idx)])
+
+    def __setitem__(self, idx, value):
+        self._a[_index(idx)] = _unwrap(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(row) for row in self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __repr__(self):
+        return f"fake_device_array({self._a!r})"
+
+
+def _binary(op, reflected=False):
+    if reflected:
+        return lambda self, other: _call(op, (other, self), {})
+    return lambda self, other: _call(op, (self, other), {})
+
+
+def _inplace(op):
+    def method(self, other):
+        op(self._a, _unwrap(other))
+        return self
+
+    return method
+
+
+for _name, _op in [("add", operator.add), ("sub", operator.sub), ("mul", operator.mul),
+                   ("truediv", operator.truediv), ("floordiv", operator.floordiv),
+                   ("pow", operator.pow), ("matmul", operator.matmul), ("mod", operator.mod),
+                   ("and", operator.and_), ("or", operator.or_), ("xor", operator.xor)]:
+    setattr(FakeDeviceArray, f"__{_name}__", _binary(_op))
+    setattr(FakeDeviceArray, f"__r{_name}__", _binary(_op, reflected=True))
+    setattr(FakeDeviceArray, f"__i{_name}__", _inplace(getattr(operator, f"i{_name}")))
+for _name in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(FakeDeviceArray, f"__{_name}__", _binary(getattr(operator, _name)))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(FakeDeviceArray, f"__{_name}__",
+            (lambda op: lambda self: _call(op, (self,), {}))(getattr(operator, _name)))
+FakeDeviceArray.__module__ = "cupy._fake"  # what refmoco.backend.is_cupy_array looks at
+
+
+class FakeCupy(types.ModuleType):
+    """The module ``cupy`` of the stand-in: NumPy's functions on boxed arrays."""
+
+    ndarray = FakeDeviceArray
+
+    def __init__(self):
+        super().__init__("cupy")
+
+    @staticmethod
+    def is_available():
+        return True
+
+    @staticmethod
+    def asarray(a, dtype=None):
+        if isinstance(a, FakeDeviceArray):
+            return a if dtype is None else a.astype(dtype, copy=False)
+        return FakeDeviceArray(np.array(a, dtype=dtype, copy=True))  # a host-to-device copy
+
+    @staticmethod
+    def array(a, dtype=None, copy=True):
+        if isinstance(a, FakeDeviceArray):
+            return FakeDeviceArray(np.array(a._a, dtype=dtype, copy=copy))
+        return FakeDeviceArray(np.array(a, dtype=dtype, copy=True))
+
+    @staticmethod
+    def asnumpy(a):
+        return a.get() if isinstance(a, FakeDeviceArray) else np.asarray(a)
+
+    def __getattr__(self, name):
+        obj = getattr(np, name)
+        if isinstance(obj, types.ModuleType):  # no cupy.random, cupy.linalg & co in the training
+            raise AttributeError(f"fake cupy: cupy.{name} is not provided")
+        if isinstance(obj, type) or not callable(obj):  # dtypes (xp.int64), constants
+            return obj
+        return _on_device(obj)
+
+
+def on_host_info_nce(real, q, k, negatives=None, **kwargs):
+    """The mechanisms' InfoNCE on the fake: the NumPy reference on the boxed arrays."""
+    if not isinstance(q, FakeDeviceArray):  # a host run: as it is
+        return real(q, k, negatives, **kwargs)
+    kwargs["backend"] = "numpy"
+    out = real(q._a, k._a, None if negatives is None else negatives._a, **kwargs)
+    return type(out)(_wrap(np.asarray(out.loss)), {n: _wrap(g) for n, g in out.grads.items()})
+
+
+def on_host_momentum_update(real, target, source, momentum, *, backend=None):
+    """The mechanisms' EMA update on the fake: the NumPy reference, in place on the payload."""
+    if not isinstance(target, FakeDeviceArray):  # a host run: as it is
+        return real(target, source, momentum, backend=backend)
+    real(target._a, source._a, momentum, backend="numpy")  # in place, on the shared payload
+    return target
