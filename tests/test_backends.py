@@ -5,6 +5,7 @@ Tolerances follow the dtype and the size of the terms a result is computed from 
 difference of logits as large as ``|q| |n| C / T``); they are never chosen per test."""
 
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -408,3 +409,24 @@ def test_momentum_update_cupy_matches_numpy(cupy, problem):
     refmoco.momentum_update(dev, cupy.asarray(source), m)
     assert dev.dtype == ref.dtype
     np.testing.assert_array_equal(cupy.asnumpy(dev), ref)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_split_kernels_work_in_a_forked_child():
+    """A process forked after the pool has started (a data-loader worker) gets a fresh pool:
+    the inherited one has no threads and would hang."""
+    import multiprocessing
+
+    n = cpu.PARALLEL_MIN * 4
+    t, s = np.zeros(n, np.float32), np.ones(n, np.float32)
+    refmoco.momentum_update(t, s, 0.5, backend="numba")  # the parent's pool is running
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        total = pool.apply_async(_child_update, (n,)).get(timeout=60)
+    assert total == pytest.approx(0.5 * n)
+
+
+def _child_update(n):
+    t, s = np.zeros(n, np.float32), np.ones(n, np.float32)
+    refmoco.momentum_update(t, s, 0.5, backend="numba")
+    return float(t.sum(dtype=np.float64))

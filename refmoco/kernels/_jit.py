@@ -64,6 +64,17 @@ def _workers() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork() -> None:
+    """A forked child (a data-loader worker, say) has none of the parent's threads: a pool
+    inherited from the parent would queue work that no thread runs. Start afresh there."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def run_parts(kernel, arrays, scalars=(), *, work: int, min_work: int) -> None:
     """Run ``kernel(*parts, *scalars)`` on contiguous parts of ``arrays`` at once.
 
