@@ -520,7 +520,11 @@ def run(args) -> int:
     groups += [momentum_group()] if "momentum" in only else []
     groups += [enqueue_group()] if "enqueue" in only else []
     groups += training_step_groups(args.quick) if "step" in only else []
-    groups += gpu_groups(args.quick) if "gpu" in only else []
+    if "gpu" in only:
+        found = gpu_groups(args.quick)
+        if not found and args.only:
+            print("  (--only gpu: no CuPy with a CUDA GPU here, nothing to time)", flush=True)
+        groups += found
     cases = [c for g in groups for c in g.cases]
     for c in cases:  # warm-up: compiles Numba kernels, starts thread pools, fills caches
         c.run()
