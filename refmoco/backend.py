@@ -79,7 +79,7 @@ def _cupy() -> ModuleType:
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise BackendUnavailableError(
             "backend='cupy' needs CuPy and a CUDA GPU: pip install 'refmoco[gpu]' "
-            "(cupy-cuda12x, or the CuPy build for your CUDA version)"
+            "(CUDA 12; 'refmoco[gpu-cuda13]' for CUDA 13)"
         ) from exc
     if not cupy.is_available():  # pragma: no cover - depends on the machine
         raise BackendUnavailableError(
