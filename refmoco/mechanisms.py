@@ -137,7 +137,20 @@ class Mechanism:
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`'s arrays (host or device) into this mechanism's device."""
+        """Restore :meth:`state_dict`'s arrays (host or device) into this mechanism's device.
+
+        All or nothing: if any entry is rejected (a malformed optimizer entry, a queue of the
+        wrong size, ...), everything already restored is put back as it was and the error is
+        raised; the mechanism is then exactly as before the call.
+        """
+        backup = self.state_dict()  # host copies
+        try:
+            self._load_state_dict(state)
+        except Exception:
+            self._load_state_dict(backup)
+            raise
+
+    def _load_state_dict(self, state: dict) -> None:
         self.params.load_state_dict(_section(state, "params"))
         _load_buffers(self.buffers, _section(state, "buffers"))
         self.optimizer.load_state_dict(_section(state, "optimizer"))
@@ -241,9 +254,9 @@ class MoCo(Mechanism):
         state["moco/rng_state"] = rng_to_array(self.rng)
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_state_dict(self, state: dict) -> None:
         self.queue.load_state_dict(_section(state, "queue"))
-        super().load_state_dict(state)
+        super()._load_state_dict(state)
         self.key_params.load_state_dict(_section(state, "key_params"))
         _load_buffers(self.key_buffers, _section(state, "key_buffers"))
         self.rng = rng_from_array(state["moco/rng_state"])
@@ -305,6 +318,6 @@ class MemoryBankMechanism(Mechanism):
         state.update({f"bank/{k}": v for k, v in self.bank.state_dict().items()})
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def _load_state_dict(self, state: dict) -> None:
         self.bank.load_state_dict(_section(state, "bank"))
-        super().load_state_dict(state)
+        super()._load_state_dict(state)

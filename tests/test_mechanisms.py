@@ -198,3 +198,37 @@ def test_numba_backend_step_equals_the_numpy_step(mechanism, kind):
         if state_a[key].dtype.kind == "f":
             np.testing.assert_allclose(state_b[key], state_a[key], rtol=1e-10, atol=1e-13,
                                        err_msg=key)
+
+
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
+def test_load_state_dict_is_all_or_nothing(mechanism):
+    """A state whose last-loaded entry is malformed leaves the mechanism exactly as it was,
+    though the entries before it (queue or bank, parameters, buffers) were already valid."""
+    def make(seed):
+        enc, params, buffers, shape = build("mlp", seed=seed)
+        opt = SGD(LR, momentum=SGD_M, weight_decay=WD)
+        if mechanism == "moco":
+            return MoCo(enc, params, buffers, opt, queue=Queue(13, 6, dtype="float64", seed=seed),
+                        momentum=0.9, temperature=T, seed=seed), shape
+        if mechanism == "end-to-end":
+            return EndToEnd(enc, params, buffers, opt, temperature=T), shape
+        return MemoryBankMechanism(enc, params, buffers, opt, num_negatives=5,
+                                   bank=MemoryBank(20, 6, dtype="float64", seed=seed),
+                                   temperature=T), shape
+
+    mech, shape = make(0)
+    mech.step(*views(shape, 8, 0), np.arange(8), LR)
+    other, _ = make(1)
+    other.step(*views(shape, 8, 1), np.arange(8) + 8, LR)
+    before = mech.state_dict()
+    bad = other.state_dict()
+    bad["optimizer/step_count"] = np.array(-3)  # the optimizer is loaded after the rest
+    with pytest.raises(ValueError, match="step_count"):
+        mech.load_state_dict(bad)
+    after = mech.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+    mech.load_state_dict(other.state_dict())  # a good state still loads
+    for key, value in other.state_dict().items():
+        np.testing.assert_array_equal(mech.state_dict()[key], value, err_msg=key)
