@@ -24,7 +24,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--momentum", type=float, default=d.momentum,
                    help="the key encoder's EMA momentum (moco)")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="SGD learning rate (cosine decay); by default 0.06 for moco and "
+                        "end-to-end, 0.01 for memory-bank (which collapses at 0.06 here)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--bn-groups", type=int, default=d.bn_groups,
                    help="shuffle BN: batch-norm groups emulating MoCo's per-GPU batches")

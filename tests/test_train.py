@@ -174,3 +174,15 @@ def test_cli_without_a_gpu_says_what_to_install_and_writes_nothing(tmp_path, cap
     assert main(["train", "--backend", "cupy", "--epochs", "1", "--out", str(out)]) == 2
     assert "pip install 'refmoco[gpu]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_learning_rate_defaults_per_mechanism_and_explicit_values_win():
+    from refmoco.train import DEFAULT_LR
+
+    for mechanism in ("moco", "end-to-end", "memory-bank"):
+        assert TrainConfig(mechanism=mechanism).lr == DEFAULT_LR[mechanism]
+        assert TrainConfig(mechanism=mechanism, lr=0.2).lr == 0.2
+    assert TrainConfig(mechanism="memory-bank").lr < TrainConfig().lr
+    assert TrainConfig(mechanism="memory-bank").to_json()["lr"] == DEFAULT_LR["memory-bank"]
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0.0)
