@@ -17,11 +17,11 @@ from refmoco.train import CHECKPOINT, TrainConfig, run
 
 # (series label, mechanism, dictionary sizes, options other than the defaults). The dictionary
 # size K is the queue size (moco), the number of sampled negatives (memory bank), or the batch
-# size (end-to-end: the dictionary is the batch). The memory bank collapses at the default
-# learning rate 0.06 (its stored positives lag the encoder), so it is also run at 0.01.
+# size (end-to-end: the dictionary is the batch). The memory bank collapses at MoCo's learning
+# rate 0.06 (its stored positives lag the encoder); its default is 0.01, and it is run at both.
 GRID = [
     ("moco", "moco", [128, 256, 512, 1024], {}),
-    ("memory-bank", "memory-bank", [128, 256, 512, 1024], {}),
+    ("memory-bank, lr 0.06", "memory-bank", [128, 256, 512, 1024], {"lr": 0.06}),
     ("memory-bank, lr 0.01", "memory-bank", [128, 256, 512, 1024], {"lr": 0.01}),
     ("end-to-end", "end-to-end", [64, 128, 256], {}),
 ]
