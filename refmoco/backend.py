@@ -146,6 +146,15 @@ def float_array(x: Any, name: str, *, ndim: int | None = None) -> Any:
     return a
 
 
+def check_available(backend: str | None) -> None:
+    """Raise :class:`BackendUnavailableError` (saying what to install) when ``backend`` is
+    ``"numba"`` without Numba or ``"cupy"`` without CuPy and a GPU; other values pass."""
+    if backend == "numba":
+        _check_numba()
+    elif backend == "cupy":
+        _cupy()
+
+
 def resolve(backend: str | None, *arrays: Any) -> Backend:
     """Resolve ``backend=`` against the arrays of a call.
 

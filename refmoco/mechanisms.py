@@ -30,6 +30,7 @@ from .backend import (
     BACKENDS,
     as_array,
     backend_of,
+    check_available,
     check_device,
     namespace_of,
     to_backend,
@@ -172,6 +173,7 @@ def _check_placement(params, buffers, backend) -> str:
     """The mechanism's backend, checked against where the parameters and buffers live."""
     if backend not in (None, *BACKENDS):
         raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy', got {backend!r}")
+    check_available(backend)
     gpu = params.backend == "cupy"
     if backend is None:
         backend = "cupy" if gpu else "numpy"

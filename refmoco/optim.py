@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import backend_of, is_cupy_array, resolve, to_backend, to_numpy
+from .backend import backend_of, check_available, is_cupy_array, resolve, to_backend, to_numpy
 
 OPTIMIZER_BACKENDS = (None, "numpy", "numba", "cupy")
 
@@ -139,6 +139,7 @@ class SGD:
         if backend not in OPTIMIZER_BACKENDS:
             raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy', got "
                              f"{backend!r}")
+        check_available(backend)  # a missing Numba or CuPy says what to install, here
         self.backend = backend
         self.lr = _hyper(lr, "lr")
         self.momentum = _hyper(momentum, "momentum")

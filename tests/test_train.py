@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -186,3 +188,35 @@ def test_learning_rate_defaults_per_mechanism_and_explicit_values_win():
     assert TrainConfig(mechanism="memory-bank").to_json()["lr"] == DEFAULT_LR["memory-bank"]
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0.0)
+
+
+def test_without_numba_the_numba_backend_says_what_to_install(tmp_path):
+    """Numba hidden from a fresh interpreter: the optimizer, the layers and `refmoco train`
+    fail at once with the install hint (exit 2, no output folder), not deep inside a step."""
+    code = f"""if True:
+        import sys
+        sys.modules["numba"] = None  # import numba now raises ImportError
+        import numpy as np
+        from refmoco.backend import BackendUnavailableError
+        from refmoco.optim import SGD
+        from refmoco.nn import functional as F
+        from refmoco.cli import main
+        for make in (lambda: SGD(0.1, backend="numba"),
+                     lambda: F.relu_forward(np.ones(3), backend="numba")):
+            try:
+                make()
+            except BackendUnavailableError as exc:
+                assert "pip install 'refmoco[numba]'" in str(exc), exc
+            else:
+                raise AssertionError("no error")
+        out = {str(tmp_path / "run")!r}
+        assert main(["train", "--backend", "numba", "--epochs", "1", "--no-progress",
+                     "--out", out]) == 2
+        import os
+        assert not os.path.exists(out)
+        print("ok")
+    """
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+    assert "refmoco[numba]" in result.stderr  # the CLI's message

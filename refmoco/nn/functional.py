@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from refmoco.backend import is_cupy_array, namespace_of
+from refmoco.backend import check_available, is_cupy_array, namespace_of
 
 # ------------------------------------------------------------------------------------ linear
 
@@ -90,6 +90,8 @@ def _check_backend(backend, x):
     gpu = is_cupy_array(x)
     if backend is None:
         return "cupy" if gpu else "numpy"
+    if backend == "numba":
+        check_available("numba")  # says what to install
     if (backend == "cupy") != gpu:
         raise TypeError(f"x: backend={backend!r} runs on {'CuPy' if backend == 'cupy' else 'NumPy'}"
                         f" arrays, got {type(x).__module__.split('.')[0]}.{type(x).__name__}")
