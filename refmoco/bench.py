@@ -119,8 +119,8 @@ def info_nce_group(k_size: int, n: int = 256, c: int = 128) -> Group:
     cases = [Case("matrix products only", floor), Case("refmoco numpy", ours("numpy"))]
     notes = []
     try:
+        a, b = ours("numpy")(), ours("numba")()  # raises first if Numba is missing
         cases.append(Case("refmoco numba", ours("numba")))
-        a, b = ours("numpy")(), ours("numba")()
         err = float(np.abs(a.grads["q"] - b.grads["q"]).max() / np.abs(a.grads["q"]).max())
         notes.append(f"numba vs numpy: |loss diff| {abs(float(a.loss) - float(b.loss)):.1e}, "
                      f"max |dq diff| / max |dq| {err:.1e}")
@@ -176,6 +176,7 @@ def momentum_group() -> Group:
         return {f"p{i}": flat[offsets[i] : offsets[i + 1]].reshape(s) for i, s in enumerate(shapes)}
 
     pk, pq = views(flat_k), views(flat_q)
+    notes = []
     cases = [
         Case("refmoco numpy, 62 tensors", lambda: refmoco.momentum_update(pk, pq, m)),
         Case("refmoco numpy, flat buffer", lambda: refmoco.momentum_update(flat_k, flat_q, m)),
@@ -188,8 +189,8 @@ def momentum_group() -> Group:
             Case("refmoco numba, flat buffer",
                  lambda: refmoco.momentum_update(flat_k, flat_q, m, backend="numba")),
         ]
-    except refmoco.BackendUnavailableError:
-        pass
+    except refmoco.BackendUnavailableError as exc:
+        notes.append(f"numba: {exc}")
     torch = _torch()
     reference = "torch._foreach_lerp_"
     if torch is not None:
@@ -203,7 +204,7 @@ def momentum_group() -> Group:
         cases += [Case("PyTorch loop (MoCo's code)", official),
                   Case(reference, lambda: torch._foreach_lerp_(tk, tq, 1.0 - m))]
     title = f"Momentum update, {sum(sizes) / 1e6:.1f}M float32 parameters in {len(shapes)} tensors"
-    return Group(title, cases, reference)
+    return Group(title, cases, reference, notes)
 
 
 def enqueue_group(size: int = 65536, dim: int = 128, batch: int = 256) -> Group:
@@ -260,6 +261,7 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
                         k_size: int = 4096) -> Group:
     import numpy as np
 
+    from .backend import BackendUnavailableError
     from .dictionary import Queue
     from .mechanisms import MoCo
     from .optim import SGD
@@ -277,7 +279,7 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
                         queue=Queue(k_size, 128, seed=0), momentum=m, temperature=t,
                         bn_groups=1, backend=backend)
             moco.step(xq, xk, ids, lr)  # raises here if the backend is unavailable
-        except ImportError as exc:
+        except (ImportError, BackendUnavailableError) as exc:
             notes.append(f"{backend}: {exc}")
             continue
         cases.append(Case(f"refmoco {backend}", lambda moco=moco: moco.step(xq, xk, ids, lr)))
@@ -427,6 +429,7 @@ def gpu_momentum_group(cupy) -> Group:
 def gpu_training_step_group(cupy, name, encoder, shape, n=256, k_size=4096) -> Group:
     import numpy as np
 
+    from .backend import BackendUnavailableError
     from .dictionary import Queue
     from .mechanisms import MoCo
     from .optim import SGD
@@ -444,7 +447,7 @@ def gpu_training_step_group(cupy, name, encoder, shape, n=256, k_size=4096) -> G
                     temperature=t, bn_groups=1, backend="cupy")
         moco.step(xq_d, xk_d, ids, lr)
         cases.append(Case("refmoco cupy", lambda: moco.step(xq_d, xk_d, ids, lr), sync))
-    except (TypeError, ValueError, NotImplementedError) as exc:
+    except (TypeError, ValueError, NotImplementedError, BackendUnavailableError) as exc:
         notes.append(f"refmoco cupy: {exc}")
     reference, torch = "PyTorch CUDA (MoCo's builder.py)", _torch_cuda()
     if torch is not None:

@@ -430,3 +430,19 @@ def _child_update(n):
     t, s = np.zeros(n, np.float32), np.ones(n, np.float32)
     refmoco.momentum_update(t, s, 0.5, backend="numba")
     return float(t.sum(dtype=np.float64))
+
+
+def test_bench_runs_without_numba_and_says_so():
+    """`refmoco bench` on an install without Numba (the demo extra): the NumPy and PyTorch cases
+    run, and each group notes what to install for the Numba ones."""
+    code = """if True:
+        import sys
+        sys.modules["numba"] = None
+        from refmoco.bench import main
+        sys.exit(main(["--quick", "--repeats", "1", "--inherit-env", "--only", "info-nce",
+                       "--only", "momentum", "--only", "step"]))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "refmoco numpy" in out.stdout and "refmoco numba " not in out.stdout
+    assert out.stdout.count("pip install 'refmoco[numba]'") == 5  # 2 InfoNCE, momentum, 2 steps
