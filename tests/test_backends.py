@@ -58,14 +58,20 @@ def assert_same(out, ref, dtype, loss_scale, grad_scale):
 # -- InfoNCE -------------------------------------------------------------------------------------
 
 
-@given(info_nce_inputs(unit=False), REDUCTION, DTYPE, wrt_subsets(["q", "k", "negatives"]))
-def test_info_nce_numba_matches_numpy(inputs, reduction, dtype, wrt):
+def info_nce_case(inputs, reduction, dtype, wrt):
+    """``(q, k, negatives, t, args)``: drawn inputs in ``dtype`` and the loss's keywords (no
+    gradient of negatives that an in-batch call does not have)."""
     q, k, negatives, t = inputs
     q, k = q.astype(dtype), k.astype(dtype)
     negatives = None if negatives is None else negatives.astype(dtype)
     if negatives is None and wrt is not None:
         wrt = tuple(w for w in wrt if w != "negatives")
-    args = dict(temperature=t, reduction=reduction, wrt=wrt)
+    return q, k, negatives, t, dict(temperature=t, reduction=reduction, wrt=wrt)
+
+
+@given(info_nce_inputs(unit=False), REDUCTION, DTYPE, wrt_subsets(["q", "k", "negatives"]))
+def test_info_nce_numba_matches_numpy(inputs, reduction, dtype, wrt):
+    q, k, negatives, t, args = info_nce_case(inputs, reduction, dtype, wrt)
     ref = refmoco.info_nce_loss(q, k, negatives, backend="numpy", **args)
     out = refmoco.info_nce_loss(q, k, negatives, backend="numba", **args)
     assert out.loss.dtype == dtype and out.loss.shape == ()
@@ -374,12 +380,7 @@ def cupy():
 @pytest.mark.gpu
 @given(info_nce_inputs(unit=False), REDUCTION, DTYPE, wrt_subsets(["q", "k", "negatives"]))
 def test_info_nce_cupy_matches_numpy(cupy, inputs, reduction, dtype, wrt):
-    q, k, negatives, t = inputs
-    q, k = q.astype(dtype), k.astype(dtype)
-    negatives = None if negatives is None else negatives.astype(dtype)
-    if negatives is None and wrt is not None:
-        wrt = tuple(w for w in wrt if w != "negatives")
-    args = dict(temperature=t, reduction=reduction, wrt=wrt)
+    q, k, negatives, t, args = info_nce_case(inputs, reduction, dtype, wrt)
     ref = refmoco.info_nce_loss(q, k, negatives, **args)
     dev = [None if a is None else cupy.asarray(a) for a in (q, k, negatives)]
     out = refmoco.info_nce_loss(*dev, **args)
