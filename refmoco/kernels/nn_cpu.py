@@ -234,17 +234,6 @@ def _relu_grad(dy, mask, dx):
         dx[i] = dy[i] * mask[i]
 
 
-def _flat(x):
-    """``x``'s memory as a 1-d array (a view when x is C-contiguous or channels-last, else a
-    copy) and the function that gives a 1-d result of that memory back x's shape and strides."""
-    if x.flags.c_contiguous:
-        return x.reshape(-1), lambda r: r.reshape(x.shape)
-    if x.ndim > 2:
-        rows = _rows(x)  # (rows, C), channels last
-        return rows.reshape(-1), lambda r: _like(r.reshape(rows.shape), x.shape)
-    return np.ascontiguousarray(x).reshape(-1), lambda r: r.reshape(x.shape)
-
-
 def _order(a):
     """``"C"`` for C-contiguous memory, ``"last"`` for channels-last, else None."""
     if a.flags.c_contiguous:
@@ -252,6 +241,16 @@ def _order(a):
     if a.ndim > 2 and np.moveaxis(a, 1, -1).flags.c_contiguous:
         return "last"
     return None
+
+
+def _flat(x):
+    """``x``'s memory as a 1-d array (a view when x is C-contiguous or channels-last, else a
+    C-ordered copy) and the function that gives a 1-d result of that memory back x's shape and
+    strides."""
+    if _order(x) == "last":
+        rows = _rows(x)  # (rows, C), a view
+        return rows.reshape(-1), lambda r: _like(r.reshape(rows.shape), x.shape)
+    return np.ascontiguousarray(x).reshape(-1), lambda r: r.reshape(x.shape)
 
 
 def relu_forward(x):
