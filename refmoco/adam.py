@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from refmoco.backend import namespace_of
-from refmoco.optim import _host_copy, _hyper, _state_to, _step_arguments
+from refmoco.backend import host_copy, namespace_of
+from refmoco.optim import _hyper, _state_to, _step_arguments
 
 _BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -168,7 +168,7 @@ class Adam:
         }
         for k in _BUFFERS:
             buf = getattr(self, k)
-            state[k] = None if buf is None else _host_copy(buf)
+            state[k] = None if buf is None else host_copy(buf)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -191,7 +191,7 @@ class Adam:
         step_count = state["step_count"]
         if isinstance(step_count, bool) or int(step_count) != step_count or step_count < 0:
             raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
-        bufs = {k: None if state[k] is None else _host_copy(state[k]) for k in _BUFFERS}
+        bufs = {k: None if state[k] is None else host_copy(state[k]) for k in _BUFFERS}
         wanted = list(_BUFFERS if fresh.amsgrad else _BUFFERS[:2]) if step_count else []
         for k, buf in bufs.items():
             if (buf is None) == (k in wanted):

@@ -192,6 +192,12 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(as_array(x, "x"))
 
 
+def host_copy(x: Any) -> np.ndarray:
+    """A NumPy copy of ``x`` (a device-to-host copy of a CuPy array; PyTorch/JAX tensors through
+    :func:`to_numpy`): what state dicts and checkpoints store."""
+    return x.get() if is_cupy_array(x) else np.array(to_numpy(x), copy=True)
+
+
 def array_module(name: str) -> ModuleType:
     """The array module of a backend name (used by stateful objects such as ``Queue``)."""
     return _cupy() if name == "cupy" else np

@@ -32,6 +32,7 @@ from .backend import (
     backend_of,
     check_available,
     check_device,
+    host_copy,
     namespace_of,
     to_backend,
     to_numpy,
@@ -39,7 +40,6 @@ from .backend import (
 from .dictionary import MemoryBank, Queue, rng_from_array, rng_to_array
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
-from .nn.params import host_copy
 from .optim import SGD
 
 MECHANISMS = ("moco", "end-to-end", "memory-bank")

@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from .backend import backend_of, check_available, is_cupy_array, resolve, to_backend, to_numpy
+from .backend import (
+    backend_of,
+    check_available,
+    host_copy,
+    is_cupy_array,
+    resolve,
+    to_backend,
+)
 
 OPTIMIZER_BACKENDS = (None, "numpy", "numba", "cupy")
 
@@ -219,7 +226,7 @@ class SGD:
             "step_count": self.step_count,
             "momentum_buffer": None
             if self.momentum_buffer is None
-            else _host_copy(self.momentum_buffer),
+            else host_copy(self.momentum_buffer),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -245,7 +252,7 @@ class SGD:
             raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
         buf = state["momentum_buffer"]
         if buf is not None:
-            buf = _host_copy(buf)
+            buf = host_copy(buf)
             if buf.ndim != 1 or buf.dtype.kind != "f":
                 raise ValueError(
                     f"momentum_buffer: expected a 1-d float array, got {buf.dtype} {buf.shape}"
@@ -255,11 +262,6 @@ class SGD:
         self.__dict__.update(fresh.__dict__)
         self.step_count = int(step_count)
         self.momentum_buffer = buf
-
-
-def _host_copy(a: Any) -> np.ndarray:
-    """A NumPy copy of an array (a device-to-host copy of a CuPy array)."""
-    return a.get() if is_cupy_array(a) else np.array(to_numpy(a), copy=True)
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0) -> float:

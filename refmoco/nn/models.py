@@ -38,6 +38,7 @@ from refmoco.backend import (
     backend_of,
     check_device,
     float_array,
+    host_copy,
     namespace_of,
     to_backend,
     to_numpy,
@@ -53,7 +54,7 @@ from refmoco.nn.layers import (
     ReLU,
     check_dtype,
 )
-from refmoco.nn.params import FlatParams, host_copy
+from refmoco.nn.params import FlatParams
 from refmoco.nn.sequential import Scoped, Sequential
 
 

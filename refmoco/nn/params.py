@@ -29,17 +29,13 @@ from refmoco.backend import (
     BACKENDS,
     as_array,
     backend_of,
+    host_copy,
     is_cupy_array,
     namespace_of,
     to_backend,
     to_numpy,
 )
 from refmoco.nn.layers import check_dtype
-
-
-def host_copy(a: Any) -> np.ndarray:
-    """A NumPy copy of ``a``: a device-to-host copy of a CuPy array, a plain copy otherwise."""
-    return a.get() if is_cupy_array(a) else np.array(a, copy=True)
 
 
 class FlatParams(Mapping):
