@@ -22,20 +22,12 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..backend import is_cupy_array
+from ..backend import is_cupy_array, namespace_of
 from ._jit import cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 THREADS = 4 if SIMULATOR else 256  # threads per block; a power of two (tree reductions)
 MAX_BLOCKS = 3 if SIMULATOR else 4096  # grid-stride loops cover the rest
-
-
-def _xp(a):
-    if is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np  # the simulator
 
 
 def _launch(kernel, blocks, *args):
@@ -116,7 +108,7 @@ def info_nce_queue(q, k, queue, temperature, reduction, wrt):
     """InfoNCE with a shared queue on the GPU; the contract of
     :func:`refmoco.kernels.cpu.info_nce_queue` (per-query losses, gradients of the reduced
     loss)."""
-    xp = _xp(q)
+    xp = namespace_of(q)
     dtype = q.dtype
     _check_dtype(dtype)
     n = q.shape[0]
@@ -153,7 +145,7 @@ def _lerp(t, s, m, w):
 
 def momentum_update(target, source, m):
     """In place, ``target = m * target + (1 - m) * source`` (the reference's rounding)."""
-    xp = _xp(target)
+    xp = namespace_of(target)
     dtype = target.dtype
     if dtype not in (np.float32, np.float64):  # float16: CuPy's elementwise formula
         target *= dtype.type(m)
