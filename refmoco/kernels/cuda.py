@@ -5,7 +5,9 @@ r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
   of every row, forward and backward, in place over the logits (one block per query: a max and
   a sum reduction in shared memory, then the loss and ``(softmax - onehot) * scale / T``). The
   positive logit is kept in its own ``(N,)`` array: ``[l_pos, l_neg]`` is never concatenated.
-- :func:`momentum_update`: ``target = m * target + (1 - m) * source``, one grid-stride pass.
+- :func:`momentum_update`: ``target = m * target + (1 - m) * source``, one grid-stride pass,
+  bitwise the reference: its products and sum are libdevice's round-to-nearest operations, which
+  are never fused into a multiply-add (``tests/test_cuda_ptx.py`` reads the PTX).
 
 Kernels take CuPy arrays through ``__cuda_array_interface__`` and are launched on CuPy's current
 stream. Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported)
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import numba
 import numpy as np
@@ -136,11 +139,33 @@ def info_nce_queue(q, k, queue, temperature, reduction, wrt):
 # -- momentum update ----------------------------------------------------------------------------
 
 
-@cuda_jit
-def _lerp(t, s, m, w):
-    start = cuda.grid(1)
-    for i in range(start, t.shape[0], cuda.gridsize(1)):
-        t[i] = t[i] * m + w * s[i]
+def _rounded_ops(dtype):
+    """``(add, mul)``, each rounded on its own. NVVM contracts ``a * b + c * d`` into a fused
+    multiply-add (one rounding where NumPy has two) even without fastmath, and ptxas may fuse a
+    ``mul``/``add`` pair that carries no rounding modifier; libdevice's ``__fadd_rn``,
+    ``__fmul_rn`` (``__dadd_rn``, ``__dmul_rn``) become ``add.rn``/``mul.rn``, which are never
+    fused. The simulator computes on NumPy scalars, which round every operation already."""
+    if SIMULATOR:
+        return operator.add, operator.mul
+    from numba.cuda import libdevice
+
+    if dtype == np.float32:
+        return libdevice.fadd_rn, libdevice.fmul_rn
+    return libdevice.dadd_rn, libdevice.dmul_rn
+
+
+@functools.cache
+def _lerp_kernel(dtype):
+    """The momentum kernel for one float dtype: ``t = t * m + w * s``, each product and the sum
+    rounded as NumPy rounds them (bitwise the reference)."""
+    add, mul = _rounded_ops(dtype)
+
+    def lerp(t, s, m, w):
+        start = cuda.grid(1)
+        for i in range(start, t.shape[0], cuda.gridsize(1)):
+            t[i] = add(mul(t[i], m), mul(w, s[i]))
+
+    return cuda_jit(lerp)
 
 
 def momentum_update(target, source, m):
@@ -155,6 +180,7 @@ def momentum_update(target, source, m):
     s = xp.ascontiguousarray(source, dtype=dtype)
     if t.size:
         blocks = min(-(-t.size // THREADS), MAX_BLOCKS)
-        _launch(_lerp, blocks, t.reshape(-1), s.reshape(-1), dtype.type(m), dtype.type(1.0 - m))
+        _launch(_lerp_kernel(dtype.type), blocks, t.reshape(-1), s.reshape(-1), dtype.type(m),
+                dtype.type(1.0 - m))
     if t is not target:
         target[...] = t

@@ -1,0 +1,127 @@
+"""The Numba CUDA kernels compiled by the real CUDA compiler (NVVM), without a GPU.
+
+The simulator (``test_cuda_sim.py``) runs the kernels' logic in Python; it neither types them the
+way the CUDA target does nor shows what the compiler makes of the arithmetic. Here each kernel is
+compiled to PTX with ``numba.cuda.compile_ptx`` for the argument types its launch passes, and the
+PTX is read for two promises:
+
+- a float32 kernel computes in float32: no double-precision register or instruction (a float64
+  constant or an untyped literal would silently upcast the hot path);
+- the momentum kernel rounds like NumPy, so its result is bitwise the reference's: every float
+  multiply and add carries the ``.rn`` modifier and nothing is fused into ``fma``/``mad`` (NVVM
+  contracts ``a * b + c * d`` into a fused multiply-add unless told not to; it did, before
+  ``_rounded_ops``).
+
+Needs numba-cuda with NVVM (``pip install "numba-cuda[cu12]"``), which CI installs; without it
+the tests skip, and ``REFMOCO_REQUIRE_NVVM=1`` (set by ``.ci/run``) makes that skip a failure.
+"""
+
+import os
+import re
+
+import numba
+import numpy as np
+import pytest
+
+CC = (8, 0)  # the oldest architecture that CUDA 13 and the GPUs refmoco is run on both support
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """``refmoco.kernels.cuda`` compiled for the GPU, or skip (fail under REFMOCO_REQUIRE_NVVM)."""
+    if numba.config.ENABLE_CUDASIM:
+        pytest.skip("NUMBA_ENABLE_CUDASIM is set: the simulator compiles nothing")
+    from numba import cuda
+
+    def probe(x):
+        x[0] = 1.0
+
+    try:
+        cuda.compile_ptx(probe, (numba.float32[::1],), cc=CC)
+    except Exception as exc:  # no numba-cuda, no NVVM or libdevice: the install is incomplete
+        message = f"needs numba-cuda with NVVM (pip install 'numba-cuda[cu12]'): {exc!r}"
+        if os.environ.get("REFMOCO_REQUIRE_NVVM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from refmoco.kernels import cuda as kernels
+
+    return kernels
+
+
+def ptx_of(kernel, *args):
+    """The PTX of ``kernel`` (a ``cuda_jit`` dispatcher) for the types of ``args``, the arrays and
+    scalars a launch passes (contiguous arrays type as what ``as_cuda_array`` gives)."""
+    from numba import cuda
+
+    sig = tuple(numba.typeof(a) for a in args)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+    return ptx
+
+
+def xent_args(dtype, n=3, k=5):
+    """What ``info_nce_queue`` passes to the row kernel: l_pos, l_neg, 1/T, the gradient scale,
+    the losses and want_grad."""
+    t = np.dtype(dtype).type
+    return (np.zeros(n, dtype), np.zeros((n, k), dtype), t(1 / 0.07), t(1.0), np.zeros(n, dtype),
+            True)
+
+
+def lerp_args(dtype, size=7):
+    """What ``momentum_update`` passes: the flat target and source, m and 1 - m."""
+    t = np.dtype(dtype).type
+    return np.zeros(size, dtype), np.zeros(size, dtype), t(0.99), t(1.0 - 0.99)
+
+
+def instructions(ptx):
+    """The PTX's instructions (no directives, labels or comments), stripped."""
+    lines = (line.split("//")[0].strip() for line in ptx.splitlines())
+    return [ln for ln in lines if ln and not ln.startswith((".", "$", "{", "}", ")", "("))]
+
+
+def float_arithmetic(ptx, width):
+    """The float add/sub/mul/fma/mad instructions of one width (32 or 64) in the PTX."""
+    pattern = re.compile(rf"^(add|sub|mul|fma|mad)(\.\w+)*\.f{width}\b")
+    return [ins for ins in instructions(ptx) if pattern.match(ins)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_compile_for_the_gpu(kernels, dtype):
+    xent = ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))
+    lerp = ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype))
+    assert ".entry" in xent and ".entry" in lerp
+    assert "bar.sync" in xent  # the block's reductions synchronise
+    width = 32 if dtype == np.float32 else 64
+    assert float_arithmetic(xent, width) and float_arithmetic(lerp, width)
+
+
+def test_float32_kernels_compute_in_float32(kernels):
+    for name, ptx in [("xent", ptx_of(kernels._xent_kernel(np.float32), *xent_args(np.float32))),
+                      ("lerp", ptx_of(kernels._lerp_kernel(np.float32), *lerp_args(np.float32)))]:
+        doubles = [ln.strip() for ln in ptx.splitlines() if ".f64" in ln]
+        assert not doubles, f"{name}: float64 in a float32 kernel: {doubles[:5]}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_momentum_kernel_rounds_every_operation_like_numpy(kernels, dtype):
+    width = 32 if dtype == np.float32 else 64
+    ops = float_arithmetic(ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype)), width)
+    fused = [ins for ins in ops if ins.startswith(("fma", "mad"))]
+    assert not fused, f"fused multiply-adds round once where NumPy rounds twice: {fused[:3]}"
+    loose = [ins for ins in ops if ".rn." not in ins]  # without .rn, ptxas may fuse mul and add
+    assert not loose, f"float operations without a rounding modifier: {loose[:3]}"
+    assert {ins.split(".")[0] for ins in ops} == {"mul", "add"}  # t * m + w * s, nothing else
+
+
+def test_the_ptx_reader_sees_a_fused_multiply_add(kernels):
+    """The reader itself: the plain expression ``t * m + w * s`` compiles to an ``fma`` (what
+    the momentum kernel avoids), so the check above is not vacuous."""
+    from refmoco.kernels._jit import cuda_jit
+
+    @cuda_jit
+    def plain(t, s, m, w):
+        i = numba.cuda.grid(1)
+        if i < t.shape[0]:
+            t[i] = t[i] * m + w * s[i]
+
+    ops = float_arithmetic(ptx_of(plain, *lerp_args(np.float32)), 32)
+    assert any(ins.startswith("fma") for ins in ops), ops
