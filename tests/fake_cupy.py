@@ -13,11 +13,17 @@ a skip, or a failure under ``REFMOCO_REQUIRE_GPU=1``), the stand-in installed as
 ``sys.modules["cupy"]`` for ``"fake"``; :func:`assert_same` compares a device result with the
 host reference (tolerances :data:`TOL`, relative to the scale of the reference).
 
-:meth:`FakeCupy.__getattr__` hands out NumPy's functions by name, so a function NumPy has and CuPy
-lacks would pass here and fail on a GPU: device code uses only functions CuPy documents.
+Functions and array methods are NumPy's, handed out by name, but only the names and keyword
+arguments that CuPy has (``cupy_api.json``, written from CuPy 14.2 by ``scripts/cupy_api.py``): a
+function or keyword that NumPy has and CuPy lacks fails here as it would on a GPU. Integer-array
+indices follow CuPy too: one out of range wraps around instead of raising (so validation must not
+lean on ``IndexError``), and a write through repeated indices, whose winner CuPy leaves
+undetermined, is refused.
 """
 
+import json
 import operator
+import pathlib
 import sys
 import types
 
@@ -28,6 +34,10 @@ from refmoco.backend import to_numpy
 
 # device results against the host reference: relative to the scale of the compared array
 TOL = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
+
+# what CuPy has: {"cupy": {name: keywords}, "ndarray": {name: keywords}}; keywords is a list of
+# names, null where any are taken (or unreadable), "attribute" for a non-function
+CUPY_API = json.loads((pathlib.Path(__file__).with_name("cupy_api.json")).read_text())
 
 
 def device_module(kind, monkeypatch):
@@ -72,13 +82,48 @@ def _unwrap(obj):
     return obj
 
 
-def _index(idx):
-    """An index: host integer arrays are accepted (CuPy copies them to the device)."""
-    if isinstance(idx, tuple):
-        return tuple(_index(i) for i in idx)
-    if isinstance(idx, FakeDeviceArray):
-        return idx._a
-    return idx
+def _checked(where, name, obj):
+    """``obj`` (NumPy's ``name``) if CuPy has ``where.name``; callables check their keywords."""
+    if name not in CUPY_API[where]:
+        raise AttributeError(f"fake cupy: CuPy {CUPY_API['cupy_version']} has no {where}.{name}")
+    allowed = CUPY_API[where][name]
+    if not callable(obj) or isinstance(obj, type) or not isinstance(allowed, list):
+        return obj
+
+    def checked(*args, **kwargs):
+        extra = sorted(set(kwargs) - set(allowed))
+        if extra:
+            raise TypeError(f"fake cupy: {where}.{name} takes no keyword {extra} in CuPy "
+                            f"{CUPY_API['cupy_version']} (it takes {allowed})")
+        return obj(*args, **kwargs)
+
+    return checked
+
+
+def _index(idx, shape):
+    """An index into an array of ``shape``: device or host integer arrays (CuPy copies host ones
+    to the device); an integer array's out-of-range entries wrap around, as on CuPy."""
+    if not isinstance(idx, tuple):
+        return _index((idx,), shape)[0]
+    out = []
+    for axis, i in enumerate(idx):
+        if isinstance(i, FakeDeviceArray):
+            i = i._a
+        if isinstance(i, (np.ndarray, list)) and np.asarray(i).dtype.kind in "iu":
+            i = np.asarray(i) % shape[axis] if shape[axis] else np.asarray(i)
+        out.append(i)
+    return tuple(out)
+
+
+def _repeats(idx):
+    """Whether a write through ``idx`` hits one element twice through an integer array."""
+    arrays = [np.asarray(i) for i in (idx if isinstance(idx, tuple) else (idx,))
+              if isinstance(i, np.ndarray) and i.dtype.kind in "iu"]
+    if not arrays:
+        return False
+    flat = np.broadcast_arrays(*arrays)
+    keys = np.stack([a.ravel() for a in flat], axis=1)
+    return len(np.unique(keys, axis=0)) != len(keys)
 
 
 def _wrap(obj):
@@ -130,14 +175,18 @@ class FakeDeviceArray:
             raise AttributeError(name)
         attr = getattr(self._a, name)
         if callable(attr):
-            return _on_device(attr)
-        return _wrap(attr)
+            return _checked("ndarray", name, _on_device(attr))
+        return _wrap(_checked("ndarray", name, attr))
 
     def __getitem__(self, idx):
-        return _wrap(self._a[_index(idx)])
+        return _wrap(self._a[_index(idx, self._a.shape)])
 
     def __setitem__(self, idx, value):
-        self._a[_index(idx)] = _unwrap(value)
+        idx = _index(idx, self._a.shape)
+        if _repeats(idx):
+            raise ValueError("fake cupy: a write through repeated indices (CuPy leaves which "
+                             "value lands undetermined)")
+        self._a[idx] = _unwrap(value)
 
     def __len__(self):
         return len(self._a)
@@ -220,8 +269,8 @@ class FakeCupy(types.ModuleType):
         if isinstance(obj, types.ModuleType):  # no cupy.random, cupy.linalg & co in the training
             raise AttributeError(f"fake cupy: cupy.{name} is not provided")
         if isinstance(obj, type) or not callable(obj):  # dtypes (xp.int64), constants
-            return obj
-        return _on_device(obj)
+            return _checked("cupy", name, obj)
+        return _checked("cupy", name, _on_device(obj))
 
 
 def on_host_info_nce(real, q, k, negatives=None, **kwargs):

@@ -1,0 +1,78 @@
+"""The CuPy stand-in (``fake_cupy.py``) refuses what CuPy refuses: it is what the device tests
+run on without a GPU, so a stand-in looser than CuPy would let device bugs through."""
+
+import sys
+
+import numpy as np
+import pytest
+from fake_cupy import CUPY_API, FakeCupy, FakeDeviceArray
+
+
+@pytest.fixture
+def cp(monkeypatch):
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    return fake
+
+
+def test_functions_cupy_lacks_are_refused(cp):
+    x = cp.asarray(np.arange(6.0))
+    assert "insert" not in CUPY_API["cupy"] and hasattr(np, "insert")  # NumPy has it, CuPy not
+    with pytest.raises(AttributeError, match="has no cupy.insert"):
+        cp.insert(x, 0, 1.0)
+    with pytest.raises(AttributeError, match="has no ndarray.resize"):
+        x.resize(3)
+    np.testing.assert_array_equal(cp.asnumpy(cp.cumsum(x)), np.cumsum(np.arange(6.0)))
+
+
+def test_keywords_cupy_lacks_are_refused(cp):
+    x = cp.asarray(np.arange(6.0).reshape(2, 3))
+    with pytest.raises(TypeError, match="takes no keyword \\['where'\\]"):
+        x.sum(axis=1, where=x > 1)  # NumPy's sum takes where=; CuPy's does not
+    with pytest.raises(TypeError, match="takes no keyword \\['where'\\]"):
+        cp.sum(x, where=x > 1)
+    np.testing.assert_array_equal(cp.asnumpy(x.sum(axis=1, keepdims=True)), [[3.0], [12.0]])
+
+
+def test_host_arrays_in_device_operations_are_refused(cp):
+    x = cp.asarray(np.ones(3))
+    with pytest.raises(TypeError, match="host array"):
+        x + np.ones(3)
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(x)
+    with pytest.raises(TypeError, match="host array"):
+        x[...] = np.zeros(3)
+
+
+def test_integer_indices_out_of_range_wrap_around_as_on_cupy(cp):
+    x = cp.asarray(np.arange(5.0))
+    # NumPy raises IndexError; CuPy reads x[5 % 5] and x[-6 % 5]
+    np.testing.assert_array_equal(cp.asnumpy(x[np.array([5, -6, 2])]), [0.0, 4.0, 2.0])
+    x[cp.asarray(np.array([7]))] = cp.asarray(np.array([9.0]))
+    np.testing.assert_array_equal(cp.asnumpy(x), [0.0, 1.0, 9.0, 3.0, 4.0])
+
+
+def test_writes_through_repeated_indices_are_refused(cp):
+    x = cp.asarray(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="repeated indices"):
+        x[np.array([1, 1])] = cp.asarray(np.ones((2, 2)))
+    with pytest.raises(ValueError, match="repeated indices"):  # 5 wraps to 1
+        x[np.array([1, 5])] = cp.asarray(np.ones((2, 2)))
+    np.testing.assert_array_equal(cp.asnumpy(x), np.zeros((4, 2)))  # unchanged
+    x[np.array([0, 1]), np.array([1, 1])] = cp.asarray(np.array([2.0, 3.0]))  # distinct pairs
+    np.testing.assert_array_equal(cp.asnumpy(x)[:2], [[0.0, 2.0], [0.0, 3.0]])
+
+
+def test_reductions_return_device_scalars(cp):
+    total = cp.asarray(np.arange(4.0)).sum()
+    assert isinstance(total, FakeDeviceArray) and total.ndim == 0
+    assert float(total) == 6.0
+
+
+def test_the_recorded_api_matches_an_installed_cupy():
+    """Where CuPy is installed (it imports without a GPU), every name the stand-in allows exists
+    in it: a stale ``cupy_api.json`` cannot allow what the installed CuPy lacks."""
+    cupy = pytest.importorskip("cupy")
+    missing = [f"cupy.{n}" for n in CUPY_API["cupy"] if not hasattr(cupy, n)]
+    missing += [f"ndarray.{n}" for n in CUPY_API["ndarray"] if not hasattr(cupy.ndarray, n)]
+    assert not missing, f"CuPy {cupy.__version__} lacks {missing[:10]}"
