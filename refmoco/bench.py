@@ -490,7 +490,12 @@ def settings() -> list:
     if torch is not None:
         lines.append(f"torch {torch.__version__}: {torch.get_num_threads()} threads")
     cupy = _cupy()
-    lines.append(f"cupy: {'GPU ' + cupy.cuda.runtime.getDeviceProperties(0)['name'].decode() if cupy else 'no GPU'}")
+    if cupy is None:
+        lines.append("cupy: no GPU")
+    else:
+        name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
+        name = name.decode() if isinstance(name, bytes) else name
+        lines.append(f"cupy {cupy.__version__}: GPU {name}")
     return lines
 
 

@@ -243,6 +243,7 @@ class FakeCupy(types.ModuleType):
 
     def __init__(self):
         super().__init__("cupy")
+        self.__version__ = f"{CUPY_API['cupy_version']} stand-in"
 
     @staticmethod
     def is_available():
