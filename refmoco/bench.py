@@ -1,8 +1,9 @@
 """``refmoco bench``: the hot path on each backend, side by side with PyTorch, in one process.
 
 Every case is timed once per round, the rounds interleave all cases (so that a busy machine
-slows them alike), and the table shows medians and their ratio to PyTorch's official
-formulation. The cases:
+slows them alike), each round runs a group's cases in a new (seeded) order (a case that streams
+through memory slows whatever runs next: one fixed order would always handicap the same case),
+and the table shows medians and their ratio to PyTorch's official formulation. The cases:
 
 - InfoNCE forward and backward (gradient of ``q``, as MoCo needs), N=256, C=128, float32, a queue
   of K = 4096 / 16384 / 65536 keys: refmoco on ``numpy``, ``numba`` and ``cupy`` (with a GPU),
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -539,9 +541,13 @@ def run(args) -> int:
         c.times.clear()
     for line in settings():  # after the warm-up: the thread pools in effect have started
         print("  " + line, flush=True)
+    shuffle = random.Random(0).shuffle  # the same orders on every run
     for _ in range(repeats):
-        for c in cases:
-            c.run()
+        for g in groups:  # each round in a new order: no case always runs right after another
+            order = list(g.cases)
+            shuffle(order)
+            for c in order:
+                c.run()
     print(report(groups, repeats))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0

@@ -156,14 +156,13 @@ class Queue:
             raise ValueError("keys: expected finite values, got NaN or inf")
         b = keys.shape[0]
         if ids is None:
-            ids = np.full(b, -1, dtype=np.int64)
-        else:
-            ids = to_numpy(as_array(ids, "ids"))
-            if ids.dtype.kind not in "iu":
-                raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
-            if ids.shape != (b,):
-                raise ValueError(f"ids: expected shape ({b},) (one per key), got {ids.shape}")
-        return keys, ids.astype(np.int64)
+            return keys, None
+        ids = to_numpy(as_array(ids, "ids"))
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
+        if ids.shape != (b,):
+            raise ValueError(f"ids: expected shape ({b},) (one per key), got {ids.shape}")
+        return keys, ids.astype(np.int64, copy=False)
 
     def enqueue(self, keys, ids=None) -> None:
         """Write a batch of keys (and their sample ids), oldest rows overwritten first.
@@ -188,10 +187,12 @@ class Queue:
         start = (self._ptr + b - keep) % self.size  # where the first kept row lands
         first = min(keep, self.size - start)  # rows before the wrap-around
         rows = keys[b - keep:].astype(self.dtype, copy=False)
+        ids = None if ids is None else ids[b - keep:]
         self._keys[start:start + first] = rows[:first]
-        self._keys[: keep - first] = rows[first:]
-        self._ids[start:start + first] = ids[b - keep: b - keep + first]
-        self._ids[: keep - first] = ids[b - keep + first:]
+        self._ids[start:start + first] = -1 if ids is None else ids[:first]  # -1: no sample id
+        if first < keep:  # the batch wraps around the end of the buffer
+            self._keys[: keep - first] = rows[first:]
+            self._ids[: keep - first] = -1 if ids is None else ids[first:]
         self._ptr = (self._ptr + b) % self.size
 
     def ordered(self):
