@@ -1,9 +1,11 @@
 """``refmoco bench``: the hot path on each backend, side by side with PyTorch, in one process.
 
 Every case is timed once per round, the rounds interleave all cases (so that a busy machine
-slows them alike), each round runs a group's cases in a new (seeded) order (a case that streams
-through memory slows whatever runs next: one fixed order would always handicap the same case),
-and the table shows medians and their ratio to PyTorch's official formulation. The cases:
+slows them alike), and the table shows medians and their ratio to PyTorch's official
+formulation. Within a group, refmoco's cases run one after another and PyTorch's after them, in a
+fixed order: an op that runs right after the other library's is slowed by it (PyTorch's OpenMP
+threads spin after each op; a 32 MB copy leaves the caches cold), so each compared case follows
+an op of its own library, as in a training loop (``docs/benchmarks.md``, "Order"). The cases:
 
 - InfoNCE forward and backward (gradient of ``q``, as MoCo needs), N=256, C=128, float32, a queue
   of K = 4096 / 16384 / 65536 keys: refmoco on ``numpy``, ``numba`` and ``cupy`` (with a GPU),
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -224,8 +225,9 @@ def enqueue_group(size: int = 65536, dim: int = 128, batch: int = 256) -> Group:
         raw[ptr[0] : ptr[0] + batch] = keys
         ptr[0] = (ptr[0] + batch) % size
 
-    cases = [Case("refmoco Queue.enqueue (with checks)", lambda: queue.enqueue(keys)),
-             Case("NumPy slice write, (K, C) rows", bare)]
+    # the bare write first: it, not Queue.enqueue, follows the previous round's 32 MB clone
+    cases = [Case("NumPy slice write, (K, C) rows", bare),
+             Case("refmoco Queue.enqueue (with checks)", lambda: queue.enqueue(keys))]
     torch = _torch()
     reference = "PyTorch queue[:, p:p+b] = keys.T"
     if torch is not None:
@@ -541,13 +543,9 @@ def run(args) -> int:
         c.times.clear()
     for line in settings():  # after the warm-up: the thread pools in effect have started
         print("  " + line, flush=True)
-    shuffle = random.Random(0).shuffle  # the same orders on every run
     for _ in range(repeats):
-        for g in groups:  # each round in a new order: no case always runs right after another
-            order = list(g.cases)
-            shuffle(order)
-            for c in order:
-                c.run()
+        for c in cases:
+            c.run()
     print(report(groups, repeats))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
