@@ -11,6 +11,7 @@ PTX is read for two promises:
   multiply and add carries the ``.rn`` modifier and nothing is fused into ``fma``/``mad`` (NVVM
   contracts ``a * b + c * d`` into a fused multiply-add unless told not to; it did, before
   ``_rounded_ops``).
+- the col2im kernel only adds (bitwise the reference's scatter of additions).
 
 Needs numba-cuda with NVVM (``pip install "numba-cuda[cu12]"``), which CI installs; without it
 the tests skip, and ``REFMOCO_REQUIRE_NVVM=1`` (set by ``.ci/run``) makes that skip a failure.
@@ -72,6 +73,24 @@ def lerp_args(dtype, size=7):
     return np.zeros(size, dtype), np.zeros(size, dtype), t(0.99), t(1.0 - 0.99)
 
 
+def im2col_args(dtype):
+    """What ``im2col`` passes: the channels-last input, the flat windows, kh, kw, s, p, Ho, Wo."""
+    return np.zeros((2, 5, 5, 3), dtype), np.zeros(2 * 3 * 3 * 9 * 3, dtype), 3, 3, 2, 1, 3, 3
+
+
+def col2im_args(dtype):
+    """What ``col2im`` passes: the windows' gradients, the input gradient, s, p."""
+    return np.zeros((2, 3, 3, 3, 3, 3), dtype), np.zeros((2, 5, 5, 3), dtype), 2, 1
+
+
+def all_kernels(kernels, dtype):
+    """(name, PTX) of every kernel for one dtype."""
+    return [("xent", ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))),
+            ("lerp", ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype))),
+            ("im2col", ptx_of(kernels._im2col_kernel, *im2col_args(dtype))),
+            ("col2im", ptx_of(kernels._col2im_kernel, *col2im_args(dtype)))]
+
+
 def instructions(ptx):
     """The PTX's instructions (no directives, labels or comments), stripped."""
     lines = (line.split("//")[0].strip() for line in ptx.splitlines())
@@ -86,19 +105,26 @@ def float_arithmetic(ptx, width):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_kernels_compile_for_the_gpu(kernels, dtype):
-    xent = ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))
-    lerp = ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype))
-    assert ".entry" in xent and ".entry" in lerp
-    assert "bar.sync" in xent  # the block's reductions synchronise
+    ptx = dict(all_kernels(kernels, dtype))
+    assert all(".entry" in code for code in ptx.values())
+    assert "bar.sync" in ptx["xent"]  # the block's reductions synchronise
     width = 32 if dtype == np.float32 else 64
-    assert float_arithmetic(xent, width) and float_arithmetic(lerp, width)
+    for name in ("xent", "lerp", "col2im"):  # im2col only copies
+        assert float_arithmetic(ptx[name], width), name
 
 
 def test_float32_kernels_compute_in_float32(kernels):
-    for name, ptx in [("xent", ptx_of(kernels._xent_kernel(np.float32), *xent_args(np.float32))),
-                      ("lerp", ptx_of(kernels._lerp_kernel(np.float32), *lerp_args(np.float32)))]:
+    for name, ptx in all_kernels(kernels, np.float32):
         doubles = [ln.strip() for ln in ptx.splitlines() if ".f64" in ln]
         assert not doubles, f"{name}: float64 in a float32 kernel: {doubles[:5]}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_col2im_only_adds(kernels, dtype):
+    """The scatter's sums round like the reference's additions: no multiply, nothing fused."""
+    width = 32 if dtype == np.float32 else 64
+    ops = float_arithmetic(ptx_of(kernels._col2im_kernel, *col2im_args(dtype)), width)
+    assert ops and {ins.split(".")[0] for ins in ops} == {"add"}, ops[:5]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -25,6 +25,12 @@ MODES = [("mean", ("q", "k", "negatives")), ("sum", ("q", "k", "negatives")), ("
          ("sum", ())]  # (reduction, wrt)
 
 
+# (N, H, W, C, kh, kw, stride, padding): windows cut by the border, strides that skip pixels,
+# padding wider than the kernel reaches, 1x1 kernels; every size > 3 blocks of 4 threads
+CONV_SHAPES = [(2, 5, 5, 3, 3, 3, 1, 1), (1, 6, 7, 2, 3, 3, 2, 1), (3, 4, 4, 1, 1, 1, 1, 0),
+               (2, 5, 6, 2, 2, 3, 2, 0), (1, 3, 3, 2, 3, 3, 1, 2), (2, 8, 8, 3, 3, 3, 2, 1)]
+
+
 def child() -> None:
     """Run in the subprocess: every case, as JSON lines ``{case, name, err, scale, ok}``."""
     from numba import config
@@ -70,6 +76,30 @@ def child() -> None:
             kernels.momentum_update(target, source, 0.9)
             report(f"momentum {dtype} size={size} layout={layout}", "target", target, ref, 0.0,
                    target.dtype == dtype)
+        conv_cases(rng, dtype)
+
+
+def conv_cases(rng, dtype) -> None:
+    """im2col and col2im against the reference's window view and scatter, bitwise."""
+    from refmoco.kernels import cuda as kernels
+    from refmoco.nn import functional as F
+
+    for n, h, w, c, kh, kw, s, p in CONV_SHAPES:
+        ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
+        x = rng.standard_normal((n, h, w, c)).astype(dtype)
+        x_pad = np.zeros((n, h + 2 * p, w + 2 * p, c), dtype)
+        x_pad[:, p:p + h, p:p + w] = x
+        case = f"conv {dtype} x={x.shape} k={kh}x{kw} s={s} p={p}"
+        cols = kernels.im2col(x, kh, kw, s, p, ho, wo)
+        ref = F._im2col(x_pad, kh, kw, s, ho, wo)
+        report(case, "im2col", cols.reshape(ref.shape), ref, 0.0,
+               cols.dtype == dtype and cols.shape == (n, ho, wo, kh, kw, c))
+        dcols = rng.standard_normal((n, ho, wo, kh, kw, c)).astype(dtype)
+        dcols[0, 0, 0, 0, 0, 0] = -0.0  # the reference's zero start turns -0.0 into +0.0
+        dx = kernels.col2im(dcols, h, w, s, p)
+        ref = F._col2im(dcols, h, w, s, p)
+        report(case, "col2im", dx, ref, 0.0, dx.dtype == dtype and dx.shape == (n, h, w, c)
+               and np.array_equal(np.signbit(dx), np.signbit(ref)))
 
 
 def report(case, name, actual, expected, scale, ok) -> None:
@@ -99,6 +129,13 @@ def test_every_case_ran(results):
 def test_info_nce_kernel_matches_the_reference(results):
     bad = [r for r in results if r["case"].startswith("info_nce")
            and not (r["ok"] and r["err"] <= TOL[r["dtype"]] * r["scale"])]
+    assert not bad, bad[:5]
+
+
+def test_conv_kernels_are_bitwise_the_reference(results):
+    conv = [r for r in results if r["case"].startswith("conv")]
+    assert len(conv) == 2 * 2 * len(CONV_SHAPES)  # im2col and col2im, two dtypes
+    bad = [r for r in conv if not (r["ok"] and r["err"] == 0)]
     assert not bad, bad[:5]
 
 

@@ -28,6 +28,8 @@ from fake_cupy import (
     FakeCupy,
     assert_same,
     device_module,
+    on_host_col2im,
+    on_host_im2col,
     on_host_info_nce,
     on_host_momentum_update,
 )
@@ -50,11 +52,15 @@ LR, WD, SGD_M, T = 0.1, 5e-4, 0.9, 0.2
 def xp(request, monkeypatch):
     """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
     module = device_module(request.param, monkeypatch)
-    if request.param == "fake":
+    if request.param == "fake":  # the CUDA kernels on the host (tests/test_cuda_sim.py runs them)
+        from refmoco.kernels import cuda as kernels
+
         monkeypatch.setattr(mechanisms, "info_nce_loss",
                             functools.partial(on_host_info_nce, mechanisms.info_nce_loss))
         monkeypatch.setattr(mechanisms, "momentum_update",
                             functools.partial(on_host_momentum_update, mechanisms.momentum_update))
+        monkeypatch.setattr(kernels, "im2col", on_host_im2col)
+        monkeypatch.setattr(kernels, "col2im", on_host_col2im)
     return module
 
 
@@ -108,15 +114,19 @@ def test_namespace_and_transfer_helpers_on_the_host():
         to_backend(x, "gpu")
 
 
-def test_im2col_by_offsets_equals_the_window_view():
-    """CuPy gathers the im2col windows by kernel offsets; NumPy through a strided view."""
+def test_im2col_window_view_is_the_definition():
+    """The reference's im2col (a strided window view), which the CUDA and Numba gathers are
+    compared with, against its definition written as loops."""
     rng = np.random.default_rng(0)
     for n, h, w, c, kh, kw, s in [(2, 6, 6, 3, 3, 3, 1), (3, 7, 5, 2, 3, 2, 2), (1, 4, 4, 1, 1, 1, 3),
                                   (2, 8, 8, 4, 3, 3, 2)]:
         x_pad = rng.normal(size=(n, h, w, c))
         ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
-        np.testing.assert_array_equal(F._im2col_by_offsets(x_pad, kh, kw, s, ho, wo, np),
-                                      F._im2col(x_pad, kh, kw, s, ho, wo))
+        want = np.empty((n, ho, wo, kh, kw, c))
+        for i, j, a, e in np.ndindex(ho, wo, kh, kw):
+            want[:, i, j, a, e, :] = x_pad[:, s * i + a, s * j + e, :]
+        np.testing.assert_array_equal(F._im2col(x_pad, kh, kw, s, ho, wo),
+                                      want.reshape(n * ho * wo, kh * kw * c))
 
 
 def test_host_state_dicts_are_copies_and_placement_is_checked():

@@ -8,6 +8,13 @@ r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
 - :func:`momentum_update`: ``target = m * target + (1 - m) * source``, one grid-stride pass,
   bitwise the reference: its products and sum are libdevice's round-to-nearest operations, which
   are never fused into a multiply-add (``tests/test_cuda_ptx.py`` reads the PTX).
+- :func:`conv2d_forward` / :func:`conv2d_backward`: the convolution of
+  :mod:`refmoco.nn.functional` with its im2col gather and col2im scatter as one kernel each (the
+  reference makes one strided copy, or addition, per kernel offset, plus the zero padding: eleven
+  launches per layer where this makes one). Both are bitwise the reference: im2col copies; col2im
+  gathers, one thread per input pixel, the entries that the reference adds into it, in the
+  reference's order (kernel offsets (a, e) ascending, starting from zero), so no atomics are
+  needed and the sums round alike. The products stay cuBLAS's.
 
 Kernels take CuPy arrays through ``__cuda_array_interface__`` and are launched on CuPy's current
 stream. Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported)
@@ -26,6 +33,7 @@ import numpy as np
 from numba import cuda
 
 from ..backend import is_cupy_array, namespace_of
+from ..nn.functional import conv2d_backward_by_kernels, conv2d_by_kernels
 from ._jit import cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -184,3 +192,86 @@ def momentum_update(target, source, m):
                 dtype.type(1.0 - m))
     if t is not target:
         target[...] = t
+
+
+# -- convolution: im2col and col2im -------------------------------------------------------------
+
+
+@cuda_jit
+def _im2col_kernel(x, cols, kh, kw, s, p, ho, wo):
+    """``cols`` (flat, ordered (n, i, j, a, e, c)) ``= x[n, s i + a - p, s j + e - p, c]``, 0
+    outside the image; ``x`` is (N, H, W, C). One thread per entry of ``cols``."""
+    h, w, ch = x.shape[1], x.shape[2], x.shape[3]
+    for t in range(cuda.grid(1), cols.shape[0], cuda.gridsize(1)):
+        c, u = t % ch, t // ch
+        e, u = u % kw, u // kw
+        a, u = u % kh, u // kh
+        j, u = u % wo, u // wo
+        i, n = u % ho, u // ho
+        r, col = s * i + a - p, s * j + e - p
+        if 0 <= r < h and 0 <= col < w:
+            cols[t] = x[n, r, col, c]
+        else:
+            cols[t] = 0
+
+
+@cuda_jit
+def _col2im_kernel(dcols, dx, s, p):
+    """``dx[n, r, col, c]`` (zero on entry) ``+= dcols[n, i, j, a, e, c]`` over every window
+    entry that came from that pixel (``s i + a - p = r``, ``s j + e - p = col``), in the order
+    of the reference's scatter: a, then e, ascending. One thread per pixel of ``dx``."""
+    ho, wo, kh, kw = dcols.shape[1], dcols.shape[2], dcols.shape[3], dcols.shape[4]
+    h, w, ch = dx.shape[1], dx.shape[2], dx.shape[3]
+    for t in range(cuda.grid(1), dx.size, cuda.gridsize(1)):
+        c, u = t % ch, t // ch
+        col, u = u % w, u // w
+        r, n = u % h, u // h
+        acc = dx[n, r, col, c]  # 0, as the reference's zero-padded buffer
+        for a in range(kh):
+            di = r + p - a  # = s * i
+            if di < 0:
+                break
+            if di % s == 0 and di // s < ho:
+                for e in range(kw):
+                    dj = col + p - e  # = s * j
+                    if dj < 0:
+                        break
+                    if dj % s == 0 and dj // s < wo:
+                        acc += dcols[n, di // s, dj // s, a, e, c]
+        dx[n, r, col, c] = acc
+
+
+def _blocks(size):
+    return max(1, min(-(-size // THREADS), MAX_BLOCKS))
+
+
+def im2col(x_nhwc, kh, kw, s, p, ho, wo):
+    """The (N, Ho, Wo, kh, kw, C) windows of a channels-last (N, H, W, C) device array."""
+    xp = namespace_of(x_nhwc)
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    cols = xp.empty((n, ho, wo, kh, kw, c), x_nhwc.dtype)
+    if cols.size:
+        _launch(_im2col_kernel, _blocks(cols.size), x_nhwc, cols.reshape(-1), kh, kw, s, p, ho,
+                wo)
+    return cols
+
+
+def col2im(dcols, h, w, s, p):
+    """The (N, H, W, C) input gradient from the windows' gradients ``dcols`` (N, Ho, Wo, kh,
+    kw, C), bitwise the reference's scatter."""
+    xp = namespace_of(dcols)
+    dcols = xp.ascontiguousarray(dcols)
+    dx = xp.zeros((dcols.shape[0], h, w, dcols.shape[5]), dcols.dtype)
+    if dx.size:
+        _launch(_col2im_kernel, _blocks(dx.size), dcols, dx, s, p)
+    return dx
+
+
+def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
+    """:func:`refmoco.nn.functional.conv2d_forward` on CuPy arrays, im2col as one kernel."""
+    return conv2d_by_kernels(x, w, b, stride, padding, im2col, "cupy")
+
+
+def conv2d_backward(dy, cache):
+    """:func:`refmoco.nn.functional.conv2d_backward` on CuPy arrays, col2im as one kernel."""
+    return conv2d_backward_by_kernels(dy, cache, col2im)

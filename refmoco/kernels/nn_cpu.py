@@ -25,7 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..nn.functional import BatchNormCache, Conv2dCache, ReLUCache, update_running_stats
+from ..nn.functional import (
+    BatchNormCache,
+    ReLUCache,
+    conv2d_backward_by_kernels,
+    conv2d_by_kernels,
+    update_running_stats,
+)
 from ._jit import jit, run_parts
 
 # -- convolution ----------------------------------------------------------------------------------
@@ -76,38 +82,30 @@ def _col2im(dcols, dx, s, p):
                                 dx[n, r, col, c] += dcols[n, i, j, a, e, c]
 
 
+def im2col(x_nhwc, kh, kw, s, p, ho, wo):
+    """The (N, Ho, Wo, kh, kw, C) windows of a channels-last input, split over its images."""
+    n, c = x_nhwc.shape[0], x_nhwc.shape[3]
+    cols = np.empty((n, ho, wo, kh, kw, c), x_nhwc.dtype)
+    run_parts(_im2col, (x_nhwc, cols), (kh, kw, s, p, ho, wo), work=cols.size,
+              min_work=PARALLEL_MIN)  # parts: groups of images
+    return cols
+
+
+def col2im(dcols, h, w, s, p):
+    """The (N, H, W, C) input gradient from the windows' gradients, split over the images."""
+    dx = np.empty((dcols.shape[0], h, w, dcols.shape[5]), dcols.dtype)
+    run_parts(_col2im, (dcols, dx), (s, p), work=dcols.size, min_work=PARALLEL_MIN)
+    return dx
+
+
 def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
     """As :func:`refmoco.nn.functional.conv2d_forward`, with the im2col gather as a kernel."""
-    N, C, H, W = x.shape
-    O, _, kh, kw = w.shape
-    s, p = stride, padding
-    Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
-    cols = np.empty((N, Ho, Wo, kh, kw, C), x.dtype)
-    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # a view when x is channels-last
-    run_parts(_im2col, (x_nhwc, cols), (kh, kw, s, p, Ho, Wo), work=cols.size,
-              min_work=PARALLEL_MIN)  # parts: groups of images
-    cols = cols.reshape(N * Ho * Wo, kh * kw * C)  # (N*Ho*Wo, kh*kw*C), rows ordered (a, e, c)
-    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
-    y = cols @ w_mat.T  # (N*Ho*Wo, O)
-    if b is not None:
-        y += b
-    y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
-    return y, Conv2dCache(cols, w, x.shape, s, p, "numba")
+    return conv2d_by_kernels(x, w, b, stride, padding, im2col, "numba")
 
 
 def conv2d_backward(dy, cache):
     """As :func:`refmoco.nn.functional.conv2d_backward`, with the col2im scatter as a kernel."""
-    cols, w, (N, C, H, W), s, p, _ = cache
-    O, _, kh, kw = w.shape
-    Ho, Wo = dy.shape[2], dy.shape[3]
-    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
-    dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # no copy when channels-last
-    dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)
-    db = dy_mat.sum(axis=0)
-    dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
-    dx = np.empty((N, H, W, C), dy.dtype)
-    run_parts(_col2im, (dcols, dx), (s, p), work=dcols.size, min_work=PARALLEL_MIN)
-    return dx.transpose(0, 3, 1, 2), np.ascontiguousarray(dw), db
+    return conv2d_backward_by_kernels(dy, cache, col2im)
 
 
 # -- batch norm -------------------------------------------------------------------------------------

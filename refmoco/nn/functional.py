@@ -13,9 +13,12 @@ Every op runs on NumPy or CuPy arrays: the array module ``xp`` comes from the ar
 matrix products and CuPy elementwise kernels, and every result stays on the device.
 
 The convolution and batch norm take ``backend=``: ``None`` (the arrays' module), ``"numpy"``,
-``"cupy"`` (both the reference code; the name is checked against the arrays) or ``"numba"``: the
-same op with its strided copies and reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`).
-Their caches record the backend, so the backward runs where its forward ran.
+``"cupy"`` (the name is checked against the arrays) or ``"numba"``: the same op with its strided
+copies and reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`). On ``"cupy"`` the
+convolution's im2col gather and col2im scatter are Numba CUDA kernels
+(:mod:`refmoco.kernels.cuda`, one launch each instead of one strided copy per kernel offset);
+everything else there is the reference code. Their caches record the backend, so the backward
+runs where its forward ran.
 """
 
 from __future__ import annotations
@@ -99,29 +102,59 @@ def _check_backend(backend, x):
 
 
 def _im2col(x_pad, kh, kw, s, Ho, Wo):
-    """The (N*Ho*Wo, kh*kw*C) im2col matrix of a zero-padded channels-last (N, Hp, Wp, C) input.
-
-    Row (n, i, j) holds the window at output pixel (i, j), ordered (a, e, c). NumPy copies it out
-    of a strided window view in one pass; other array modules (CuPy) fill it with one strided copy
-    per kernel offset (a, e), the mirror image of the col2im loop in the backward (the same
-    entries: tested against each other).
-    """
+    """The (N*Ho*Wo, kh*kw*C) im2col matrix of a zero-padded channels-last (N, Hp, Wp, C) NumPy
+    array: row (n, i, j) holds the window at output pixel (i, j), ordered (a, e, c), copied out of
+    a strided window view in one pass."""
     N, C = x_pad.shape[0], x_pad.shape[3]
-    xp = namespace_of(x_pad)
-    if xp is np:
-        win = sliding_window_view(x_pad, (kh, kw), axis=(1, 2))[:, ::s, ::s]  # (N,Ho,Wo,C,kh,kw)
-        return win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * C)  # (a copy)
-    return _im2col_by_offsets(x_pad, kh, kw, s, Ho, Wo, xp)
+    win = sliding_window_view(x_pad, (kh, kw), axis=(1, 2))[:, ::s, ::s]  # (N, Ho, Wo, C, kh, kw)
+    return win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * C)  # (a copy)
 
 
-def _im2col_by_offsets(x_pad, kh, kw, s, Ho, Wo, xp):
-    """:func:`_im2col` as ``kh * kw`` strided copies, with any array module ``xp``."""
-    N, C = x_pad.shape[0], x_pad.shape[3]
-    cols = xp.empty((N, Ho, Wo, kh, kw, C), dtype=x_pad.dtype)
+def _col2im(dcols, H, W, s, p):
+    """The col2im scatter: ``dcols`` (N, Ho, Wo, kh, kw, C) added back to the pixels its entries
+    came from, one kernel offset (a, e) at a time in that order, into a zero-padded (N, H + 2p,
+    W + 2p, C) array; returns the (N, H, W, C) interior (a view)."""
+    N, Ho, Wo, kh, kw, C = dcols.shape
+    dx_pad = namespace_of(dcols).zeros((N, H + 2 * p, W + 2 * p, C), dtype=dcols.dtype)
     for a in range(kh):
         for e in range(kw):
-            cols[:, :, :, a, e, :] = x_pad[:, a : a + s * Ho : s, e : e + s * Wo : s, :]
-    return cols.reshape(N * Ho * Wo, kh * kw * C)
+            dx_pad[:, a : a + s * Ho : s, e : e + s * Wo : s, :] += dcols[:, :, :, a, e, :]
+    return dx_pad[:, p : p + H, p : p + W, :]
+
+
+def conv2d_by_kernels(x, w, b, stride, padding, im2col, backend):
+    """:func:`conv2d_forward` with the im2col gather done by a kernel of ``backend``:
+    ``im2col(x_nhwc, kh, kw, stride, padding, Ho, Wo)`` returns the (N, Ho, Wo, kh, kw, C) windows
+    of the channels-last input (zero outside the image). The products are the reference's."""
+    xp = namespace_of(x)
+    N, C, H, W = x.shape
+    O, _, kh, kw = w.shape
+    s, p = stride, padding
+    Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
+    x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))  # a view when x is channels-last
+    cols = im2col(x_nhwc, kh, kw, s, p, Ho, Wo).reshape(N * Ho * Wo, kh * kw * C)  # (a, e, c)
+    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
+    y = cols @ w_mat.T  # (N*Ho*Wo, O)
+    if b is not None:
+        y += b
+    y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
+    return y, Conv2dCache(cols, w, x.shape, s, p, backend)
+
+
+def conv2d_backward_by_kernels(dy, cache, col2im):
+    """:func:`conv2d_backward` with the col2im scatter done by a kernel: ``col2im(dcols, H, W,
+    stride, padding)`` returns the (N, H, W, C) gradient of the input."""
+    xp = namespace_of(dy)
+    cols, w, (N, C, H, W), s, p, _ = cache
+    O, _, kh, kw = w.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
+    dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # no copy when channels-last
+    dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)
+    db = dy_mat.sum(axis=0)
+    dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
+    dx = col2im(dcols, H, W, s, p)
+    return dx.transpose(0, 3, 1, 2), xp.ascontiguousarray(dw), db
 
 
 def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
@@ -135,8 +168,8 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     stride, padding : int
         Zero padding of ``padding`` pixels on every side, then windows every ``stride`` pixels.
     backend : {None, "numpy", "cupy", "numba"}
-        ``None``: the arrays' module (NumPy or CuPy). ``"numba"`` gathers the windows with a
-        Numba kernel (same result).
+        ``None``: the arrays' backend (``"numpy"`` or ``"cupy"``). ``"numba"`` gathers the
+        windows with a Numba kernel, ``"cupy"`` with a Numba CUDA kernel (same result).
 
     Returns
     -------
@@ -163,6 +196,10 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.conv2d_forward(x, w, b, stride=stride, padding=padding)
+    if backend == "cupy":
+        from refmoco.kernels import cuda
+
+        return cuda.conv2d_forward(x, w, b, stride=stride, padding=padding)
     xp = namespace_of(x)
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
@@ -188,6 +225,10 @@ def conv2d_backward(dy, cache):
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.conv2d_backward(dy, cache)
+    if cache.backend == "cupy":
+        from refmoco.kernels import cuda
+
+        return cuda.conv2d_backward(dy, cache)
     xp = namespace_of(dy)
     cols, w, (N, C, H, W), s, p, _ = cache
     O, _, kh, kw = w.shape
@@ -197,11 +238,7 @@ def conv2d_backward(dy, cache):
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
     db = dy_mat.sum(axis=0)  # (O,)
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
-    dx_pad = xp.zeros((N, H + 2 * p, W + 2 * p, C), dtype=dy.dtype)
-    for a in range(kh):  # col2im: each kernel offset adds its slice of dcols back
-        for e in range(kw):
-            dx_pad[:, a : a + s * Ho : s, e : e + s * Wo : s, :] += dcols[:, :, :, a, e, :]
-    dx = dx_pad[:, p : p + H, p : p + W, :].transpose(0, 3, 1, 2)  # (N, C, H, W)
+    dx = _col2im(dcols, H, W, s, p).transpose(0, 3, 1, 2)  # (N, C, H, W)
     return dx, xp.ascontiguousarray(dw), db
 
 
