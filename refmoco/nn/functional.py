@@ -316,8 +316,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
         the running statistics (False).
     momentum, eps : float
     backend : {None, "numpy", "cupy", "numba"}
-        ``None``: the arrays' module (NumPy or CuPy). ``"numba"`` computes the statistics (summed in float64) and the normalisation with Numba
-        kernels.
+        ``None``: the arrays' module (NumPy or CuPy). ``"numba"`` computes the statistics
+        (summed in float64) and the normalisation with Numba kernels.
 
     Returns
     -------
