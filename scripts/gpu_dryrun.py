@@ -10,8 +10,16 @@ kernels and numerics, the real launch path (streams, ``__cuda_array_interface__`
     python scripts/gpu_dryrun.py tests      # the 43 GPU tests: about 3.5 minutes on 2 cores
     python scripts/gpu_dryrun.py bench      # the GPU benchmark groups, once each: about 9 minutes
     python scripts/gpu_dryrun.py            # both
+    python scripts/gpu_dryrun.py count      # device operations in one MoCo step (the bench's)
+
+``count`` tallies, for one training step of each bench encoder, the stand-in's device operations
+by name: each CuPy function, array method or operator call, strided write (``setitem``) and
+Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
+does ``ascontiguousarray`` of an array that is contiguous already; the total without them is what
+a GPU pays launches for (docs/benchmarks.md quotes it).
 """
 
+import collections
 import os
 import sys
 import types
@@ -60,6 +68,51 @@ def install():
     kernels._launch = launch_on_payloads
 
 
+def count_step_ops():
+    """Device operations in the second MoCo step of each bench encoder, by name."""
+    import numpy as np
+
+    from refmoco.bench import _step_specs
+    from refmoco.dictionary import Queue
+    from refmoco.mechanisms import MoCo
+    from refmoco.optim import SGD
+
+    counts = collections.Counter()
+    call, setitem = fake_cupy._call, fake_cupy.FakeDeviceArray.__setitem__
+
+    def counted_call(f, args, kwargs):
+        counts[getattr(f, "__name__", repr(f))] += 1
+        return call(f, args, kwargs)
+
+    def counted_setitem(self, idx, value):
+        counts["setitem"] += 1
+        return setitem(self, idx, value)
+
+    def counted_launch(kernel, blocks, *args):
+        counts["numba-cuda kernel"] += 1
+        return launch_on_payloads(kernel, blocks, *args)
+
+    fake_cupy._call = counted_call
+    fake_cupy.FakeDeviceArray.__setitem__ = counted_setitem
+    kernels._launch = counted_launch
+    views = ("reshape", "transpose", "ascontiguousarray", "T")
+    for name, encoder, shape in _step_specs():
+        rng, n = np.random.default_rng(0), 256
+        xq, xk = (FAKE.asarray(rng.random((n, *shape), dtype=np.float32)) for _ in range(2))
+        params, buffers = encoder.init(np.random.default_rng(0), "float32", backend="cupy")
+        moco = MoCo(encoder, params, buffers, SGD(0.03, momentum=0.9, weight_decay=5e-4,
+                                                  backend="cupy"),
+                    queue=Queue(4096, 128, seed=0, backend="cupy"), momentum=0.99,
+                    temperature=0.1, bn_groups=1, backend="cupy")
+        moco.step(xq, xk, np.arange(n), 0.03)  # the first step allocates the optimizer state
+        counts.clear()
+        moco.step(xq, xk, np.arange(n), 0.03)
+        launches = sum(v for k, v in counts.items() if k not in views)
+        print(f"{name}: {sum(counts.values())} device operations, {launches} without views")
+        print("  " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    return 0
+
+
 def main(argv):
     import pytest
 
@@ -67,6 +120,8 @@ def main(argv):
 
     install()
     what = argv or ["tests", "bench"]
+    if "count" in what:
+        return count_step_ops()
     status = 0
     if "tests" in what:
         status |= pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests")])
