@@ -292,15 +292,11 @@ def on_host_momentum_update(real, target, source, momentum, *, backend=None):
 
 
 def on_host_im2col(x, kh, kw, s, p, ho, wo):
-    """The CUDA im2col (``refmoco.kernels.cuda.im2col``) on the fake: the reference's window
-    view of the zero-padded payload (the kernel itself runs in the simulator tests)."""
+    """The CUDA im2col (``refmoco.kernels.cuda.im2col``) on the fake: the reference's gather on
+    the payload (the kernel itself runs in the simulator tests)."""
     from refmoco.nn import functional as F
 
-    a = x._a
-    n, h, w, c = a.shape
-    padded = np.zeros((n, h + 2 * p, w + 2 * p, c), a.dtype)
-    padded[:, p:p + h, p:p + w] = a
-    return FakeDeviceArray(F._im2col(padded, kh, kw, s, ho, wo).reshape(n, ho, wo, kh, kw, c))
+    return FakeDeviceArray(np.ascontiguousarray(F._im2col(x._a, kh, kw, s, p, ho, wo)))
 
 
 def on_host_col2im(dcols, h, w, s, p):

@@ -8,8 +8,8 @@ r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
 - :func:`momentum_update`: ``target = m * target + (1 - m) * source``, one grid-stride pass,
   bitwise the reference: its products and sum are libdevice's round-to-nearest operations, which
   are never fused into a multiply-add (``tests/test_cuda_ptx.py`` reads the PTX).
-- :func:`conv2d_forward` / :func:`conv2d_backward`: the convolution of
-  :mod:`refmoco.nn.functional` with its im2col gather and col2im scatter as one kernel each (the
+- :func:`im2col` / :func:`col2im`: the convolution's gather and scatter, one kernel each, which
+  :func:`refmoco.nn.functional.conv2d_forward` and ``conv2d_backward`` call on this backend (the
   reference makes one strided copy, or addition, per kernel offset, plus the zero padding: eleven
   launches per layer where this makes one). Both are bitwise the reference: im2col copies; col2im
   gathers, one thread per input pixel, the entries that the reference adds into it, in the
@@ -33,7 +33,6 @@ import numpy as np
 from numba import cuda
 
 from ..backend import is_cupy_array, namespace_of
-from ..nn.functional import conv2d_backward_by_kernels, conv2d_by_kernels
 from ._jit import cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -51,6 +50,11 @@ def _launch(kernel, blocks, *args):
     stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
     args = [cuda.as_cuda_array(a, sync=False) if is_cupy_array(a) else a for a in args]
     kernel[blocks, THREADS, stream](*args)
+
+
+def _blocks(size):
+    """Blocks for a grid-stride loop over ``size`` elements, one per thread up to MAX_BLOCKS."""
+    return max(1, min(-(-size // THREADS), MAX_BLOCKS))
 
 
 def _check_dtype(dtype):
@@ -187,9 +191,8 @@ def momentum_update(target, source, m):
     t = target if target.flags.c_contiguous else xp.ascontiguousarray(target)
     s = xp.ascontiguousarray(source, dtype=dtype)
     if t.size:
-        blocks = min(-(-t.size // THREADS), MAX_BLOCKS)
-        _launch(_lerp_kernel(dtype.type), blocks, t.reshape(-1), s.reshape(-1), dtype.type(m),
-                dtype.type(1.0 - m))
+        _launch(_lerp_kernel(dtype.type), _blocks(t.size), t.reshape(-1), s.reshape(-1),
+                dtype.type(m), dtype.type(1.0 - m))
     if t is not target:
         target[...] = t
 
@@ -241,13 +244,10 @@ def _col2im_kernel(dcols, dx, s, p):
         dx[n, r, col, c] = acc
 
 
-def _blocks(size):
-    return max(1, min(-(-size // THREADS), MAX_BLOCKS))
-
-
 def im2col(x_nhwc, kh, kw, s, p, ho, wo):
     """The (N, Ho, Wo, kh, kw, C) windows of a channels-last (N, H, W, C) device array."""
     xp = namespace_of(x_nhwc)
+    x_nhwc = xp.ascontiguousarray(x_nhwc)  # a view when x is channels-last
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
     cols = xp.empty((n, ho, wo, kh, kw, c), x_nhwc.dtype)
     if cols.size:
@@ -265,13 +265,3 @@ def col2im(dcols, h, w, s, p):
     if dx.size:
         _launch(_col2im_kernel, _blocks(dx.size), dcols, dx, s, p)
     return dx
-
-
-def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
-    """:func:`refmoco.nn.functional.conv2d_forward` on CuPy arrays, im2col as one kernel."""
-    return conv2d_by_kernels(x, w, b, stride, padding, im2col, "cupy")
-
-
-def conv2d_backward(dy, cache):
-    """:func:`refmoco.nn.functional.conv2d_backward` on CuPy arrays, col2im as one kernel."""
-    return conv2d_backward_by_kernels(dy, cache, col2im)

@@ -6,10 +6,10 @@ the col2im scatter (nine strided in-place additions) and batch norm's per-channe
 three of four axes took about two thirds of the step. Here each of them is one Numba pass over
 contiguous channel vectors:
 
-- :func:`conv2d_forward` / :func:`conv2d_backward`: im2col and col2im as kernels, split over
-  the images of the batch for large batches (each image's rows and pixels belong to one thread:
-  no races); the
-  products stay NumPy's BLAS, exactly as in :func:`refmoco.nn.functional.conv2d_forward`.
+- :func:`im2col` / :func:`col2im`: the convolution's gather and scatter, which
+  :func:`refmoco.nn.functional.conv2d_forward` and ``conv2d_backward`` call on this backend
+  (the products stay NumPy's BLAS), split over the images of the batch for large batches (each
+  image's rows and pixels belong to one thread: no races).
 - :func:`batch_norm_forward` / :func:`batch_norm_backward`: the statistics and the normalisation
   on the array seen as ``(rows, channels)`` (an NCHW array with channels-last memory, as the
   convolutions produce, is that without a copy), two passes each. The per-channel sums are taken
@@ -25,13 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..nn.functional import (
-    BatchNormCache,
-    ReLUCache,
-    conv2d_backward_by_kernels,
-    conv2d_by_kernels,
-    update_running_stats,
-)
+from ..nn.functional import BatchNormCache, ReLUCache, update_running_stats
 from ._jit import jit, run_parts
 
 # -- convolution ----------------------------------------------------------------------------------
@@ -84,6 +78,7 @@ def _col2im(dcols, dx, s, p):
 
 def im2col(x_nhwc, kh, kw, s, p, ho, wo):
     """The (N, Ho, Wo, kh, kw, C) windows of a channels-last input, split over its images."""
+    x_nhwc = np.ascontiguousarray(x_nhwc)  # a view when x is channels-last
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
     cols = np.empty((n, ho, wo, kh, kw, c), x_nhwc.dtype)
     run_parts(_im2col, (x_nhwc, cols), (kh, kw, s, p, ho, wo), work=cols.size,
@@ -96,16 +91,6 @@ def col2im(dcols, h, w, s, p):
     dx = np.empty((dcols.shape[0], h, w, dcols.shape[5]), dcols.dtype)
     run_parts(_col2im, (dcols, dx), (s, p), work=dcols.size, min_work=PARALLEL_MIN)
     return dx
-
-
-def conv2d_forward(x, w, b=None, *, stride=1, padding=0):
-    """As :func:`refmoco.nn.functional.conv2d_forward`, with the im2col gather as a kernel."""
-    return conv2d_by_kernels(x, w, b, stride, padding, im2col, "numba")
-
-
-def conv2d_backward(dy, cache):
-    """As :func:`refmoco.nn.functional.conv2d_backward`, with the col2im scatter as a kernel."""
-    return conv2d_backward_by_kernels(dy, cache, col2im)
 
 
 # -- batch norm -------------------------------------------------------------------------------------

@@ -101,19 +101,20 @@ def _check_backend(backend, x):
     return backend
 
 
-def _im2col(x_pad, kh, kw, s, Ho, Wo):
-    """The (N*Ho*Wo, kh*kw*C) im2col matrix of a zero-padded channels-last (N, Hp, Wp, C) NumPy
-    array: row (n, i, j) holds the window at output pixel (i, j), ordered (a, e, c), copied out of
-    a strided window view in one pass."""
-    N, C = x_pad.shape[0], x_pad.shape[3]
+def _im2col(x_nhwc, kh, kw, s, p, Ho, Wo):
+    """The reference's im2col gather: the (N, Ho, Wo, kh, kw, C) windows of a channels-last
+    (N, H, W, C) input, zero-padded by ``p`` (a strided window view of a padded copy)."""
+    N, H, W, C = x_nhwc.shape
+    x_pad = np.zeros((N, H + 2 * p, W + 2 * p, C), x_nhwc.dtype)  # zero border
+    x_pad[:, p : p + H, p : p + W, :] = x_nhwc
     win = sliding_window_view(x_pad, (kh, kw), axis=(1, 2))[:, ::s, ::s]  # (N, Ho, Wo, C, kh, kw)
-    return win.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, kh * kw * C)  # (a copy)
+    return win.transpose(0, 1, 2, 4, 5, 3)
 
 
 def _col2im(dcols, H, W, s, p):
-    """The col2im scatter: ``dcols`` (N, Ho, Wo, kh, kw, C) added back to the pixels its entries
-    came from, one kernel offset (a, e) at a time in that order, into a zero-padded (N, H + 2p,
-    W + 2p, C) array; returns the (N, H, W, C) interior (a view)."""
+    """The reference's col2im scatter: ``dcols`` (N, Ho, Wo, kh, kw, C) added back to the pixels
+    its entries came from, one kernel offset (a, e) at a time in that order, into a zero-padded
+    (N, H + 2p, W + 2p, C) array; returns the (N, H, W, C) interior (a view)."""
     N, Ho, Wo, kh, kw, C = dcols.shape
     dx_pad = namespace_of(dcols).zeros((N, H + 2 * p, W + 2 * p, C), dtype=dcols.dtype)
     for a in range(kh):
@@ -122,39 +123,19 @@ def _col2im(dcols, H, W, s, p):
     return dx_pad[:, p : p + H, p : p + W, :]
 
 
-def conv2d_by_kernels(x, w, b, stride, padding, im2col, backend):
-    """:func:`conv2d_forward` with the im2col gather done by a kernel of ``backend``:
-    ``im2col(x_nhwc, kh, kw, stride, padding, Ho, Wo)`` returns the (N, Ho, Wo, kh, kw, C) windows
-    of the channels-last input (zero outside the image). The products are the reference's."""
-    xp = namespace_of(x)
-    N, C, H, W = x.shape
-    O, _, kh, kw = w.shape
-    s, p = stride, padding
-    Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
-    x_nhwc = xp.ascontiguousarray(x.transpose(0, 2, 3, 1))  # a view when x is channels-last
-    cols = im2col(x_nhwc, kh, kw, s, p, Ho, Wo).reshape(N * Ho * Wo, kh * kw * C)  # (a, e, c)
-    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
-    y = cols @ w_mat.T  # (N*Ho*Wo, O)
-    if b is not None:
-        y += b
-    y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
-    return y, Conv2dCache(cols, w, x.shape, s, p, backend)
+def _gather_scatter(backend):
+    """``(im2col, col2im)`` as ``backend`` runs them: the reference's window view and strided
+    additions (``"numpy"``), Numba kernels (``"numba"``), Numba CUDA kernels (``"cupy"``). All
+    take and return the same arrays, so the rest of the convolution is one code."""
+    if backend == "numba":
+        from refmoco.kernels import nn_cpu
 
+        return nn_cpu.im2col, nn_cpu.col2im
+    if backend == "cupy":
+        from refmoco.kernels import cuda
 
-def conv2d_backward_by_kernels(dy, cache, col2im):
-    """:func:`conv2d_backward` with the col2im scatter done by a kernel: ``col2im(dcols, H, W,
-    stride, padding)`` returns the (N, H, W, C) gradient of the input."""
-    xp = namespace_of(dy)
-    cols, w, (N, C, H, W), s, p, _ = cache
-    O, _, kh, kw = w.shape
-    Ho, Wo = dy.shape[2], dy.shape[3]
-    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)
-    dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # no copy when channels-last
-    dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)
-    db = dy_mat.sum(axis=0)
-    dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
-    dx = col2im(dcols, H, W, s, p)
-    return dx.transpose(0, 3, 1, 2), xp.ascontiguousarray(dw), db
+        return cuda.im2col, cuda.col2im
+    return _im2col, _col2im
 
 
 def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
@@ -192,22 +173,13 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     back to the pixels they came from (col2im), one kernel offset (a, e) at a time.
     """
     backend = _check_backend(backend, x)
-    if backend == "numba":
-        from refmoco.kernels import nn_cpu
-
-        return nn_cpu.conv2d_forward(x, w, b, stride=stride, padding=padding)
-    if backend == "cupy":
-        from refmoco.kernels import cuda
-
-        return cuda.conv2d_forward(x, w, b, stride=stride, padding=padding)
-    xp = namespace_of(x)
+    im2col, _ = _gather_scatter(backend)
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
     s, p = stride, padding
     Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
-    x_pad = xp.zeros((N, H + 2 * p, W + 2 * p, C), dtype=x.dtype)  # channels last, zero border
-    x_pad[:, p : p + H, p : p + W, :] = x.transpose(0, 2, 3, 1)
-    cols = _im2col(x_pad, kh, kw, s, Ho, Wo)  # (N*Ho*Wo, kh*kw*C)
+    cols = im2col(x.transpose(0, 2, 3, 1), kh, kw, s, p, Ho, Wo)  # (N, Ho, Wo, kh, kw, C)
+    cols = cols.reshape(N * Ho * Wo, kh * kw * C)  # one row per output pixel, ordered (a, e, c)
     w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
     y = cols @ w_mat.T  # (N*Ho*Wo, O)
     if b is not None:
@@ -221,14 +193,7 @@ def conv2d_backward(dy, cache):
 
     ``dx`` has channels-last memory, as the forward's output.
     """
-    if cache.backend == "numba":
-        from refmoco.kernels import nn_cpu
-
-        return nn_cpu.conv2d_backward(dy, cache)
-    if cache.backend == "cupy":
-        from refmoco.kernels import cuda
-
-        return cuda.conv2d_backward(dy, cache)
+    _, col2im = _gather_scatter(cache.backend)
     xp = namespace_of(dy)
     cols, w, (N, C, H, W), s, p, _ = cache
     O, _, kh, kw = w.shape
@@ -238,7 +203,7 @@ def conv2d_backward(dy, cache):
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
     db = dy_mat.sum(axis=0)  # (O,)
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
-    dx = _col2im(dcols, H, W, s, p).transpose(0, 3, 1, 2)  # (N, C, H, W)
+    dx = col2im(dcols, H, W, s, p).transpose(0, 3, 1, 2)  # (N, C, H, W)
     return dx, xp.ascontiguousarray(dw), db
 
 
