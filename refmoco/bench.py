@@ -225,7 +225,7 @@ def enqueue_group(size: int = 65536, dim: int = 128, batch: int = 256) -> Group:
         raw[ptr[0] : ptr[0] + batch] = keys
         ptr[0] = (ptr[0] + batch) % size
 
-    # the bare write first: it, not Queue.enqueue, follows the previous round's 32 MB clone
+    # the bare write first: it, not Queue.enqueue, follows the op before the group (docs: Order)
     cases = [Case("NumPy slice write, (K, C) rows", bare),
              Case("refmoco Queue.enqueue (with checks)", lambda: queue.enqueue(keys))]
     torch = _torch()
@@ -254,6 +254,11 @@ def training_step_groups(quick: bool) -> list:
     return [training_step_group(*spec) for spec in _step_specs()]
 
 
+def _queue_sizes(quick: bool) -> tuple:
+    """The queue sizes K of the InfoNCE groups."""
+    return (4096, 16384) if quick else (4096, 16384, 65536)
+
+
 def _step_specs() -> list:
     from .nn import cnn_encoder, mlp_encoder
 
@@ -266,33 +271,45 @@ def training_step_group(name: str, encoder, shape: tuple, n: int = 256,
     import numpy as np
 
     from .backend import BackendUnavailableError
-    from .dictionary import Queue
-    from .mechanisms import MoCo
-    from .optim import SGD
 
     t, m, lr = 0.1, 0.99, 0.03
     rng = np.random.default_rng(0)
     xq, xk = rng.random((n, *shape), dtype=np.float32), rng.random((n, *shape), dtype=np.float32)
-    ids = np.arange(n)
     cases, notes = [], []
     for backend in ("numpy", "numba"):
         try:
-            params, buffers = encoder.init(np.random.default_rng(0), "float32")
-            moco = MoCo(encoder, params, buffers,
-                        SGD(lr, momentum=0.9, weight_decay=5e-4, backend=backend),
-                        queue=Queue(k_size, 128, seed=0), momentum=m, temperature=t,
-                        bn_groups=1, backend=backend)
-            moco.step(xq, xk, ids, lr)  # raises here if the backend is unavailable
+            step = _refmoco_moco_step(encoder, backend, xq, xk, k_size, t, m, lr)
         except (ImportError, BackendUnavailableError) as exc:
             notes.append(f"{backend}: {exc}")
             continue
-        cases.append(Case(f"refmoco {backend}", lambda moco=moco: moco.step(xq, xk, ids, lr)))
+        cases.append(Case(f"refmoco {backend}", step))
     torch = _torch()
     if torch is not None:
         cases.append(Case("PyTorch (MoCo's builder.py)",
                           _torch_moco_step(torch, encoder, xq, xk, k_size, t, m, lr, "cpu")))
     return Group(f"MoCo training step: {name}, batch {n}, K={k_size}, float32", cases,
                  "PyTorch (MoCo's builder.py)", notes)
+
+
+def _refmoco_moco_step(encoder, backend, xq, xk, k_size, t, m, lr):
+    """refmoco's MoCo step on ``backend`` (the views ``xq``, ``xk`` already there), with the
+    weights of ``encoder`` initialised from seed 0 as in :func:`_torch_moco_step`; runs one step
+    (which raises if the backend is unavailable) and returns the step as a function of no
+    arguments."""
+    import numpy as np
+
+    from .dictionary import Queue
+    from .mechanisms import MoCo
+    from .optim import SGD
+
+    params, buffers = encoder.init(np.random.default_rng(0), "float32", backend=backend)
+    moco = MoCo(encoder, params, buffers,
+                SGD(lr, momentum=0.9, weight_decay=5e-4, backend=backend),
+                queue=Queue(k_size, 128, seed=0, backend=backend), momentum=m, temperature=t,
+                bn_groups=1, backend=backend)
+    ids = np.arange(len(xq))
+    moco.step(xq, xk, ids, lr)
+    return lambda: moco.step(xq, xk, ids, lr)
 
 
 def _torch_moco_step(torch, encoder, xq, xk, k_size, t, m, lr, device):
@@ -350,8 +367,8 @@ def gpu_groups(quick: bool) -> list:
     cupy = _cupy()
     if cupy is None:
         return []
-    sizes = (4096, 16384) if quick else (4096, 16384, 65536)
-    return ([gpu_info_nce_group(cupy, k) for k in sizes] + [gpu_momentum_group(cupy)]
+    return ([gpu_info_nce_group(cupy, k) for k in _queue_sizes(quick)]
+            + [gpu_momentum_group(cupy)]
             + [gpu_training_step_group(cupy, *spec) for spec in _step_specs()])
 
 
@@ -410,7 +427,8 @@ def gpu_momentum_group(cupy) -> Group:
     import refmoco
 
     m, sync = 0.999, _gpu_sync(cupy)
-    size = sum(int(np.prod(s)) for s in resnet18_shapes())
+    sizes = [int(np.prod(s)) for s in resnet18_shapes()]
+    size = sum(sizes)
     rng = np.random.default_rng(0)
     dk = cupy.asarray(rng.standard_normal(size, dtype=np.float32))
     dq = cupy.asarray(rng.standard_normal(size, dtype=np.float32))
@@ -420,7 +438,6 @@ def gpu_momentum_group(cupy) -> Group:
              Case("device-to-device copy (cupy)", lambda: dst.__setitem__(Ellipsis, dq), sync)]
     reference, torch = "torch._foreach_lerp_ (CUDA)", _torch_cuda()
     if torch is not None:
-        sizes = [int(np.prod(s)) for s in resnet18_shapes()]
         tk = list(torch.from_numpy(cupy.asnumpy(dk)).cuda().split(sizes))
         tq = list(torch.from_numpy(cupy.asnumpy(dq)).cuda().split(sizes))
         cases.append(Case(reference, lambda: torch._foreach_lerp_(tk, tq, 1.0 - m), sync))
@@ -434,23 +451,15 @@ def gpu_training_step_group(cupy, name, encoder, shape, n=256, k_size=4096) -> G
     import numpy as np
 
     from .backend import BackendUnavailableError
-    from .dictionary import Queue
-    from .mechanisms import MoCo
-    from .optim import SGD
 
     t, m, lr, sync = 0.1, 0.99, 0.03, _gpu_sync(cupy)
     rng = np.random.default_rng(0)
     xq, xk = rng.random((n, *shape), dtype=np.float32), rng.random((n, *shape), dtype=np.float32)
-    xq_d, xk_d, ids = cupy.asarray(xq), cupy.asarray(xk), np.arange(n)
     cases, notes = [], []
     try:
-        params, buffers = encoder.init(np.random.default_rng(0), "float32", backend="cupy")
-        moco = MoCo(encoder, params, buffers, SGD(lr, momentum=0.9, weight_decay=5e-4,
-                                                  backend="cupy"),
-                    queue=Queue(k_size, 128, seed=0, backend="cupy"), momentum=m,
-                    temperature=t, bn_groups=1, backend="cupy")
-        moco.step(xq_d, xk_d, ids, lr)
-        cases.append(Case("refmoco cupy", lambda: moco.step(xq_d, xk_d, ids, lr), sync))
+        step = _refmoco_moco_step(encoder, "cupy", cupy.asarray(xq), cupy.asarray(xk), k_size, t,
+                                 m, lr)
+        cases.append(Case("refmoco cupy", step, sync))
     except (TypeError, ValueError, NotImplementedError, BackendUnavailableError) as exc:
         notes.append(f"refmoco cupy: {exc}")
     reference, torch = "PyTorch CUDA (MoCo's builder.py)", _torch_cuda()
@@ -526,9 +535,8 @@ def run(args) -> int:
     if repeats < 1:
         raise SystemExit("refmoco bench: --repeats must be >= 1")
     print("refmoco bench" + (" --quick" if args.quick else ""), flush=True)
-    sizes = (4096, 16384) if args.quick else (4096, 16384, 65536)
     only = set(args.only or GROUPS)
-    groups = [info_nce_group(k) for k in sizes] if "info-nce" in only else []
+    groups = [info_nce_group(k) for k in _queue_sizes(args.quick)] if "info-nce" in only else []
     groups += [momentum_group()] if "momentum" in only else []
     groups += [enqueue_group()] if "enqueue" in only else []
     groups += training_step_groups(args.quick) if "step" in only else []

@@ -72,10 +72,7 @@ def count_step_ops():
     """Device operations in the second MoCo step of each bench encoder, by name."""
     import numpy as np
 
-    from refmoco.bench import _step_specs
-    from refmoco.dictionary import Queue
-    from refmoco.mechanisms import MoCo
-    from refmoco.optim import SGD
+    from refmoco.bench import _refmoco_moco_step, _step_specs
 
     counts = collections.Counter()
     call, setitem = fake_cupy._call, fake_cupy.FakeDeviceArray.__setitem__
@@ -99,14 +96,9 @@ def count_step_ops():
     for name, encoder, shape in _step_specs():
         rng, n = np.random.default_rng(0), 256
         xq, xk = (FAKE.asarray(rng.random((n, *shape), dtype=np.float32)) for _ in range(2))
-        params, buffers = encoder.init(np.random.default_rng(0), "float32", backend="cupy")
-        moco = MoCo(encoder, params, buffers, SGD(0.03, momentum=0.9, weight_decay=5e-4,
-                                                  backend="cupy"),
-                    queue=Queue(4096, 128, seed=0, backend="cupy"), momentum=0.99,
-                    temperature=0.1, bn_groups=1, backend="cupy")
-        moco.step(xq, xk, np.arange(n), 0.03)  # the first step allocates the optimizer state
+        step = _refmoco_moco_step(encoder, "cupy", xq, xk, 4096, 0.1, 0.99, 0.03)  # a first step
         counts.clear()
-        moco.step(xq, xk, np.arange(n), 0.03)
+        step()
         launches = sum(v for k, v in counts.items() if k not in views)
         print(f"{name}: {sum(counts.values())} device operations, {launches} without views")
         print("  " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
