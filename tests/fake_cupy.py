@@ -105,14 +105,13 @@ def _index(idx, shape):
     to the device); an integer array's out-of-range entries wrap around, as on CuPy."""
     if not isinstance(idx, tuple):
         return _index((idx,), shape)[0]
-    out = []
-    for axis, i in enumerate(idx):
-        if isinstance(i, FakeDeviceArray):
-            i = i._a
-        if isinstance(i, (np.ndarray, list)) and np.asarray(i).dtype.kind in "iu":
-            i = np.asarray(i) % shape[axis] if shape[axis] else np.asarray(i)
-        out.append(i)
-    return tuple(out)
+    idx = tuple(i._a if isinstance(i, FakeDeviceArray) else i for i in idx)
+    arrays = [np.asarray(i) if isinstance(i, (np.ndarray, list)) else None for i in idx]
+    if any(i is Ellipsis or i is None for i in idx) or any(
+            a is not None and a.dtype.kind == "b" for a in arrays):
+        return idx  # entry k is not axis k: left as NumPy indexes it
+    return tuple(a % shape[axis] if a is not None and a.dtype.kind in "iu" and shape[axis] else i
+                 for axis, (i, a) in enumerate(zip(idx, arrays, strict=True)))
 
 
 def _repeats(idx):

@@ -52,6 +52,15 @@ def test_integer_indices_out_of_range_wrap_around_as_on_cupy(cp):
     np.testing.assert_array_equal(cp.asnumpy(x), [0.0, 1.0, 9.0, 3.0, 4.0])
 
 
+def test_indices_after_an_ellipsis_index_their_own_axis(cp):
+    """Entry k of an index with ``...`` or ``None`` is not axis k: nothing is wrapped there (with
+    axis 0's length, index 2 of axis 1 would have read column 0)."""
+    a = np.arange(6.0).reshape(2, 3)
+    x = cp.asarray(a)
+    np.testing.assert_array_equal(cp.asnumpy(x[..., np.array([0, 2])]), a[..., [0, 2]])
+    np.testing.assert_array_equal(cp.asnumpy(x[None, :, np.array([2])]), a[None, :, [2]])
+
+
 def test_writes_through_repeated_indices_are_refused(cp):
     x = cp.asarray(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="repeated indices"):
