@@ -164,8 +164,6 @@ class FlatParams(Mapping):
     # --- same layout -------------------------------------------------------------------------
     def zeros_like(self) -> FlatParams:
         """A new, zero-filled FlatParams with the same names, shapes, dtype, offsets and device."""
-        if isinstance(self.flat, np.ndarray):
-            return FlatParams(self.shapes, self.dtype)
         return FlatParams(self.shapes, self.dtype, flat=self.xp.zeros(self.size, dtype=self.dtype))
 
     def copy(self) -> FlatParams:
