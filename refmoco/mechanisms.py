@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .backend import (
-    BACKENDS,
     as_array,
     backend_of,
     check_available,
@@ -40,6 +39,7 @@ from .backend import (
 from .dictionary import MemoryBank, Queue, rng_from_array, rng_to_array
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
+from .nn.models import _placement
 from .optim import SGD
 
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
@@ -170,20 +170,10 @@ class Mechanism:
 
 
 def _check_placement(params, buffers, backend) -> str:
-    """The mechanism's backend, checked against where the parameters and buffers live."""
-    if backend not in (None, *BACKENDS):
-        raise ValueError(f"backend: expected None, 'numpy', 'numba' or 'cupy', got {backend!r}")
+    """The mechanism's backend, checked against where the parameters and buffers live, as a
+    model's forward checks it (a missing Numba or CuPy says what to install)."""
     check_available(backend)
-    gpu = params.backend == "cupy"
-    if backend is None:
-        backend = "cupy" if gpu else "numpy"
-    elif (backend == "cupy") != gpu:
-        where = "CuPy arrays (on the GPU)" if gpu else "NumPy arrays (on the host)"
-        raise ValueError(f"backend: {backend!r} does not fit the parameters, which are {where}: "
-                         f"create them with model.init(..., backend={backend!r})")
-    for k, v in buffers.items():
-        check_device(v, f"buffers[{k!r}]", params.xp)
-    return backend
+    return _placement(params, buffers, None, backend)[0]
 
 
 def _check_store(store, name: str, backend: str) -> None:
