@@ -17,6 +17,7 @@ Needs numba-cuda with NVVM (``pip install "numba-cuda[cu12]"``), which CI instal
 the tests skip, and ``REFMOCO_REQUIRE_NVVM=1`` (set by ``.ci/run``) makes that skip a failure.
 """
 
+import functools
 import os
 import re
 
@@ -52,10 +53,15 @@ def kernels():
 def ptx_of(kernel, *args):
     """The PTX of ``kernel`` (a ``cuda_jit`` dispatcher) for the types of ``args``, the arrays and
     scalars a launch passes (contiguous arrays type as what ``as_cuda_array`` gives)."""
+    return _compiled(kernel.py_func, tuple(numba.typeof(a) for a in args))
+
+
+@functools.cache
+def _compiled(py_func, sig):
+    """Each kernel and signature compiled once per test run (several tests read the same PTX)."""
     from numba import cuda
 
-    sig = tuple(numba.typeof(a) for a in args)
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+    ptx, _ = cuda.compile_ptx(py_func, sig, cc=CC)
     return ptx
 
 
