@@ -5,8 +5,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from ._checks import check_int, check_unit_interval
-from .backend import as_array, resolve
+from .backend import _CUDA_DEVICES, _cupy, _is_torch_tensor, as_array, is_cupy_array, resolve
+
+_HALF = ("float16", "bfloat16")  # computed in float32, rounded once into the target
+
+
+def _in_place(x: Any, name: str) -> Any:
+    """``x`` as a NumPy or CuPy array that shares its memory, so that writing into it updates
+    ``x``: NumPy and CuPy arrays as they are, tensors through DLPack (any strides). Anything
+    that cannot be shared so (a list, a bfloat16 tensor, which NumPy cannot import) is a
+    ``TypeError``: updating a copy would leave ``x`` as it was without a word."""
+    if isinstance(x, np.ndarray) or is_cupy_array(x):
+        return x
+    if not (hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__")):
+        raise TypeError(f"{name}: expected a writeable float array, got {type(x).__name__}")
+    if _is_torch_tensor(x):
+        x = x.detach()
+    if str(getattr(x, "dtype", "")).endswith("bfloat16"):
+        raise TypeError(f"{name}: a bfloat16 {type(x).__name__} cannot be updated in place (NumPy "
+                        "and CuPy cannot import bfloat16 through DLPack); keep the key encoder in "
+                        "float32 or float16, or pass an ml_dtypes.bfloat16 NumPy array")
+    on_gpu = int(x.__dlpack_device__()[0]) in _CUDA_DEVICES
+    try:
+        return _cupy().from_dlpack(x) if on_gpu else np.from_dlpack(x)
+    except (BufferError, TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: the memory of this {type(x).__name__} cannot be shared through "
+                        f"DLPack, so it cannot be updated in place ({exc})") from exc
+
+
+def _is_float(a: Any) -> bool:
+    return a.dtype.kind == "f" or a.dtype.name == "bfloat16"  # ml_dtypes' bfloat16: kind "V"
 
 
 def _leaves(target: Any, source: Any, path: str) -> list[tuple[str, Any, Any]]:
@@ -26,15 +57,11 @@ def _leaves(target: Any, source: Any, path: str) -> list[tuple[str, Any, Any]]:
         for i, (t, s) in enumerate(zip(target, source)):
             pairs += _leaves(t, s, f"{path}[{i}]")
         return pairs
-    t = as_array(target, f"target{path}")
+    t = _in_place(target, f"target{path}")
     s = as_array(source, f"source{path}")
-    if t is not target and not (
-        hasattr(target, "__dlpack__") and str(target.dtype).endswith(t.dtype.name)
-    ):  # a tensor shared through DLPack is updated in place; a list or a widened copy is not
-        raise TypeError(f"target{path}: expected a writeable float array, got {type(target).__name__}")
-    if t.dtype.kind != "f":
+    if not _is_float(t):
         raise TypeError(f"target{path}: expected a floating-point array, got dtype {t.dtype}")
-    if s.dtype.kind != "f":
+    if not _is_float(s):
         raise TypeError(f"source{path}: expected a floating-point array, got dtype {s.dtype}")
     if t.shape != s.shape:
         raise ValueError(f"source{path}: expected shape {tuple(t.shape)}, got {tuple(s.shape)}")
@@ -76,7 +103,11 @@ def momentum_update(target, source, momentum, *, backend=None):
     .. math:: \theta_k \leftarrow m\,\theta_k + (1 - m)\,\theta_q
 
     No gradient flows through this update: the key encoder is never trained by backpropagation.
-    A dtype mismatch is allowed (the source is read in the target's dtype).
+    A dtype mismatch is allowed (the source is read in the target's dtype). float16 and bfloat16
+    targets are computed in float32 and rounded once. A source that shares memory with its
+    target (even ``source is target``) is read before anything is written. PyTorch and other
+    DLPack tensors are updated in place, whatever their strides; a target whose memory cannot be
+    shared (a list, a bfloat16 tensor) is a ``TypeError`` rather than a copy updated in silence.
 
     Examples
     --------
@@ -89,11 +120,17 @@ def momentum_update(target, source, momentum, *, backend=None):
     pairs = _leaves(target, source, "")
     be = resolve(backend, *(t for _, t, _ in pairs), *(s for _, _, s in pairs))
     for _, t, s in pairs:
-        if be.kernels is not None:
+        xp = be.xp
+        if xp.may_share_memory(t, s):  # source is target, or overlaps it: read it first
+            s = s.copy()
+        if t.dtype.name in _HALF:  # in float32, rounded once into the target
+            m32, w32 = np.float32(m), np.float32(1.0 - m)
+            t[...] = (t.astype(np.float32) * m32 + w32 * s.astype(np.float32)).astype(t.dtype)
+        elif be.kernels is not None:
             be.kernels.momentum_update(t, s, m)  # one fused pass over memory
-            continue
-        t *= t.dtype.type(m)
-        t += t.dtype.type(1.0 - m) * s.astype(t.dtype, copy=False)
+        else:
+            t *= t.dtype.type(m)
+            t += t.dtype.type(1.0 - m) * s.astype(t.dtype, copy=False)
     return target
 
 

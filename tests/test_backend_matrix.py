@@ -126,3 +126,21 @@ def test_momentum_update_on_structures(backend):
     np.testing.assert_array_equal(refmoco.to_numpy(moved_t["w"]), ref["w"])
     np.testing.assert_array_equal(refmoco.to_numpy(moved_t["b"][0]), ref["b"][0])
     assert moved_t["b"][0].dtype == np.float32
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_momentum_update_overlap_and_float16(backend):
+    """A source overlapping its target is read before anything is written; float16 is computed
+    in float32 (the reference's results are checked in tests/test_momentum.py)."""
+    buffer = np.arange(1.0, 9.0)
+    ref = buffer.copy()
+    refmoco.momentum_update(ref[1:], ref[:-1], 0.25)
+    moved = move(buffer, backend)
+    refmoco.momentum_update(moved[1:], moved[:-1], 0.25, backend=backend)
+    np.testing.assert_array_equal(refmoco.to_numpy(moved), ref)
+    half = np.array([1.205, -3.7, 60000.0], np.float16)
+    ref, moved = half.copy(), move(half, backend)
+    refmoco.momentum_update(ref, half[::-1].copy(), 0.9)
+    refmoco.momentum_update(moved, move(half[::-1].copy(), backend), 0.9, backend=backend)
+    assert moved.dtype == np.float16
+    np.testing.assert_array_equal(refmoco.to_numpy(moved), ref)

@@ -70,6 +70,82 @@ def test_torch_tensors_are_updated_in_place():
     assert torch.allclose(t, torch.full((4,), 0.25))
 
 
+def backends():
+    """numpy, and numba where it is installed."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return ["numpy"]
+    return ["numpy", "numba"]
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_torch_targets_of_any_strides_are_updated_in_place(torch, backend):
+    """A transposed (non-contiguous) tensor: the update must land in the tensor itself, not in a
+    contiguous copy of it."""
+    t0 = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+    s = torch.ones(3, 2, dtype=torch.float64)
+    t = t0.clone().T
+    out = momentum_update(t, s, 0.5, backend=backend)
+    assert out is t
+    expected = 0.5 * t0.T.numpy() + 0.5 * s.numpy()
+    np.testing.assert_array_equal(t.numpy(), expected)  # halves of small integers: exact
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("overlap", ["same", "shifted", "view"])
+def test_a_source_sharing_memory_with_its_target_is_read_first(backend, overlap):
+    buffer = np.arange(1.0, 9.0)
+    if overlap == "same":
+        target, source = buffer, buffer
+    elif overlap == "shifted":  # target[i] = m buffer[i + 1] + (1 - m) buffer[i]
+        target, source = buffer[1:], buffer[:-1]
+    else:
+        target, source = buffer[:4], buffer[::2]
+    t0, s0 = target.copy(), source.copy()  # the values before the call
+    momentum_update(target, source, 0.25, backend=backend)
+    np.testing.assert_array_equal(target, 0.25 * t0 + 0.75 * s0)  # quarters: exact
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_float16_targets_are_computed_in_float32(backend):
+    t = np.array([1.205, -3.7, 0.1, 60000.0], np.float16)
+    s = np.array([0.0, 2.5, -0.3, 65504.0], np.float16)
+    m = 0.9
+    want = (np.float64(m) * t.astype(np.float64) + (1 - m) * s.astype(np.float64)).astype(np.float16)
+    out = t.copy()
+    momentum_update(out, s, m, backend=backend)
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, want)  # one rounding from (nearly) exact: the nearest
+    in_half = t * np.float16(m) + np.float16(1 - m) * s  # what float16 arithmetic would give
+    assert in_half[0] != want[0]  # so this input tells the two apart
+
+
+def test_bfloat16_arrays_and_tensors():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = ml_dtypes.bfloat16
+    target = np.zeros(3, np.float32)
+    momentum_update(target, np.array([1.0, 2.0, 4.0]).astype(bf16), 0.5)  # a bfloat16 source
+    np.testing.assert_array_equal(target, [0.5, 1.0, 2.0])
+    target = np.array([1.0, 2.0, 3.0]).astype(bf16)  # a bfloat16 target, in float32
+    momentum_update(target, np.array([3.0, 2.0, 1.0]), 0.5)
+    assert target.dtype == bf16
+    np.testing.assert_array_equal(target.astype(np.float64), [2.0, 2.0, 2.0])
+
+
+def test_half_tensors(torch):
+    t = torch.zeros(3, dtype=torch.float16)
+    momentum_update(t, torch.ones(3, dtype=torch.float16), 0.5)
+    assert t.dtype == torch.float16 and t.tolist() == [0.5, 0.5, 0.5]
+    bf = torch.zeros(3, dtype=torch.bfloat16)  # NumPy cannot share its memory: refused, unchanged
+    with pytest.raises(TypeError, match="target.*bfloat16"):
+        momentum_update(bf, torch.ones(3), 0.5)
+    assert not bf.any()
+    t = torch.zeros(3)
+    momentum_update(t, torch.ones(3, dtype=torch.bfloat16), 0.5)  # a bfloat16 source is read
+    assert t.tolist() == [0.5, 0.5, 0.5]
+
+
 @given(st.integers(1, 10_000), st.data(), st.floats(0, 1), st.floats(0, 1))
 def test_cosine_momentum(total, data, base, final):
     step = data.draw(st.integers(0, total))

@@ -235,7 +235,7 @@ def _lerp(t, s, m, w):
 def momentum_update(target, source, m):
     """In place, ``target = m * target + (1 - m) * source`` (the reference's rounding)."""
     dtype = target.dtype
-    if dtype not in (np.float32, np.float64):  # float16, longdouble: Numba has no such type
+    if dtype not in (np.float32, np.float64):  # longdouble: Numba has no such type
         target *= dtype.type(m)
         target += dtype.type(1.0 - m) * source.astype(dtype, copy=False)
         return

@@ -184,10 +184,7 @@ def momentum_update(target, source, m):
     """In place, ``target = m * target + (1 - m) * source`` (the reference's rounding)."""
     xp = namespace_of(target)
     dtype = target.dtype
-    if dtype not in (np.float32, np.float64):  # float16: CuPy's elementwise formula
-        target *= dtype.type(m)
-        target += dtype.type(1.0 - m) * source.astype(dtype, copy=False)
-        return
+    _check_dtype(dtype)  # float16 is computed in float32 before this (refmoco.momentum_update)
     t = target if target.flags.c_contiguous else xp.ascontiguousarray(target)
     s = xp.ascontiguousarray(source, dtype=dtype)
     if t.size:
