@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_int, check_unit_interval
-from .backend import array_module, as_array, float_array, is_cupy_array, to_numpy
+from .backend import array_module, as_array, check_available, float_array, is_cupy_array, to_numpy
+from .losses.normalize import l2_normalize
 
 _DTYPES = ("float32", "float64")
 
@@ -25,6 +26,13 @@ def _check_dtype(dtype: Any) -> np.dtype:
     if dt.name not in _DTYPES:
         raise ValueError(f"dtype: expected 'float32' or 'float64', got {dt.name!r}")
     return dt
+
+
+def _check_backend(backend: Any) -> str:
+    if backend not in ("numpy", "numba", "cupy"):
+        raise ValueError(f"backend: expected 'numpy', 'numba' or 'cupy', got {backend!r}")
+    check_available(backend)  # a missing Numba, or CuPy and a GPU: say what to install
+    return backend
 
 
 def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.dtype):
@@ -117,11 +125,9 @@ class Queue:
         self.size = check_int(size, "size", minimum=1)
         self.dim = check_int(dim, "dim", minimum=1)
         self.dtype = _check_dtype(dtype)
-        if backend not in ("numpy", "numba", "cupy"):
-            raise ValueError(f"backend: expected 'numpy', 'numba' or 'cupy', got {backend!r}")
-        self.backend = backend
+        self.backend = _check_backend(backend)
         self.xp = array_module(backend)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(check_int(seed, "seed", minimum=0))
         init = _random_unit_rows(self.rng, self.size, self.dim, self.dtype)
         self._keys = self.xp.asarray(init)  # (K, C)
         self._ids = np.full(self.size, -1, dtype=np.int64)  # (K,), kept on the host
@@ -152,8 +158,10 @@ class Queue:
         if is_cupy_array(keys) != (self.backend == "cupy"):
             where = "CuPy" if self.backend == "cupy" else "NumPy"
             raise TypeError(f"keys: this queue lives on backend={self.backend!r}: pass {where} arrays")
-        if not bool(self.xp.isfinite(keys).all()):
-            raise ValueError("keys: expected finite values, got NaN or inf")
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            keys = keys.astype(self.dtype, copy=False)
+        if not bool(self.xp.isfinite(keys).all()):  # after the cast: 1e300 is inf in float32
+            raise ValueError(f"keys: expected finite {self.dtype.name} values, got NaN or inf")
         b = keys.shape[0]
         if ids is None:
             return keys, None
@@ -162,6 +170,8 @@ class Queue:
             raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
         if ids.shape != (b,):
             raise ValueError(f"ids: expected shape ({b},) (one per key), got {ids.shape}")
+        if ids.dtype.kind == "u" and b and ids.max() > np.iinfo(np.int64).max:
+            raise ValueError("ids: expected values that fit in int64, got larger unsigned ones")
         return keys, ids.astype(np.int64, copy=False)
 
     def enqueue(self, keys, ids=None) -> None:
@@ -186,7 +196,9 @@ class Queue:
         keep = min(b, self.size)  # a batch larger than the queue keeps its newest rows
         start = (self._ptr + b - keep) % self.size  # where the first kept row lands
         first = min(keep, self.size - start)  # rows before the wrap-around
-        rows = keys[b - keep:].astype(self.dtype, copy=False)
+        rows = keys[b - keep:]  # in the queue's dtype already
+        if self.xp.may_share_memory(rows, self._keys):  # e.g. enqueue(queue.keys): read it first
+            rows = rows.copy()
         ids = None if ids is None else ids[b - keep:]
         self._keys[start:start + first] = rows[:first]
         self._ids[start:start + first] = -1 if ids is None else ids[:first]  # -1: no sample id
@@ -289,11 +301,9 @@ class MemoryBank:
         self.dim = check_int(dim, "dim", minimum=1)
         self.momentum = check_unit_interval(momentum, "momentum")
         self.dtype = _check_dtype(dtype)
-        if backend not in ("numpy", "numba", "cupy"):
-            raise ValueError(f"backend: expected 'numpy', 'numba' or 'cupy', got {backend!r}")
-        self.backend = backend
+        self.backend = _check_backend(backend)
         self.xp = array_module(backend)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(check_int(seed, "seed", minimum=0))
         self._bank = self.xp.asarray(_random_unit_rows(self.rng, self.size, self.dim, self.dtype))
 
     @property
@@ -330,12 +340,13 @@ class MemoryBank:
             raise ValueError(f"feats: expected shape ({idx.size}, {self.dim}), got {feats.shape}")
         if is_cupy_array(feats) != (self.backend == "cupy"):
             raise TypeError(f"feats: this bank lives on backend={self.backend!r}")
-        if not bool(self.xp.isfinite(feats).all()):
-            raise ValueError("feats: expected finite values, got NaN or inf")
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            feats = feats.astype(self.dtype, copy=False)
+        if not bool(self.xp.isfinite(feats).all()):  # after the cast: 1e300 is inf in float32
+            raise ValueError(f"feats: expected finite {self.dtype.name} values, got NaN or inf")
         m = self.dtype.type(self.momentum)
-        rows = m * self._bank[idx] + (1 - m) * feats.astype(self.dtype, copy=False)  # (b, C)
-        norms = self.xp.sqrt((rows * rows).sum(axis=1, keepdims=True))
-        self._bank[idx] = rows / self.xp.maximum(norms, self.dtype.type(1e-12))
+        rows = m * self._bank[idx] + (1 - m) * feats  # (b, C)
+        self._bank[idx] = l2_normalize(rows, eps=1e-12)[0]  # a norm that does not overflow
 
     def sample(self, indices, num_negatives, rng=None) -> np.ndarray:
         """(len(indices), num_negatives) row indices drawn uniformly, never the query's own.

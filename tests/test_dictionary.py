@@ -36,16 +36,36 @@ class QueueAgainstDeque(RuleBasedStateMachine):
         self.next_id += b
 
     @precondition(lambda self: hasattr(self, "queue"))
-    @rule(bad=st.sampled_from(["dim", "nan", "ids_length", "ids_float", "int_keys"]))
+    @rule(data=st.data())
+    def enqueue_its_own_keys(self, data):
+        """The batch is a view of the buffer being written (``enqueue(queue.keys[i:j])``): the
+        rows must be the ones the view held before the call, even where the write wraps."""
+        size = self.queue.size
+        i = data.draw(st.integers(0, size))
+        j = data.draw(st.integers(i, size))
+        view = self.queue.keys[i:j]
+        rows = view.copy()  # what the deque is fed: the values before the call
+        self.queue.enqueue(view)
+        for row in rows:
+            self.model.append((row, -1))
+        self.written += j - i
+
+    @precondition(lambda self: hasattr(self, "queue"))
+    @rule(bad=st.sampled_from(["dim", "nan", "ids_length", "ids_float", "int_keys",
+                               "overflows_the_dtype", "ids_beyond_int64"]))
     def rejected_enqueue_changes_nothing(self, bad):
         before = self.queue.state_dict()
         dim = self.queue.dim
+        huge = np.finfo(self.queue.dtype).max
         args = {
             "dim": (np.zeros((2, dim + 1)), None),
             "nan": (np.full((2, dim), np.nan), None),
             "ids_length": (np.zeros((2, dim)), np.arange(3)),
             "ids_float": (np.zeros((2, dim)), np.zeros(2)),
             "int_keys": (np.zeros((2, dim), dtype=int), None),
+            # finite as given, inf in the queue's dtype (float64: inf as given)
+            "overflows_the_dtype": (np.full((2, dim), 2 * float(huge)), None),
+            "ids_beyond_int64": (np.zeros((2, dim)), np.array([1, 2**64 - 1], np.uint64)),
         }[bad]
         with pytest.raises((ValueError, TypeError), match="keys|ids"):
             self.queue.enqueue(*args)
@@ -145,6 +165,33 @@ def test_load_state_dict_rejects_a_mismatched_state_and_changes_nothing():
 def test_bad_constructor_arguments(kwargs, words):
     with pytest.raises((ValueError, TypeError), match=words):
         Queue(**kwargs)
+    with pytest.raises((ValueError, TypeError), match=words):
+        MemoryBank(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [Queue, MemoryBank])
+def test_a_bad_seed_is_named(cls):
+    for seed in (-1, 1.5, "0"):
+        with pytest.raises((ValueError, TypeError), match="seed"):
+            cls(4, 2, seed=seed)
+
+
+@pytest.mark.parametrize("cls", [Queue, MemoryBank])
+def test_backend_numba_without_numba_says_what_to_install(cls, monkeypatch):
+    import builtins
+
+    import refmoco
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("no numba")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)
+    with pytest.raises(refmoco.BackendUnavailableError, match=r"pip install 'refmoco\[numba\]'"):
+        cls(4, 2, backend="numba")
 
 
 # -- MemoryBank ------------------------------------------------------------------------------
@@ -166,6 +213,17 @@ def test_memory_bank_update_is_the_normalised_moving_average(data, momentum):
     np.testing.assert_array_equal(bank.bank[untouched], old[untouched])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_memory_bank_update_of_huge_features_does_not_overflow(dtype):
+    """The squared norm of a row near the dtype's largest value overflows; the row's direction
+    does not."""
+    big = np.finfo(dtype).max / 4
+    bank = MemoryBank(3, 3, momentum=0.0, dtype=dtype, seed=0)
+    bank.update(np.array([0, 2]), np.array([[big, 0, 0], [big, -big, 0]], dtype))
+    np.testing.assert_array_equal(bank.bank[0], [1, 0, 0])
+    np.testing.assert_allclose(bank.bank[2], [2**-0.5, -(2**-0.5), 0], rtol=1e-6)
+
+
 def test_memory_bank_sampling_is_uniform_over_the_other_rows():
     bank = MemoryBank(5, 2, seed=0)
     draws = bank.sample(np.full(20000, 2), num_negatives=1, rng=np.random.default_rng(0))[:, 0]
@@ -183,6 +241,7 @@ def test_memory_bank_bad_update_changes_nothing():
         (np.array([1, 1]), np.ones((2, 3)), "indices"),
         (np.array([0, 1]), np.ones((2, 2)), "feats"),
         (np.array([0, 1]), np.full((2, 3), np.inf), "feats"),
+        (np.array([0, 1]), np.full((2, 3), 1e300), "feats"),  # inf in the bank's float32
         (np.array([0.0, 1.0]), np.ones((2, 3)), "indices"),
     ]:
         with pytest.raises((ValueError, TypeError), match=words):
