@@ -77,7 +77,7 @@ class Group:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="smaller sizes and fewer rounds (about a minute)")
+                        help="smaller sizes and fewer rounds (15 to 30 s on 2 cores)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per case (default 7; 3 with --quick)")
     parser.add_argument("--only", action="append", choices=GROUPS, default=None,
