@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
+
+import numpy as np
 
 REDUCTIONS = ("mean", "sum")
 
@@ -14,23 +17,45 @@ def check_reduction(reduction: str) -> str:
     return reduction
 
 
-def check_positive(value: Any, name: str) -> float:
-    """A finite, strictly positive Python float."""
+def _is_real_dtype(dtype: Any) -> bool:
+    """An integer or floating dtype: NumPy's (NumPy, CuPy, JAX arrays) or PyTorch's."""
     try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: expected a positive number, got {value!r}") from exc
+        return np.dtype(dtype).kind in "iuf"
+    except TypeError:  # torch.dtype: not one NumPy knows
+        return bool(getattr(dtype, "is_floating_point", False)) or str(dtype).startswith(
+            ("torch.int", "torch.uint"))
+
+
+def real_number(value: Any, name: str, expected: str = "a real number") -> float:
+    """``value`` as a Python float, if it is a real number: a Python or NumPy int or float (or
+    another ``numbers.Real``), or a 0-d array or tensor of an integer or float dtype.
+
+    A ``bool`` (``True`` would silently be 1), a string (``"0.1"``, which ``float()`` would
+    parse), a complex number or anything else is a ``TypeError`` naming the argument. The
+    range is the caller's to check.
+    """
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        ok = False
+    elif isinstance(value, numbers.Real):
+        ok = True
+    else:  # a 0-d array or tensor (np.array(0.1), torch.tensor(0.1))
+        ok = getattr(value, "shape", None) == () and _is_real_dtype(getattr(value, "dtype", None))
+    if not ok:
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """A finite, strictly positive Python float (see :func:`real_number` for the types)."""
+    v = real_number(value, name, "a positive number")
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return v
 
 
 def check_unit_interval(value: Any, name: str) -> float:
-    """A Python float in [0, 1]."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: expected a number in [0, 1], got {value!r}") from exc
+    """A Python float in [0, 1] (see :func:`real_number` for the types)."""
+    v = real_number(value, name, "a number in [0, 1]")
     if not (0.0 <= v <= 1.0):
         raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
     return v
@@ -65,3 +90,4 @@ def check_same_dtype(arrays: dict[str, Any]) -> Any:
         listing = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
         raise TypeError(f"arguments must share one float dtype, got {listing}")
     return next(iter(dtypes.values()))
+

@@ -436,3 +436,35 @@ def test_queue_forward_without_q_keeps_no_gradient_state(rng):
     np.testing.assert_array_equal(losses, full)
     with pytest.raises(ValueError, match="'q'"):
         info_nce_module.info_nce_backward(np.ones(3), cache, ("q",), np)
+
+
+# -- hyper-parameters: real numbers only ---------------------------------------------------------
+
+
+def _hyper_calls(value):
+    x = unit_rows(np.random.default_rng(0).normal(size=(3, 4)))
+    y = unit_rows(np.random.default_rng(1).normal(size=(3, 4)))
+    return {
+        "temperature": lambda: refmoco.info_nce_loss(x, y, temperature=value),
+        "margin": lambda: refmoco.contrastive_loss(x, y, np.array([0, 1, 1]), margin=value),
+        "eps": lambda: refmoco.l2_normalize(x, eps=value)[0],
+        "momentum": lambda: refmoco.momentum_update(x.copy(), y, value),
+    }
+
+
+@pytest.mark.parametrize("name", list(_hyper_calls(0.5)))
+@pytest.mark.parametrize("value", ["0.5", b"0.5", True, False, np.True_, 0.5j, None, [0.5],
+                                   np.array([0.5]), np.array(True)])
+def test_a_hyper_parameter_that_is_not_a_real_number_is_a_type_error(name, value):
+    with pytest.raises(TypeError, match=f"^{name}: expected"):
+        _hyper_calls(value)[name]()
+
+
+@pytest.mark.parametrize("name", list(_hyper_calls(0.5)))
+@pytest.mark.parametrize("value", [1, np.int64(1), np.float32(0.5), np.array(0.5),
+                                   np.array(1, np.int32)])
+def test_numpy_and_python_numbers_stay_accepted_as_hyper_parameters(name, value):
+    out = _hyper_calls(value)[name]()
+    ref = _hyper_calls(float(value))[name]()
+    np.testing.assert_array_equal(getattr(out, "loss", out), getattr(ref, "loss", ref))
+

@@ -191,3 +191,13 @@ def test_cli_runs_one_experiment_alone(tmp_path):
 def test_bad_config_names_the_argument(overrides, name):
     with pytest.raises(ValueError, match=name):
         config_from(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [({"lr": "5e-4"}, "lr"), ({"lr": True}, "lr"), ({"moco_momentum": "0.99"}, "moco_momentum"),
+     ({"moco_momentum": True}, "moco_momentum"), ({"batch_size": True}, "batch_size")],
+)  # fmt: skip
+def test_config_numbers_of_the_wrong_type_are_a_type_error(overrides, name):
+    with pytest.raises(TypeError, match=f"^{name}: "):
+        config_from(**overrides)

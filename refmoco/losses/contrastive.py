@@ -63,7 +63,8 @@ def contrastive_loss(x1, x2, y, *, margin=1.0, reduction="mean", wrt=None, backe
     Raises
     ------
     TypeError
-        Integer embeddings, mixed dtypes.
+        Integer embeddings, mixed dtypes, a margin that is not a real number (a string, a
+        bool).
     ValueError
         Mismatched shapes, labels other than 0/1, margin <= 0.
 

@@ -207,7 +207,8 @@ def info_nce_loss(q, k, negatives=None, *, temperature=0.07, reduction="mean", w
         negatives (memory-bank samples). ``None``: in-batch negatives, the other rows of ``k``
         (the end-to-end mechanism).
     temperature : float
-        ``T > 0``; MoCo v1 uses 0.07, MoCo v2 0.2.
+        ``T > 0``; MoCo v1 uses 0.07, MoCo v2 0.2. A real number (a Python or NumPy int or
+        float, or a 0-d array): a string or a bool is a ``TypeError``.
     reduction : {"mean", "sum"}
     wrt : tuple of str, optional
         Subset of ``("q", "k", "negatives")``; by default all arrays given. MoCo needs only
@@ -222,7 +223,8 @@ def info_nce_loss(q, k, negatives=None, *, temperature=0.07, reduction="mean", w
     Raises
     ------
     TypeError
-        Integer inputs, mixed dtypes, mixed NumPy/CuPy arrays.
+        Integer inputs, mixed dtypes, mixed NumPy/CuPy arrays, a temperature that is not a
+        real number.
     ValueError
         Mismatched shapes, temperature <= 0, unknown reduction or ``wrt`` names.
 

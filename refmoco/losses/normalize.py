@@ -17,7 +17,8 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     x : ndarray
     axis : int
     eps : float
-        Norms below ``eps`` are replaced by ``eps`` (as ``torch.nn.functional.normalize``).
+        Norms below ``eps`` are replaced by ``eps`` (as ``torch.nn.functional.normalize``). A
+        real number: a string or a bool is a ``TypeError``.
 
     Returns
     -------
