@@ -438,6 +438,32 @@ def test_queue_forward_without_q_keeps_no_gradient_state(rng):
         info_nce_module.info_nce_backward(np.ones(3), cache, ("q",), np)
 
 
+# -- mi_lower_bound: a 0-d array for an array loss ----------------------------------------------
+
+
+@pytest.mark.parametrize("loss, dtype", [
+    (np.array(0.5), np.float64), (np.array(0.5, np.float32), np.float32),
+    (np.float64(0.5), np.float64), (np.float32(0.5), np.float32), (np.float16(0.5), np.float32),
+])  # fmt: skip
+def test_mi_lower_bound_of_an_array_is_a_0d_array_of_its_dtype(loss, dtype):
+    bound = refmoco.mi_lower_bound(loss, 4)
+    assert type(bound) is np.ndarray and bound.shape == () and bound.dtype == dtype
+    assert float(bound) == pytest.approx(math.log(4) - 0.5, rel=1e-7)
+
+
+def test_mi_lower_bound_keeps_python_floats_and_array_shapes():
+    bound = refmoco.mi_lower_bound(0.5, 4)
+    assert type(bound) is float and bound == math.log(4) - 0.5
+    assert type(refmoco.mi_lower_bound(1, 4)) is float
+    curve = refmoco.mi_lower_bound(np.array([0.5, 1.0], np.float32), 4)  # a loss per epoch
+    assert curve.dtype == np.float32
+    np.testing.assert_allclose(curve, [math.log(4) - 0.5, math.log(4) - 1.0], rtol=1e-7)
+    with pytest.raises(TypeError, match="^loss: "):
+        refmoco.mi_lower_bound(np.array(1), 4)
+    with pytest.raises(TypeError, match="^loss: "):
+        refmoco.mi_lower_bound(True, 4)
+
+
 # -- hyper-parameters: real numbers only ---------------------------------------------------------
 
 

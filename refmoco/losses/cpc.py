@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .._checks import check_int, check_reduction, check_same_dtype, check_wrt
 from ..backend import float_array, resolve
 from .softmax import LossOutput, xent_backward, xent_forward
@@ -110,17 +112,33 @@ def mi_lower_bound(loss, num_candidates):
     Returns
     -------
     float or array
-        ``log(num_candidates) - loss``, of the type of ``loss``. The bound can never exceed
-        ``log(num_candidates)``.
+        ``log(num_candidates) - loss``. A Python float (or int) ``loss`` gives a Python float,
+        as ``math.log(n) - loss`` would. An array ``loss`` (what the losses return: a 0-d array)
+        gives an array of its array type, shape and float dtype: a 0-d NumPy array for a 0-d
+        NumPy array or a NumPy scalar (``np.float64`` too), a CuPy array for a CuPy array,
+        float32 for float32. The bound can never exceed ``log(num_candidates)``.
+
+    Raises
+    ------
+    TypeError
+        An integer or boolean array ``loss`` (or a bool), a ``num_candidates`` that is not an
+        integer.
+    ValueError
+        ``num_candidates < 1``.
 
     Examples
     --------
-    >>> import math, refmoco
+    >>> import math, numpy as np, refmoco
     >>> refmoco.mi_lower_bound(0.5, 64) == math.log(64) - 0.5
     True
+    >>> bound = refmoco.mi_lower_bound(np.array(0.5, dtype=np.float32), 64)
+    >>> type(bound).__name__, bound.shape, bound.dtype
+    ('ndarray', (), dtype('float32'))
     """
     n = check_int(num_candidates, "num_candidates", minimum=1)
-    if isinstance(loss, (int, float)):
+    if isinstance(loss, (int, float)) and not isinstance(loss, (bool, np.generic)):
         return math.log(n) - float(loss)
+    xp = resolve(None, loss).xp
     loss = float_array(loss, "loss")
-    return loss.dtype.type(math.log(n)) - loss
+    # an array, not the scalar that NumPy makes of a 0-d result
+    return xp.asarray(loss.dtype.type(math.log(n)) - loss)
