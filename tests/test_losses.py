@@ -438,6 +438,57 @@ def test_queue_forward_without_q_keeps_no_gradient_state(rng):
         info_nce_module.info_nce_backward(np.ones(3), cache, ("q",), np)
 
 
+# -- empty batches -----------------------------------------------------------------------------
+
+
+def empty_batches(dtype):
+    """``name -> (function, arrays, keywords)`` for every loss (and mode) with a batch of 0."""
+    z = lambda *shape: np.zeros(shape, dtype)  # noqa: E731
+    no_labels = np.zeros(0, np.int64)
+    return {
+        "cpc": (refmoco.cpc_loss, (z(0, 5, 3), z(0, 5, 2), z(2, 3, 2)), {}),
+        "info_nce in-batch": (refmoco.info_nce_loss, (z(0, 4), z(0, 4)), {}),
+        "info_nce queue": (refmoco.info_nce_loss, (z(0, 4), z(0, 4), z(3, 4)), {}),
+        "info_nce per-query": (refmoco.info_nce_loss, (z(0, 4), z(0, 4), z(0, 3, 4)), {}),
+        "contrastive": (refmoco.contrastive_loss, (z(0, 4), z(0, 4), no_labels), {}),
+        "softmax_cross_entropy": (refmoco.softmax_cross_entropy, (z(0, 4), no_labels), {}),
+        "softmax_cross_entropy, no classes": (refmoco.softmax_cross_entropy,
+                                              (z(0, 0), no_labels), {}),
+    }
+
+
+ARGS = {refmoco.cpc_loss: ("z", "c", "W"), refmoco.info_nce_loss: ("q", "k", "negatives"),
+        refmoco.contrastive_loss: ("x1", "x2"), refmoco.softmax_cross_entropy: ("logits",)}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(empty_batches(np.float64)))
+def test_an_empty_batch_has_loss_zero_and_gradients_of_the_inputs_shapes(name, dtype, reduction,
+                                                                          backend):
+    """No terms: the sum is 0 and so is the mean (as an empty mean is everywhere in refmoco);
+    every gradient has its argument's shape and dtype, and is 0 (W's and a queue's too: no
+    term reaches them)."""
+    if backend == "numba":
+        pytest.importorskip("numba")
+    fn, arrays_, kwargs = empty_batches(dtype)[name]
+    out = fn(*arrays_, **kwargs, reduction=reduction, backend=backend)
+    assert isinstance(out.loss, np.ndarray) and out.loss.shape == () and out.loss.dtype == dtype
+    assert float(out.loss) == 0.0
+    given_args = dict(zip(ARGS[fn], arrays_))
+    assert set(out.grads) == set(given_args)
+    for arg, g in out.grads.items():
+        assert g.shape == given_args[arg].shape and g.dtype == dtype, arg
+        assert not g.any(), arg
+
+
+@pytest.mark.parametrize("labels", [np.zeros(3, np.int64), [0, 0, 0]])
+def test_softmax_cross_entropy_rows_without_classes_are_a_value_error(labels):
+    with pytest.raises(ValueError, match="^logits: .*M >= 1"):
+        refmoco.softmax_cross_entropy(np.zeros((3, 0)), labels)
+
+
 # -- mi_lower_bound: a 0-d array for an array loss ----------------------------------------------
 
 

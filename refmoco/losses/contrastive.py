@@ -58,7 +58,8 @@ def contrastive_loss(x1, x2, y, *, margin=1.0, reduction="mean", wrt=None, backe
     Returns
     -------
     LossOutput
-        ``loss`` and ``grads["x1"]``, ``grads["x2"]`` of shape (N, D).
+        ``loss`` and ``grads["x1"]``, ``grads["x2"]`` of shape (N, D). An empty batch (N = 0)
+        has loss 0 for either reduction.
 
     Raises
     ------

@@ -31,6 +31,9 @@ def cpc_loss(z, c, W, *, reduction="mean", wrt=None, backend=None):
     Returns
     -------
     LossOutput
+        ``loss`` and ``grads["z"]``, ``grads["c"]``, ``grads["W"]``. An empty batch (B = 0)
+        has no terms: loss 0 for either reduction (as the other losses), and zero gradients (W's
+        of W's shape).
 
     Notes
     -----
@@ -73,7 +76,7 @@ def cpc_loss(z, c, W, *, reduction="mean", wrt=None, backend=None):
     wrt = check_wrt(wrt, ("z", "c", "W"))
 
     count = b * sum(t - s for s in range(1, s_max + 1))
-    scale = dtype.type(1.0 / count if reduction == "mean" else 1.0)
+    scale = dtype.type(1.0 if reduction == "sum" else 1.0 / count if count else 0.0)
     total = dtype.type(0)
     grads = {name: xp.zeros_like(a) for name, a in (("z", z), ("c", c), ("W", W)) if name in wrt}
     labels = xp.broadcast_to(xp.arange(b), (t, b))

@@ -218,7 +218,9 @@ def info_nce_loss(q, k, negatives=None, *, temperature=0.07, reduction="mean", w
     Returns
     -------
     LossOutput
-        ``loss`` and the gradients named in ``wrt``.
+        ``loss`` and the gradients named in ``wrt``. An empty batch (N = 0) has loss 0 for
+        either reduction, in every mode, and gradients of the arguments' shapes (those of a
+        shared queue all zeros).
 
     Raises
     ------

@@ -39,7 +39,16 @@ def xent_forward(logits, labels, xp, *, overwrite=False):
     temperatures and large norms never overflow. One array the size of the logits is made
     (none with ``overwrite=True``, which reuses ``logits`` itself: the caller's own buffer);
     the shift, the exponential and the normalisation then run in place on it.
+
+    Empty logits (no rows: an empty batch, in which a row may have no columns either, as the
+    (0, 0) logits of in-batch negatives) give empty losses; rows without columns are a
+    ``ValueError`` (their labels cannot be in ``[0, 0)``).
     """
+    if logits.size == 0:  # nothing to reduce; a maximum over no columns has no identity
+        if labels.size:
+            raise ValueError("logits: expected at least one class (M >= 1) for the labels")
+        probs = logits if overwrite else logits.copy()
+        return xp.zeros(logits.shape[:-1], dtype=logits.dtype), XentCache(probs, labels)
     m = logits.max(axis=-1, keepdims=True)  # (..., 1)
     target = xp.take_along_axis(logits, labels[..., None], axis=-1) - m  # (..., 1)
     probs = xp.subtract(logits, m, out=logits if overwrite else None)  # (..., M), every entry <= 0
@@ -53,6 +62,8 @@ def xent_forward(logits, labels, xp, *, overwrite=False):
 def xent_backward(dlosses, cache: XentCache, xp, *, overwrite=False):
     """``dlogits = dloss * (softmax(logits) - onehot(label))``; ``overwrite=True`` writes it
     into the cache's softmax (which is then gone)."""
+    if cache.probs.size == 0:  # an empty batch: no row to pick a label from
+        return cache.probs if overwrite else cache.probs.copy()
     dlogits = xp.multiply(cache.probs, dlosses[..., None], out=cache.probs if overwrite else None)
     idx = cache.labels[..., None]
     picked = xp.take_along_axis(dlogits, idx, axis=-1)
@@ -87,14 +98,15 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean", wrt=None, backend
     Returns
     -------
     LossOutput
-        ``loss`` (0-d array) and ``grads["logits"]`` of shape (N, M).
+        ``loss`` (0-d array) and ``grads["logits"]`` of shape (N, M). An empty batch (N = 0,
+        any M, M = 0 included) has loss 0 for either reduction and an empty gradient.
 
     Raises
     ------
     TypeError
         Integer logits or non-integer labels.
     ValueError
-        Wrong shapes, labels out of range, unknown reduction.
+        Wrong shapes, labels out of range, no classes (M = 0) for N > 0 rows, unknown reduction.
 
     Notes
     -----
@@ -114,8 +126,9 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean", wrt=None, backend
     check_reduction(reduction)
     wrt = check_wrt(wrt, ("logits",))
     n, m = logits.shape
-    if m < 1:
-        raise ValueError("logits: expected at least one class (M >= 1)")
+    if m < 1 and n > 0:
+        raise ValueError("logits: expected at least one class (M >= 1), got shape "
+                         f"{tuple(logits.shape)}: labels must lie in [0, M)")
     labels = _check_labels(labels, m, n, xp)
     losses, cache = xent_forward(logits, labels, xp)
     loss, scale = _reduce(losses, reduction, xp)
