@@ -91,3 +91,18 @@ def check_same_dtype(arrays: dict[str, Any]) -> Any:
         raise TypeError(f"arguments must share one float dtype, got {listing}")
     return next(iter(dtypes.values()))
 
+
+def check_same_device(value: Any, name: str, on_gpu: bool, others: str) -> None:
+    """A non-float argument (labels, a pair's 0/1 ``y``, a cotangent ``dy``) must live where the
+    call's float arrays ``others`` do (on the GPU when ``on_gpu``): NumPy and CuPy arrays are
+    never mixed, and nothing is copied between host and device behind the caller's back. A
+    Python list counts as host data. The error is ``resolve()``'s, naming the argument."""
+    from .backend import _on_gpu
+
+    here = _on_gpu(value)
+    if here != on_gpu:
+        what = f"a {type(value).__name__} on the GPU" if here else f"a host {type(value).__name__}"
+        there = "CuPy (GPU) arrays" if on_gpu else "host (NumPy) arrays"
+        move = "cupy.asarray(...)" if on_gpu else "refmoco.to_numpy(...)"
+        raise TypeError(f"{name}: mixed NumPy and CuPy arrays in one call: {name} is {what}, "
+                        f"the call's other arrays ({others}) are {there}; move it with {move}")

@@ -6,6 +6,7 @@ import math
 import naive
 import numpy as np
 import pytest
+from fake_cupy import assert_same, device_module
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import FLOAT, arrays, cpc_inputs, info_nce_inputs, unit_rows
@@ -545,3 +546,74 @@ def test_numpy_and_python_numbers_stay_accepted_as_hyper_parameters(name, value)
     ref = _hyper_calls(float(value))[name]()
     np.testing.assert_array_equal(getattr(out, "loss", out), getattr(ref, "loss", ref))
 
+
+# -- host and device arrays in one call (the CuPy stand-in of fake_cupy.py, or a GPU) ----------
+
+
+@pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request, monkeypatch):
+    """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
+    return device_module(request.param, monkeypatch)
+
+
+def _pair_and_logits():
+    rng = np.random.default_rng(7)
+    x1, x2 = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    return x1, x2, np.array([0, 1, 1, 0]), rng.normal(size=(4, 5)), np.array([4, 0, 2, 2])
+
+
+@pytest.mark.parametrize("as_host", [np.asarray, list], ids=["numpy", "list"])
+def test_host_labels_with_device_arrays_are_the_mixing_error(xp, as_host):
+    """Labels, a pair's y and a backward's dy live where the float arrays do: a host one with
+    device arrays (or the other way round) is the library's own mixing error, naming it;
+    nothing is copied behind the caller's back."""
+    x1, x2, y, logits, labels = _pair_and_logits()
+    d1, d2, dlogits = xp.asarray(x1), xp.asarray(x2), xp.asarray(logits)
+    with pytest.raises(TypeError, match="^y: mixed NumPy and CuPy arrays"):
+        refmoco.contrastive_loss(d1, d2, as_host(y))
+    with pytest.raises(TypeError, match="^labels: mixed NumPy and CuPy arrays"):
+        refmoco.softmax_cross_entropy(dlogits, as_host(labels))
+    _, backward = refmoco.l2_normalize(d1)
+    with pytest.raises(TypeError, match="^dy: mixed NumPy and CuPy arrays"):
+        backward(x2)
+    # and device labels with host arrays
+    with pytest.raises(TypeError, match="^y: mixed NumPy and CuPy arrays"):
+        refmoco.contrastive_loss(x1, x2, xp.asarray(y))
+    with pytest.raises(TypeError, match="^labels: mixed NumPy and CuPy arrays"):
+        refmoco.softmax_cross_entropy(logits, xp.asarray(labels))
+    _, backward = refmoco.l2_normalize(x1)
+    with pytest.raises(TypeError, match="^dy: mixed NumPy and CuPy arrays"):
+        backward(xp.asarray(x2))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_labels_on_the_device_give_the_host_results(xp, dtype):
+    x1, x2, y, logits, labels = (a.astype(dtype) if a.dtype.kind == "f" else a
+                                 for a in _pair_and_logits())
+    for fn, args in ((refmoco.contrastive_loss, (x1, x2, y)),
+                     (refmoco.softmax_cross_entropy, (logits, labels))):
+        ref = fn(*args)
+        out = fn(*(xp.asarray(a) for a in args))
+        assert isinstance(out.loss, xp.ndarray)
+        assert_same(out.loss, ref.loss, fn.__name__)
+        for name, g in ref.grads.items():
+            assert isinstance(out.grads[name], xp.ndarray), name
+            assert_same(out.grads[name], g, name)
+    y_ref, back_ref = refmoco.l2_normalize(x1)
+    y_dev, back_dev = refmoco.l2_normalize(xp.asarray(x1))
+    assert_same(y_dev, y_ref, "y")
+    assert_same(back_dev(xp.asarray(x2)), back_ref(x2), "dx")
+
+
+def test_empty_batches_and_mi_lower_bound_on_the_device(xp):
+    out = refmoco.cpc_loss(xp.zeros((0, 5, 3)), xp.zeros((0, 5, 2)), xp.zeros((2, 3, 2)))
+    assert isinstance(out.loss, xp.ndarray) and float(out.loss) == 0.0
+    assert isinstance(out.grads["W"], xp.ndarray) and out.grads["W"].shape == (2, 3, 2)
+    assert not bool(out.grads["W"].any())
+    out = refmoco.info_nce_loss(xp.zeros((0, 4), np.float32), xp.zeros((0, 4), np.float32),
+                                reduction="sum")
+    assert isinstance(out.loss, xp.ndarray) and float(out.loss) == 0.0
+    assert out.loss.dtype == np.float32 and out.grads["q"].shape == (0, 4)
+    bound = refmoco.mi_lower_bound(xp.asarray(np.array(0.5, np.float32)), 4)
+    assert isinstance(bound, xp.ndarray) and bound.shape == () and bound.dtype == np.float32
+    assert float(bound) == pytest.approx(math.log(4) - 0.5, rel=1e-7)

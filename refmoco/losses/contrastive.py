@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._checks import check_positive, check_reduction, check_same_dtype, check_wrt
+from .._checks import (
+    check_positive,
+    check_reduction,
+    check_same_device,
+    check_same_dtype,
+    check_wrt,
+)
 from ..backend import as_array, float_array, resolve
 from .softmax import LossOutput, _reduce
 
@@ -47,7 +53,9 @@ def contrastive_loss(x1, x2, y, *, margin=1.0, reduction="mean", wrt=None, backe
         The two embeddings of each pair.
     y : ndarray of shape (N,), 0/1 or bool
         **0 = similar pair, 1 = dissimilar pair** (the paper's convention; TensorFlow Addons and
-        Caffe use the opposite polarity).
+        Caffe use the opposite polarity). It lives where ``x1`` and ``x2`` do: with CuPy
+        embeddings, a CuPy (or CUDA tensor) ``y``; a host ``y`` (a NumPy array or a list) with
+        them is a ``TypeError``, as any mix of NumPy and CuPy arrays.
     margin : float
         The radius ``m > 0`` inside which dissimilar pairs are pushed apart.
     reduction : {"mean", "sum"}
@@ -64,8 +72,8 @@ def contrastive_loss(x1, x2, y, *, margin=1.0, reduction="mean", wrt=None, backe
     Raises
     ------
     TypeError
-        Integer embeddings, mixed dtypes, a margin that is not a real number (a string, a
-        bool).
+        Integer embeddings, mixed dtypes, mixed NumPy and CuPy arrays (``y`` included), a
+        margin that is not a real number (a string, a bool).
     ValueError
         Mismatched shapes, labels other than 0/1, margin <= 0.
 
@@ -93,6 +101,7 @@ def contrastive_loss(x1, x2, y, *, margin=1.0, reduction="mean", wrt=None, backe
     dtype = check_same_dtype({"x1": x1, "x2": x2})
     if x1.shape != x2.shape:
         raise ValueError(f"x2: expected the shape of x1 {tuple(x1.shape)}, got {tuple(x2.shape)}")
+    check_same_device(y, "y", be.name == "cupy", "x1, x2")
     y = as_array(y, "y")
     if y.shape != (x1.shape[0],):
         raise ValueError(f"y: expected shape ({x1.shape[0]},), got {tuple(y.shape)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._checks import check_positive
+from .._checks import check_positive, check_same_device
 from ..backend import float_array, resolve
 
 
@@ -24,7 +24,9 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     -------
     y : ndarray, same shape and dtype as ``x``
     backward : callable
-        ``backward(dy) -> dx``.
+        ``backward(dy) -> dx``. ``dy`` lives where ``x`` does: a host ``dy`` for a CuPy ``x``
+        (or a CuPy ``dy`` for a host ``x``) is a ``TypeError``, as any mix of NumPy and CuPy
+        arrays.
 
     Notes
     -----
@@ -56,6 +58,7 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     y = x / denom
 
     def backward(dy):
+        check_same_device(dy, "dy", be.name == "cupy", "x")
         dy = float_array(dy, "dy")
         if dy.shape != y.shape:
             raise ValueError(f"dy: expected shape {tuple(y.shape)}, got {tuple(dy.shape)}")

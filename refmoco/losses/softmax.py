@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._checks import check_reduction, check_wrt
+from .._checks import check_reduction, check_same_device, check_wrt
 from ..backend import as_array, float_array, resolve
 
 
@@ -89,7 +89,9 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean", wrt=None, backend
     ----------
     logits : ndarray of shape (N, M)
     labels : ndarray of int of shape (N,)
-        Target class of each row, in ``[0, M)``.
+        Target class of each row, in ``[0, M)``. Where ``logits`` is: a CuPy ``logits`` takes
+        CuPy (or CUDA tensor) labels; host labels (a NumPy array or a list) with it are a
+        ``TypeError``, as any mix of NumPy and CuPy arrays (nothing is copied behind your back).
     reduction : {"mean", "sum"}
     wrt : tuple of str, optional
         Which gradients to compute; default ``("logits",)``. ``()`` computes none.
@@ -104,7 +106,8 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean", wrt=None, backend
     Raises
     ------
     TypeError
-        Integer logits or non-integer labels.
+        Integer logits or non-integer labels; labels on the host with logits on the GPU or the
+        other way round.
     ValueError
         Wrong shapes, labels out of range, no classes (M = 0) for N > 0 rows, unknown reduction.
 
@@ -129,6 +132,7 @@ def softmax_cross_entropy(logits, labels, *, reduction="mean", wrt=None, backend
     if m < 1 and n > 0:
         raise ValueError("logits: expected at least one class (M >= 1), got shape "
                          f"{tuple(logits.shape)}: labels must lie in [0, M)")
+    check_same_device(labels, "labels", be.name == "cupy", "logits")
     labels = _check_labels(labels, m, n, xp)
     losses, cache = xent_forward(logits, labels, xp)
     loss, scale = _reduce(losses, reduction, xp)
