@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from refmoco.mi import (
@@ -90,6 +90,7 @@ def test_separable_critic_loss_and_gradient(seed, n):
 
 @fast
 @given(seeds, st.integers(2, 5), st.integers(1, 6))
+@example(seed=40193, n=3, k=6)
 def test_moco_loss_and_gradient_reach_the_query_encoder_only(seed, n, k):
     rng = np.random.default_rng(seed)
     net = critic_mlp(3, 4, 2)
@@ -110,8 +111,10 @@ def test_moco_loss_and_gradient_reach_the_query_encoder_only(seed, n, k):
     assert loss == pytest.approx(naive_infonce(scores, np.zeros(n, int)), rel=1e-12)
     fun = flat_fun(lambda p, x, y: moco_loss_and_grads(net, p, params_k, x, y, queue, 0.2),
                    params_q)  # fmt: skip
+    # eps = 3e-7: the central difference's truncation error (~eps^2) reached 1.09e-7 at eps = 1e-6
+    # (seed=40193, n=3, k=6; 7e-9 at 3e-7, so it is the difference, not the gradient)
     check_grad(fun, {"flat": params_q.flat.copy(), "x": x, "y": y}, wrt=["flat"], rtol=1e-7,
-               seed=seed % 1000)  # fmt: skip
+               eps=3e-7, seed=seed % 1000)  # fmt: skip
 
 
 def test_optimal_critic_is_tight_for_small_mi_and_capped_for_large(rng):
