@@ -54,6 +54,14 @@ class StepStats(NamedTuple):
     own_share: float  # share of the dictionary that came from the query's own sample
 
 
+def _read_stats(pending: Any, own_share: float) -> StepStats:
+    """The step's (loss, pos_sim, neg_sim), stacked on the device when they were computed and
+    read here, at the end of the step, in one transfer: on a GPU a read makes the host wait for
+    every kernel queued so far, and one at the end waits once, after the whole step is queued."""
+    loss, pos_sim, neg_sim = to_numpy(pending).tolist()
+    return StepStats(loss, pos_sim, neg_sim, own_share)
+
+
 class Branch(NamedTuple):
     """A forward pass through the encoder, normalised, with what its backward needs."""
 
@@ -231,12 +239,12 @@ class MoCo(Mechanism):
         own = float(np.mean(self.queue.ids[None, :] == to_numpy(ids)[:, None]))  # host ids
         out = info_nce_loss(q.z, k, negatives, temperature=self.temperature, wrt=("q",),
                             backend=self.backend)
-        stats = StepStats(float(out.loss), float((q.z * k).sum(axis=1).mean()),
-                          float((q.z @ negatives.mean(axis=0)).mean()), own)
+        pending = xp.stack([out.loss, (q.z * k).sum(axis=1).mean(),  # before the queue moves
+                            (q.z @ negatives.mean(axis=0)).mean()])
         self.queue.enqueue(k, ids=ids)
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
-        return stats
+        return _read_stats(pending, own)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -266,12 +274,12 @@ class EndToEnd(Mechanism):
         out = info_nce_loss(q.z, k.z, None, temperature=self.temperature, backend=self.backend)
         sims = q.z @ k.z.T  # (N, N)
         n = len(x_q)
-        neg = float((sims.sum() - sims.trace()) / max(n * (n - 1), 1))
-        stats = StepStats(float(out.loss), float(sims.diagonal().mean()), neg, 0.0)
+        neg = (sims.sum() - sims.trace()) / max(n * (n - 1), 1)
+        pending = self.xp.stack([out.loss, sims.diagonal().mean(), neg])
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         backprop(self.encoder, self.params, k, out.grads["k"], self.grads, accumulate=True)
         self._update(lr)
-        return stats
+        return _read_stats(pending, 0.0)
 
 
 class MemoryBankMechanism(Mechanism):
@@ -298,12 +306,12 @@ class MemoryBankMechanism(Mechanism):
         negatives = self.bank.bank[xp.asarray(negative_rows)]  # (N, M, C)
         out = info_nce_loss(q.z, positives, negatives, temperature=self.temperature, wrt=("q",),
                             backend=self.backend)
-        stats = StepStats(float(out.loss), float((q.z * positives).sum(axis=1).mean()),
-                          float(xp.einsum("nc,nmc->nm", q.z, negatives).mean()), 0.0)
+        pending = xp.stack([out.loss, (q.z * positives).sum(axis=1).mean(),  # before the update
+                            xp.einsum("nc,nmc->nm", q.z, negatives).mean()])
         self.bank.update(ids, q.z)
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
-        return stats
+        return _read_stats(pending, 0.0)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

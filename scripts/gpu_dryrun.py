@@ -7,7 +7,7 @@ and agree with the references before device time is spent on them. What it canno
 kernels and numerics, the real launch path (streams, ``__cuda_array_interface__``) and any timing
 (the simulator is ~10^4 times slower than a GPU). PyTorch CUDA cases are left out without CUDA.
 
-    python scripts/gpu_dryrun.py tests      # the 43 GPU tests: about 3.5 minutes on 2 cores
+    python scripts/gpu_dryrun.py tests      # the 44 GPU tests: about 3.5 minutes on 2 cores
     python scripts/gpu_dryrun.py bench      # the GPU benchmark groups, once each: about 9 minutes
     python scripts/gpu_dryrun.py            # both
     python scripts/gpu_dryrun.py count      # device operations in one MoCo step (the bench's)
@@ -15,8 +15,10 @@ kernels and numerics, the real launch path (streams, ``__cuda_array_interface__`
 ``count`` tallies, for one training step of each bench encoder, the stand-in's device operations
 by name: each CuPy function, array method or operator call, strided write (``setitem``) and
 Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
-does ``ascontiguousarray`` of an array that is contiguous already; the total without them is what
-a GPU pays launches for (docs/benchmarks.md quotes it).
+does ``ascontiguousarray`` of an array that is contiguous already, nor ``may_share_memory`` (a
+host-side bounds check); the total without them is what a GPU pays launches for
+(docs/benchmarks.md quotes it). It also counts the device-to-host reads (``float()``,
+``bool()``, ``.get()``), each of which makes the host wait for the GPU.
 """
 
 import collections
@@ -101,18 +103,31 @@ def count_step_ops():
         counts["numba-cuda kernel"] += 1
         return launch_on_payloads(kernel, blocks, *args)
 
+    def counted_sync(name):  # a device-to-host read: the host waits for the GPU
+        method = getattr(fake_cupy.FakeDeviceArray, name)
+
+        def read(self, *args, **kwargs):
+            counts[f"{name} (synchronises)"] += 1
+            return method(self, *args, **kwargs)
+
+        return read
+
     fake_cupy._call = counted_call
     fake_cupy.FakeDeviceArray.__setitem__ = counted_setitem
+    for name in ("get", "__float__", "__int__", "__bool__"):
+        setattr(fake_cupy.FakeDeviceArray, name, counted_sync(name))
     kernels._launch = counted_launch
-    views = ("reshape", "transpose", "ascontiguousarray", "T")
+    views = ("reshape", "transpose", "ascontiguousarray", "T", "may_share_memory")  # no launch
     for name, encoder, shape in _step_specs():
         rng, n = np.random.default_rng(0), 256
         xq, xk = (FAKE.asarray(rng.random((n, *shape), dtype=np.float32)) for _ in range(2))
         step = _refmoco_moco_step(encoder, "cupy", xq, xk, 4096, 0.1, 0.99, 0.03)  # a first step
         counts.clear()
         step()
-        launches = sum(v for k, v in counts.items() if k not in views)
-        print(f"{name}: {sum(counts.values())} device operations, {launches} without views")
+        syncs = sum(v for k, v in counts.items() if k.endswith("(synchronises)"))
+        launches = sum(v for k, v in counts.items() if k not in views) - syncs
+        print(f"{name}: {sum(counts.values()) - syncs} device operations, {launches} without "
+              f"views; {syncs} device-to-host reads")
         print("  " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     return 0
 
