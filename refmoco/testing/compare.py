@@ -207,8 +207,15 @@ def compare_loss(user_fn: Callable, reference: str | Callable = "info_nce", *, i
     reference : str or callable
         A name of :data:`refmoco.conventions.references.REFERENCES` (``"info_nce"``, ``"moco"``,
         ``"moco_v3"``, ``"lightly.ntxent"``, ``"pml.ntxent"``, ...), or a function returning a
-        ``LossOutput``, with ``inputs`` (a hypothesis strategy of dicts of its keyword arguments)
-        and ``args`` (the keys passed to ``user_fn``, in order).
+        ``LossOutput`` (then ``inputs`` and ``args`` are required).
+    inputs : hypothesis strategy, optional
+        For a callable ``reference`` only: draws dicts of its keyword arguments, NumPy arrays
+        in the dtype you want compared (they reach ``user_fn`` as ``framework`` arrays, and
+        ``dtype`` then only sets the default ``rtol``). A named reference brings its own
+        inputs, and this is ignored.
+    args : sequence of str, optional
+        For a callable ``reference`` only: the keys of those dicts that ``user_fn`` receives,
+        positionally, in this order.
     framework : {"numpy", "torch", "jax"}
     dtype : {"float64", "float32"}
     rtol : float, optional
