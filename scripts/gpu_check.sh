@@ -2,7 +2,8 @@
 # The GPU checks of refmoco as one script, for a machine with an NVIDIA GPU, CuPy, numba-cuda and
 # PyTorch (CUDA): the tests marked `gpu` (REFMOCO_REQUIRE_GPU=1 makes a skip a failure), the
 # kernel compilation and simulator tests, then `refmoco bench --only gpu` (refmoco cupy against
-# PyTorch CUDA on the same GPU). The timeouts add up to 530 s, inside the 540 s a device call may get.
+# PyTorch CUDA on the same GPU), then scripts/gpu_profile.py (launch costs, GPU busy time of a
+# step: what to speed up next). The timeouts add up to 530 s, inside the 540 s a device call may get.
 # Run from the repository root: bash scripts/gpu_check.sh [OUTDIR]   (logs go to OUTDIR)
 set -u -o pipefail
 out=${1:-${OUT:-.}}
@@ -19,12 +20,13 @@ for name in ("numpy", "cupy", "numba", "numba_cuda", "torch", "hypothesis", "pyt
         print(name, "unavailable:", exc)
 PY
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu_tests.txt" \
+timeout 210 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu_tests.txt" \
     || status=1
 # this machine's numba-cuda compiling the kernels (PTX), the simulator, CuPy's API against the
 # stand-in's record (tests/cupy_api.json)
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ptx.py tests/test_cuda_sim.py \
+timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ptx.py tests/test_cuda_sim.py \
     tests/test_fake_cupy.py 2>&1 | tee "$out/gpu_kernel_tests.txt" || status=1
-timeout 200 python3 -m refmoco.bench --only gpu --repeats 5 --inherit-env 2>&1 \
+timeout 190 python3 -m refmoco.bench --only gpu --repeats 5 --inherit-env 2>&1 \
     | tee "$out/gpu_bench.txt" || status=1
+timeout 60 python3 scripts/gpu_profile.py 2>&1 | tee "$out/gpu_profile.txt" || status=1
 exit $status
