@@ -227,6 +227,15 @@ def test_l2_normalize_known_values_and_zero_rows():
     np.testing.assert_array_equal(dx[1], [1e12, 2e12])  # clamped norm: dy / eps
 
 
+@pytest.mark.parametrize("shape, axis", [((3, 0), -1), ((0, 3), -1), ((3, 0), 0), ((0, 3), 0)])
+def test_l2_normalize_of_empty_arrays(shape, axis):
+    """No rows, or rows of no entries (norm 0): empty results of the input's shape and dtype."""
+    x = np.zeros(shape, np.float32)
+    y, backward = refmoco.l2_normalize(x, axis=axis)
+    dx = backward(np.zeros(shape, np.float32))
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == np.float32
+
+
 @given(st.floats(1e-12, 1e30), st.sampled_from([np.float32, np.float64]))  # norm 3x > eps
 def test_l2_normalize_neither_overflows_nor_underflows(scale, dtype):
     x = (np.array([[1.0, -2.0, 2.0]]) * scale).astype(dtype)

@@ -50,7 +50,10 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     xp = be.xp
     x = float_array(x, "x")
     eps = check_positive(eps, "eps")
-    a = xp.abs(x).max(axis=axis, keepdims=True)  # the largest entry along the axis
+    if x.size == 0:  # no entries to take a maximum of (an empty axis: ||x|| = 0, clamped)
+        a = xp.zeros_like(x.sum(axis=axis, keepdims=True))
+    else:
+        a = xp.abs(x).max(axis=axis, keepdims=True)  # the largest entry along the axis
     safe_a = xp.where(a > 0, a, 1)
     norm = a * xp.sqrt(((x / safe_a) ** 2).sum(axis=axis, keepdims=True))  # ||x||
     clamped = norm <= eps
