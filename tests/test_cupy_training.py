@@ -51,16 +51,23 @@ LR, WD, SGD_M, T = 0.1, 5e-4, 0.9, 0.2
 @pytest.fixture(params=["fake", pytest.param("cupy", marks=pytest.mark.gpu)])
 def xp(request, monkeypatch):
     """The device's array module: real CuPy on a GPU, or the strict stand-in on the host."""
-    module = device_module(request.param, monkeypatch)
-    if request.param == "fake":  # the CUDA kernels on the host (tests/test_cuda_sim.py runs them)
-        from refmoco.kernels import cuda as kernels
+    if request.param == "fake":
+        return fake_device(monkeypatch)
+    return device_module("cupy", monkeypatch)
 
-        monkeypatch.setattr(mechanisms, "info_nce_loss",
-                            functools.partial(on_host_info_nce, mechanisms.info_nce_loss))
-        monkeypatch.setattr(mechanisms, "momentum_update",
-                            functools.partial(on_host_momentum_update, mechanisms.momentum_update))
-        monkeypatch.setattr(kernels, "im2col", on_host_im2col)
-        monkeypatch.setattr(kernels, "col2im", on_host_col2im)
+
+def fake_device(monkeypatch):
+    """The stand-in, with the CUDA kernels replaced by their references on the host
+    (tests/test_cuda_sim.py runs the kernels themselves)."""
+    from refmoco.kernels import cuda as kernels
+
+    module = device_module("fake", monkeypatch)
+    monkeypatch.setattr(mechanisms, "info_nce_loss",
+                        functools.partial(on_host_info_nce, mechanisms.info_nce_loss))
+    monkeypatch.setattr(mechanisms, "momentum_update",
+                        functools.partial(on_host_momentum_update, mechanisms.momentum_update))
+    monkeypatch.setattr(kernels, "im2col", on_host_im2col)
+    monkeypatch.setattr(kernels, "col2im", on_host_col2im)
     return module
 
 
@@ -235,6 +242,54 @@ def test_mechanism_steps_on_the_device_equal_numpy(xp, mechanism, dtype, kind):
         assert isinstance(state_dev[key], (np.ndarray, np.generic)), key  # host arrays only
         assert_same(state_dev[key], want, key)
     assert state_ref["params/head.2.weight"].dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
+def test_a_float32_step_computes_nothing_on_the_device_in_float64(mechanism, kind, monkeypatch):
+    """No silent upcast on the hot path: on the stand-in, every device operation of a float32
+    training step is watched, and none may return a float64 array or write a float64 operand
+    into a float32 array in place (``t *= np.float64(m)`` computes in float64)."""
+    import fake_cupy
+
+    xp = fake_device(monkeypatch)
+    upcasts = []
+    call, inplace = fake_cupy._call, fake_cupy._inplace
+
+    def watched_call(f, args, kwargs):
+        out = call(f, args, kwargs)
+        for o in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(o, fake_cupy.FakeDeviceArray) and o._a.dtype == np.float64:
+                upcasts.append(getattr(f, "__name__", repr(f)))
+        return out
+
+    monkeypatch.setattr(fake_cupy, "_call", watched_call)
+    for name in ("add", "sub", "mul", "truediv", "pow"):
+        method = inplace(getattr(__import__("operator"), f"i{name}"))
+
+        def watched_inplace(self, other, method=method, name=name):
+            if getattr(fake_cupy._unwrap(other), "dtype", None) == np.float64:
+                upcasts.append(f"__i{name}__")
+            return method(self, other)
+
+        monkeypatch.setattr(fake_cupy.FakeDeviceArray, f"__i{name}__", watched_inplace)
+    enc, shape = build(kind)
+    params, buffers = enc.init(np.random.default_rng(0), "float32", backend="cupy")
+    opt = SGD(LR, momentum=SGD_M, weight_decay=WD, backend="cupy")
+    if mechanism == "moco":
+        mech = MoCo(enc, params, buffers, opt, momentum=0.9, temperature=T, bn_groups=2,
+                    queue=Queue(13, 6, dtype="float32", backend="cupy"))
+    elif mechanism == "end-to-end":
+        mech = EndToEnd(enc, params, buffers, opt, temperature=T)
+    else:
+        mech = MemoryBankMechanism(enc, params, buffers, opt, num_negatives=5, temperature=T,
+                                   bank=MemoryBank(20, 6, dtype="float32", backend="cupy"))
+    for s in range(2):
+        x_q, x_k = views(shape, 8, s, "float32")
+        mech.step(xp.asarray(x_q), xp.asarray(x_k), np.arange(8) + 8 * s, LR)
+    assert not upcasts, f"float64 on the device: {sorted(set(upcasts))}"
+    for key, value in mech.state_dict().items():
+        assert value.dtype != np.float64 or not key.startswith(("params/", "key_params/")), key
 
 
 def test_mixing_host_and_device_arrays_is_a_type_error(xp):
