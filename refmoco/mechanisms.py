@@ -54,6 +54,19 @@ class StepStats(NamedTuple):
     own_share: float  # share of the dictionary that came from the query's own sample
 
 
+def _store(write, rows, what: str) -> None:
+    """``write()`` the step's ``rows`` into the queue or bank, which refuse non-finite rows.
+    When these rows are not finite, training has diverged, and a ``FloatingPointError`` says
+    so (the rows are looked at only after a refusal: no extra read of the device)."""
+    try:
+        write()
+    except ValueError as exc:
+        if bool(namespace_of(rows).isfinite(rows).all()):
+            raise
+        raise FloatingPointError(f"training diverged: the {what} are not finite; lower the "
+                                 f"learning rate or raise the temperature") from exc
+
+
 def _read_stats(pending: Any, own_share: float) -> StepStats:
     """The step's (loss, pos_sim, neg_sim), stacked on the device when they were computed and
     read here, at the end of the step, in one transfer: on a GPU a read makes the host wait for
@@ -153,6 +166,10 @@ class Mechanism:
         raised; the mechanism is then exactly as before the call.
         """
         backup = self.state_dict()  # host copies
+        missing, unexpected = sorted(set(backup) - set(state)), sorted(set(state) - set(backup))
+        if missing or unexpected:
+            raise ValueError(f"state: does not fit this {self.name} mechanism "
+                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
         try:
             self._load_state_dict(state)
         except Exception:
@@ -241,7 +258,7 @@ class MoCo(Mechanism):
                             backend=self.backend)
         pending = xp.stack([out.loss, (q.z * k).sum(axis=1).mean(),  # before the queue moves
                             (q.z @ negatives.mean(axis=0)).mean()])
-        self.queue.enqueue(k, ids=ids)
+        _store(lambda: self.queue.enqueue(k, ids=ids), k, "keys")
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
         return _read_stats(pending, own)
@@ -308,7 +325,7 @@ class MemoryBankMechanism(Mechanism):
                             backend=self.backend)
         pending = xp.stack([out.loss, (q.z * positives).sum(axis=1).mean(),  # before the update
                             xp.einsum("nc,nmc->nm", q.z, negatives).mean()])
-        self.bank.update(ids, q.z)
+        _store(lambda: self.bank.update(ids, q.z), q.z, "features")
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
         return _read_stats(pending, 0.0)

@@ -251,6 +251,8 @@ class SGD:
         if isinstance(step_count, bool) or int(step_count) != step_count or step_count < 0:
             raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
         buf = state["momentum_buffer"]
+        if isinstance(buf, np.ndarray) and buf.dtype == object and buf.shape == ():
+            buf = buf.item()  # None, as a checkpoint's 0-d array holds it
         if buf is not None:
             buf = host_copy(buf)
             if buf.ndim != 1 or buf.dtype.kind != "f":

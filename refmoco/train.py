@@ -11,6 +11,7 @@ hold host NumPy arrays only, so a run saved on one backend resumes on any other.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from .nn import cnn_encoder, mlp_encoder
 from .optim import SGD, cosine_lr
 
 CHECKPOINT = "checkpoint.npz"
+RUN_FILES = (CHECKPOINT, "metrics.json", "curves.png")  # what a run writes into --out
 
 
 # SGD's base learning rate when none is given. The memory bank collapses at MoCo's 0.06 on these
@@ -80,6 +82,8 @@ class TrainConfig:
             (self.bn_groups >= 1, "bn_groups", "an integer >= 1"),
             (self.dtype in ("float32", "float64"), "dtype", "'float32' or 'float64'"),
             (self.backend in ("numpy", "numba", "cupy"), "backend", "numpy, numba or cupy"),
+            (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
+             and self.seed >= 0, "seed", "an integer >= 0"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -91,7 +95,42 @@ class TrainConfig:
 
 
 # Options that may differ between a run and its resumption (they do not change the result).
+# ``data`` names a file; what must not change is its contents, checked by their digest.
 _RESUMABLE = {"epochs", "backend"}
+
+
+def data_digest(dataset: Dataset) -> str:
+    """SHA-256 of the dataset's arrays (train and test images and labels, shapes and dtypes):
+    a resumed run must see the data its checkpoint was trained on, wherever the file now is."""
+    h = hashlib.sha256()
+    for a in (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
+def _check_data_fits(c: TrainConfig, dataset: Dataset, batch: int) -> None:
+    """What training and evaluation need of the data, checked before anything runs: batch norm
+    in training needs 2 samples per (shuffle-BN) group, the evaluation 2 test images (its
+    uniformity) and the linear probe 2 classes."""
+    n_train, n_test = len(dataset.x_train), len(dataset.x_test)
+    if n_train < 2:
+        raise ValueError(f"data: the training split has {n_train} image(s); batch norm in "
+                         f"training needs at least 2")
+    if n_test < 2:
+        raise ValueError(f"data: the test split has {n_test} image(s); the evaluation needs at "
+                         f"least 2")
+    if len(np.unique(dataset.y_train)) < 2:
+        raise ValueError("data: the training split holds one class; the linear probe needs at "
+                         "least 2")
+    groups = min(c.bn_groups, batch) if c.mechanism == "moco" else 1
+    if batch // groups < 2:
+        what = f"a batch of {batch}" + ("" if batch == c.batch_size else
+                                         f" (all {n_train} training images)")
+        raise ValueError(f"batch_size: {what} split into bn_groups={c.bn_groups} shuffle-BN "
+                         f"groups leaves a group of 1 sample (batch norm in training needs 2): "
+                         f"use batch_size >= {2 * c.bn_groups} or a smaller bn_groups")
 
 
 class Trainer:
@@ -115,6 +154,7 @@ class Trainer:
                         backend=c.backend)
         n_train = len(self.x_train)
         self.batch_size = min(c.batch_size, n_train)
+        _check_data_fits(c, self.dataset, self.batch_size)
         if c.mechanism == "moco":
             queue = Queue(c.queue_size, c.out_dim, dtype=c.dtype, seed=c.seed,
                           backend=c.backend)
@@ -137,6 +177,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self.random_init = None
+        self.data_digest = data_digest(self.dataset)
 
     # -- evaluation ---------------------------------------------------------------------------
     def features(self, x, batch: int = 512):
@@ -151,6 +192,10 @@ class Trainer:
             zs.append(to_numpy(z))
             hs.append(to_numpy(h))
         z, h = np.concatenate(zs), np.concatenate(hs)
+        if not (np.isfinite(z).all() and np.isfinite(h).all()):  # the data are finite
+            raise FloatingPointError(f"after epoch {self.epoch}: training diverged: the "
+                                     f"encoder's features are not finite; lower the learning "
+                                     f"rate or raise the temperature (--lr, --temperature)")
         return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12), h
 
     def evaluate(self, *, linear: bool) -> dict:
@@ -184,10 +229,14 @@ class Trainer:
             x_q, x_k = two_views(self.x_train[ids], self.augment, self.rng)  # on the host
             step = self.epoch * self.steps_per_epoch + s
             lr = cosine_lr(step, total_steps, c.lr)
-            stats = m.step(to_backend(x_q, m.backend), to_backend(x_k, m.backend), ids, lr)
+            try:
+                stats = m.step(to_backend(x_q, m.backend), to_backend(x_k, m.backend), ids, lr)
+            except FloatingPointError as exc:  # the mechanism's: its features are not finite
+                raise FloatingPointError(f"at step {step}: {exc} (--lr, --temperature)") from exc
             if not math.isfinite(stats.loss):
-                raise FloatingPointError(f"the loss became {stats.loss} at step {step}: lower "
-                                         f"--lr or raise --temperature")
+                raise FloatingPointError(f"at step {step}: training diverged: the loss is "
+                                         f"{stats.loss}; lower the learning rate or raise the "
+                                         f"temperature (--lr, --temperature)")
             sums += np.array(stats)
         seconds = time.perf_counter() - start
         self.epoch += 1
@@ -216,6 +265,7 @@ class Trainer:
         state["trainer/history"] = np.array(json.dumps(self.history))
         state["trainer/random_init"] = np.array(json.dumps(self.random_init))
         state["trainer/config"] = np.array(json.dumps(self.config.to_json()))
+        state["trainer/data_digest"] = np.array(self.data_digest)
         return state
 
     def save(self, folder: str) -> str:
@@ -235,19 +285,30 @@ class Trainer:
             epoch = int(state["trainer/epoch"])
             history = json.loads(str(state["trainer/history"]))
             random_init = json.loads(str(state["trainer/random_init"]))
+            digest = str(state["trainer/data_digest"]) if "trainer/data_digest" in state else None
         except FileNotFoundError:
             raise
         except Exception as exc:
             raise ValueError(f"{path}: not a readable refmoco checkpoint ({exc})") from exc
         mine = self.config.to_json()
+        same = _RESUMABLE | ({"data"} if digest is not None else set())  # the digest decides
         diff = {k: (saved.get(k), v) for k, v in mine.items()
-                if k not in _RESUMABLE and saved.get(k) != v}
+                if k not in same and saved.get(k) != v}
         if diff:
             listing = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{path}: the checkpoint was made with other options ({listing})")
+        if digest is not None and digest != self.data_digest:
+            raise ValueError(f"{path}: the checkpoint was trained on other data (the contents of "
+                             f"{self.config.data!r} differ from what it saw)")
+        if epoch > self.config.epochs:
+            raise ValueError(f"epochs: the checkpoint has trained {epoch} epochs already; pass "
+                             f"--epochs {epoch} or more to resume it")
         mech = {k[len("mechanism/"):]: v for k, v in state.items() if k.startswith("mechanism/")}
-        self.mechanism.check_state(mech)
-        self.mechanism.load_state_dict(mech)
+        try:
+            self.mechanism.check_state(mech)
+            self.mechanism.load_state_dict(mech)
+        except (ValueError, TypeError) as exc:  # all or nothing: the mechanism is unchanged
+            raise ValueError(f"{path}: {exc}") from exc
         self.rng, self.epoch, self.history, self.random_init = rng, epoch, history, random_init
 
 
@@ -255,13 +316,15 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
         dataset: Dataset | None = None) -> dict:
     """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot."""
     trainer = Trainer(config, dataset)  # first: a missing backend fails before any file is made
-    os.makedirs(out, exist_ok=True)
-    ckpt = os.path.join(out, CHECKPOINT)
     if resume:
-        trainer.load(out)
-    elif os.path.exists(ckpt):
-        raise FileExistsError(f"{ckpt} exists: pass --resume to continue it, or choose "
-                              f"another --out (refmoco never overwrites a saved run)")
+        trainer.load(out)  # a missing or refused checkpoint: nothing is made or changed
+    else:
+        saved = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+        if saved:
+            raise FileExistsError(f"{out} holds a previous run ({', '.join(saved)}): pass "
+                                  f"--resume to continue it, or choose another --out (refmoco "
+                                  f"never overwrites a saved run)")
+    os.makedirs(out, exist_ok=True)
     for note in trainer.warnings():
         warnings.warn(note, stacklevel=2)
     if trainer.random_init is None:

@@ -100,6 +100,107 @@ def test_an_existing_run_is_never_overwritten(tmp_path, small):
     assert open(os.path.join(out, CHECKPOINT), "rb").read() == before
 
 
+def folder_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)}
+
+
+@pytest.mark.parametrize("kept", ["metrics.json", "curves.png"])
+def test_a_previous_run_without_its_checkpoint_is_not_overwritten(tmp_path, small, kept):
+    out = str(tmp_path / "run")
+    run(config(epochs=1), out, progress=False, dataset=small)
+    for name in os.listdir(out):
+        if name != kept:
+            os.remove(os.path.join(out, name))
+    before = folder_bytes(out)
+    with pytest.raises(FileExistsError, match=kept):
+        run(config(epochs=1), out, progress=False, dataset=small)
+    assert folder_bytes(out) == before
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, small):
+    """Fewer epochs than done, or other data under the same name: refused, the folder byte for
+    byte as it was; the same data (any path) resumes."""
+    out = str(tmp_path / "run")
+    run(config(epochs=2), out, progress=False, dataset=small)
+    before = folder_bytes(out)
+    with pytest.raises(ValueError, match="epochs"):
+        run(config(epochs=1), out, resume=True, progress=False, dataset=small)
+    other = Dataset(small.x_train[::-1].copy(), small.y_train[::-1].copy(), small.x_test,
+                    small.y_test, "small")  # the same images, in another order
+    with pytest.raises(ValueError, match="other data"):
+        run(config(epochs=3), out, resume=True, progress=False, dataset=other)
+    assert folder_bytes(out) == before
+    moved = config(epochs=2, data=str(tmp_path / "elsewhere.npz"))  # another path, same data
+    assert run(moved, out, resume=True, progress=False, dataset=small)["config"]["data"] == \
+        moved.data
+
+
+def test_resuming_a_missing_run_makes_no_folder(tmp_path, small):
+    out = tmp_path / "nothing"
+    with pytest.raises(FileNotFoundError):
+        run(config(), str(out), resume=True, progress=False, dataset=small)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kw, data, words", [
+    (dict(batch_size=6, bn_groups=4), None, "batch_size.*bn_groups"),  # a group of 1
+    (dict(batch_size=64, bn_groups=4), slice(0, 5), "batch_size.*5 training images"),
+    (dict(), slice(0, 1), "training split has 1"),
+    (dict(), "one class", "one class"),
+    (dict(), "one test image", "test split has 1"),
+])
+def test_data_that_cannot_train_or_evaluate_is_refused_before_anything_runs(
+        tmp_path, small, kw, data, words):
+    d = small
+    if isinstance(data, slice):
+        d = Dataset(small.x_train[data], small.y_train[data], small.x_test, small.y_test, "s")
+    elif data == "one class":
+        d = Dataset(small.x_train, np.zeros_like(small.y_train), small.x_test, small.y_test, "s")
+    elif data == "one test image":
+        d = Dataset(small.x_train, small.y_train, small.x_test[:1], small.y_test[:1], "s")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=words):
+        run(config(**kw), str(out), progress=False, dataset=d)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_bad_seed_is_named(seed):
+    with pytest.raises(ValueError, match="seed"):
+        config(seed=seed)
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning",
+                            "ignore:invalid value:RuntimeWarning")  # what diverging means
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end", "memory-bank"])
+def test_divergence_is_a_floating_point_error_naming_the_remedy(tmp_path, small, mechanism):
+    """At a learning rate of 1e8 the features overflow within a few steps: every mechanism
+    says that training diverged (the queue's and the bank's refusal of non-finite rows
+    included), not which internal argument was refused."""
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"diverged.*--lr"):
+        run(config(mechanism=mechanism, epochs=1, lr=1e8), str(out), progress=False,
+            dataset=small)
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, small):
+    """A fresh trainer (no momentum buffer yet) loading a checkpoint with an entry missing:
+    the error names the entry, and the mechanism is as it was (all or nothing)."""
+    out = str(tmp_path / "run")
+    run(config(epochs=1), out, progress=False, dataset=small)
+    state = load_checkpoint(out)
+    del state["mechanism/key_params/head.2.bias"]
+    np.savez(os.path.join(out, CHECKPOINT), **state)
+    trainer = Trainer(config(epochs=2), small)
+    before = trainer.mechanism.state_dict()
+    with pytest.raises(ValueError, match="head.2.bias"):
+        trainer.load(out)
+    after = trainer.mechanism.state_dict()
+    assert set(after) == set(before)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+
+
 def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, small):
     out = tmp_path / "run"
     out.mkdir()
