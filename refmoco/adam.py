@@ -146,7 +146,11 @@ class Adam:
         self.step_count += 1
         t = self.step_count
         d = g + self.weight_decay * p if self.weight_decay else g  # d_t
-        m += (1 - b1) * (d - m)  # m_t = b1 m + (1 - b1) d  (PyTorch's lerp)
+        w = p.dtype.type(1 - b1)  # m_t = b1 m + (1 - b1) d, as PyTorch's lerp(m, d, w) forms it:
+        if w < 0.5:
+            m += w * (d - m)  # m + w (d - m) for weights below 1/2,
+        else:
+            m[...] = d - (d - m) * (p.dtype.type(1) - w)  # d - (d - m)(1 - w) from 1/2 up
         v *= b2
         v += (1 - b2) * d * d  # v_t = b2 v + (1 - b2) d^2
         if self.amsgrad:

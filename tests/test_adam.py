@@ -84,6 +84,18 @@ def test_matches_torch_step_by_step(torch, h, dtype, seed):
         assert ours.step_count == int(state["step"])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_beta1_zero_keeps_exactly_the_last_gradient(dtype):
+    """m_t = b1 m + (1 - b1) d is d_t itself at b1 = 0; PyTorch's lerp forms weights >= 1/2 as
+    d - (d - m)(1 - w), which gives it exactly (m + w (d - m) would not: 0.01000023 here)."""
+    p = np.zeros(1, dtype)
+    opt = Adam(lr=0.1, betas=(0.0, 0.999))
+    opt.step(p, np.array([10.0], dtype))
+    last = np.array([0.01], dtype)
+    opt.step(p, last)
+    np.testing.assert_array_equal(opt.exp_avg, last)
+
+
 def test_first_step_moves_by_lr_against_the_gradient():
     """Closed form: after one step m/sqrt(v) = g/|g| exactly, so each entry moves by lr."""
     p = np.array([1.0, -2.0, 0.5], np.float32)

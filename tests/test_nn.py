@@ -380,8 +380,11 @@ def test_model_load_state_dict_is_all_or_nothing():
     for broken in (
         {**sd, "head.0.weight": np.ones((3, 2))},
         {**sd, "backbone.2.running_var": np.ones(2)},
+        {**sd, "backbone.2.running_mean": np.array(["a"] * 3)},  # checked before params move
+        {**sd, "backbone.2.running_var": np.ones(3) + 1j},  # complex: not silently made real
+        {**sd, "backbone.2.num_batches_tracked": np.array(1.5)},
     ):
-        with pytest.raises(ValueError, match="state_dict"):
+        with pytest.raises((ValueError, TypeError), match="state_dict"):
             model.load_state_dict(params, buffers, broken)
         np.testing.assert_array_equal(params.flat, flat)
         assert all(np.array_equal(buffers[k], bufs[k]) for k in bufs)

@@ -300,7 +300,9 @@ class Model:
         ValueError
             Missing, unexpected (if ``strict``) or mis-shaped entries; the message names the key.
         TypeError
-            ``params`` is not a FlatParams, or a parameter's array is not floating-point.
+            ``params`` is not a FlatParams, a parameter's array is not floating-point, or a
+            buffer's holds what its dtype cannot (strings, complex numbers; a float for an
+            integer count).
         """
         if not isinstance(params, FlatParams):
             raise TypeError(f"params: expected a FlatParams, got {type(params).__name__}")
@@ -317,7 +319,12 @@ class Model:
                 raise ValueError(
                     f"state_dict[{k!r}]: expected shape {tuple(buffers[k].shape)}, got {a.shape}"
                 )
-            new_buffers[k] = a
+            dest = np.dtype(buffers[k].dtype)
+            kinds, what = ("fiu", "real numbers") if dest.kind == "f" else ("iu", "integers")
+            if a.dtype.kind not in kinds:  # a string, complex or object buffer: refused here
+                raise TypeError(f"state_dict[{k!r}]: expected {what} for a {dest} buffer, got "
+                                f"dtype {a.dtype}")
+            new_buffers[k] = a.astype(dest)  # cast before anything is written
         params.load_state_dict(state_dict, strict=False)  # checks everything before writing
         for k, a in new_buffers.items():
             buffers[k][...] = to_backend(a, backend_of(buffers[k]))
