@@ -1,8 +1,12 @@
 """Datasets for the demo: scikit-learn's bundled digits, a translated variant, and user ``.npz`` files.
 
-Every loader returns a :class:`Dataset` of float32 images ``(N, C, H, W)`` in ``[0, 1]`` and int64
-labels, already split into train and test. Splits are stratified and fixed by ``seed``, so two runs
-with the same seed see the same images in the same split.
+Every loader returns a :class:`Dataset` of float32 images ``(N, C, H, W)`` and int64 labels,
+already split into train and test. The bundled digits are in ``[0, 1]``; an ``.npz`` file's
+unsigned integer images are divided by their dtype's maximum (uint8: 255), so they are in
+``[0, 1]`` too, while its float images are used as given (checked finite, not rescaled): the
+trainer's augmentations assume roughly ``[0, 1]`` (their additive Gaussian noise has sigma 0.05
+by default). Signed integer images are refused (see :func:`load_npz`). Splits are stratified and fixed by ``seed``, so
+two runs with the same seed see the same images in the same split.
 
 scikit-learn (the ``demo`` extra) is imported only when the digits are loaded.
 """
@@ -25,9 +29,10 @@ class Dataset(NamedTuple):
 
     Attributes
     ----------
-    x_train : ndarray of shape (N_train, C, H, W), float32 in [0, 1]
+    x_train : ndarray of shape (N_train, C, H, W), float32 (in [0, 1] except float .npz images,
+        which are used as given)
     y_train : ndarray of shape (N_train,), int64
-    x_test : ndarray of shape (N_test, C, H, W), float32 in [0, 1]
+    x_test : ndarray of shape (N_test, C, H, W), float32 (as ``x_train``)
     y_test : ndarray of shape (N_test,), int64
     name : str
         ``"digits"``, ``"translated-digits"`` or the stem of the ``.npz`` file.
@@ -251,9 +256,13 @@ def _check_images(images: np.ndarray, path: str) -> np.ndarray:
     kind = images.dtype.kind
     if kind == "b":
         return images.astype(np.float32)
-    if kind in "iu":
-        if images.min() < 0:
-            raise ValueError(f"{path}: array 'images' has negative integer pixel values")
+    if kind == "i":  # int64 is NumPy's default for np.array(list): its max would scale to ~0
+        raise ValueError(
+            f"{path}: array 'images' has the signed integer dtype {images.dtype}, whose scale "
+            f"is unknown; convert it before saving: to uint8 if it holds 0..255 "
+            f"(images.astype(np.uint8)), uint16 for 0..65535, or to floats in [0, 1]"
+        )
+    if kind == "u":
         dtype_max = np.iinfo(images.dtype).max
         if images.dtype.itemsize > 2:
             warnings.warn(
@@ -265,7 +274,8 @@ def _check_images(images: np.ndarray, path: str) -> np.ndarray:
         return (images / dtype_max).astype(np.float32)
     if kind != "f":
         raise TypeError(
-            f"{path}: array 'images' must hold integers or floats, got dtype {images.dtype}"
+            f"{path}: array 'images' must hold unsigned integers, booleans or floats, got dtype "
+            f"{images.dtype}"
         )
     images = images.astype(np.float32)
     if not np.isfinite(images).all():
@@ -281,8 +291,12 @@ def load_npz(path: str | os.PathLike, seed: int = 0, test_fraction: float = 0.3)
     path : str or PathLike
         An ``.npz`` archive (``np.savez``) with the arrays
 
-        - ``images``: (N, C, H, W) or (N, H, W) (one channel). Integer images are divided by their
-          dtype's maximum (uint8: 255); float images are kept as they are, in float32.
+        - ``images``: (N, C, H, W) or (N, H, W) (one channel). Unsigned integer images are
+          divided by their dtype's maximum (uint8: 255, uint16: 65535; uint32 and uint64 too,
+          with a warning); boolean images become 0 and 1; float images are used as given, in
+          float32 (the augmentations assume roughly [0, 1]). Signed integer images are refused:
+          their scale is unknown (an int64 array holding 0..255, NumPy's default for
+          ``np.array(list)``, divided by its dtype's maximum would be ~3e-17).
         - ``labels``: (N,) non-negative integer classes, used for evaluation only.
         - ``train`` (optional): (N,) boolean mask, True for training samples. Without it a
           stratified split is made from ``seed``.
@@ -302,11 +316,11 @@ def load_npz(path: str | os.PathLike, seed: int = 0, test_fraction: float = 0.3)
         If ``path`` does not exist.
     ValueError
         If the file is not a valid ``.npz`` archive, an array is missing, has the wrong number of
-        dimensions or length, holds NaN/inf images or negative labels, is an object array, or a
-        split would be empty. The message names the file and the array.
+        dimensions or length, holds NaN/inf images, signed integer images or negative labels, is
+        an object array, or a split would be empty. The message names the file and the array.
     TypeError
-        If ``labels`` are not integers, ``train`` is not boolean, or ``images`` are neither
-        integers nor floats.
+        If ``labels`` are not integers, ``train`` is not boolean, or ``images`` are not
+        integers, booleans or floats.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):

@@ -266,9 +266,53 @@ def test_npz_one_sample_cannot_be_split(tmp_path):
         load_npz(path)
 
 
-def test_npz_wide_integer_images_warn(tmp_path):
-    path = _bad(tmp_path, images=np.zeros((6, 3, 3), np.int64))
-    with pytest.warns(UserWarning, match="'images'.*int64"):
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_npz_signed_integer_images_are_refused(tmp_path, dtype):
+    """0..127 in any signed dtype (int64: what np.array makes of a list of ints) is refused,
+    not divided by the dtype's maximum (which for int64 would leave ~1e-17)."""
+    images = np.random.default_rng(0).integers(0, 128, size=(6, 3, 3)).astype(dtype)
+    path = _bad(tmp_path, images=images)
+    with pytest.raises(ValueError, match="'images'") as info:
+        load_npz(path)
+    message = str(info.value)
+    assert "bad.npz" in message and np.dtype(dtype).name in message
+    assert "uint8" in message and "float" in message  # what to convert them to
+
+
+def test_npz_uint16_is_scaled_by_65535(tmp_path):
+    images = np.array([0, 1, 257, 65535] * 9, dtype=np.uint16).reshape(6, 1, 2, 3)
+    path = tmp_path / "u16.npz"
+    np.savez(path, images=images, labels=_labels(6))
+    ds = load_npz(path)
+    everything = np.concatenate([ds.x_train, ds.x_test])
+    assert everything.dtype == np.float32
+    np.testing.assert_allclose(np.sort(everything.ravel()),
+                               np.sort(images.ravel().astype(np.float64) / 65535), rtol=1e-6)
+
+
+def test_npz_float_images_are_used_as_given(tmp_path):
+    """Floats are not rescaled (not even 0..255 ones): the caller scales them into [0, 1]."""
+    images = np.linspace(-1.0, 255.0, 6 * 9).reshape(6, 3, 3)
+    path = tmp_path / "f.npz"
+    np.savez(path, images=images, labels=_labels(6))
+    ds = load_npz(path)
+    np.testing.assert_array_equal(np.sort(np.concatenate([ds.x_train, ds.x_test]).ravel()),
+                                  np.sort(images.astype(np.float32).ravel()))
+
+
+def test_npz_bool_images_become_zero_and_one(tmp_path):
+    images = np.arange(6 * 4).reshape(6, 2, 2) % 3 == 0
+    path = tmp_path / "b.npz"
+    np.savez(path, images=images, labels=_labels(6))
+    ds = load_npz(path)
+    everything = np.concatenate([ds.x_train, ds.x_test])
+    assert everything.dtype == np.float32 and set(np.unique(everything)) == {0.0, 1.0}
+    assert everything.sum() == images.sum()
+
+
+def test_npz_wide_unsigned_images_warn(tmp_path):
+    path = _bad(tmp_path, images=np.zeros((6, 3, 3), np.uint32))
+    with pytest.warns(UserWarning, match="'images'.*uint32"):
         load_npz(path)
 
 
