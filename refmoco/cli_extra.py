@@ -7,6 +7,10 @@ them on their own.
 
 Files written into ``--out``: ``cpc.json`` and ``cpc.png``; ``mi_bound.json`` and
 ``mi_bound.png`` (the staircase); ``moco_queue.json`` and ``moco_queue.png`` (MoCo's queues).
+A command refuses to start (``FileExistsError``, nothing created or changed) when a file it would
+write is already in ``--out``: an earlier run's results are never overwritten.
+
+``HelpFormatter`` and ``non_negative_int`` are shared with ``refmoco train`` (``refmoco.cli``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,37 @@ import json
 import os
 import sys
 import time
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default after its help text, except where the default is
+    ``None`` or a flag's ``False``: such an option says in its help what happens without it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def non_negative_int(text: str) -> int:
+    """``type=`` of ``--seed``: an integer >= 0 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def refuse_existing(out: str, names: list[str]) -> None:
+    """Raise ``FileExistsError`` if any of ``names`` is already in the folder ``out``."""
+    found = [name for name in names if os.path.lexists(os.path.join(out, name))]
+    if found:
+        raise FileExistsError(
+            f"{out} already holds {', '.join(found)} from an earlier run: choose another --out, "
+            f"or remove those files (refmoco never overwrites saved results)"
+        )
 
 
 class _Progress:
@@ -67,6 +102,8 @@ def _pyplot():
 
 # ------------------------------------------------------------------------------------------ cpc
 
+CPC_FILES = ("cpc.json", "cpc.png")
+
 
 def add_cpc_parser(sub) -> argparse.ArgumentParser:
     """Register ``cpc``: train CPC on digit sequences, linear probe vs random init."""
@@ -75,27 +112,35 @@ def add_cpc_parser(sub) -> argparse.ArgumentParser:
     d = CPCConfig()
     p = sub.add_parser("cpc", help="train CPC (encoder + GRU + predictors) on digit sequences "
                        "and compare a linear probe with the random init",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                       formatter_class=HelpFormatter)  # fmt: skip
     p.add_argument("--steps", type=int, default=d.train_steps, help="Adam steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="B, sequences per step (the loss at chance is ln B)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="T, images per sequence")
     p.add_argument("--predict-steps", type=int, default=d.num_steps,
                    help="S, steps ahead predicted (< T)")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     p.add_argument("--hidden", type=int, default=d.hidden, help="encoder hidden width")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="D, per-step features")
     p.add_argument("--context-dim", type=int, default=d.context_dim, help="H, GRU state")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default="runs/cpc", help="folder for cpc.json and cpc.png")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="steps between evaluations (linear probe on the test split)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype,
+                   help="floating-point type of the parameters and data")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed,
+                   help="seed of the split, the weights and the sequences (an integer >= 0)")
+    p.add_argument("--out", default="runs/cpc",
+                   help="folder for cpc.json and cpc.png; refused if it already holds either")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_cpc_command)
     return p
 
 
 def run_cpc_command(args) -> int:
-    """Handler of ``refmoco cpc``: train, write ``cpc.json`` and ``cpc.png``, print a summary."""
+    """Handler of ``refmoco cpc``: train, write ``cpc.json`` and ``cpc.png``, print a summary.
+
+    Refuses (``FileExistsError``) before training when either file is already in ``--out``.
+    """
     from .cpc import CPCConfig, train_cpc
 
     config = CPCConfig(seq_len=args.seq_len, num_steps=args.predict_steps,
@@ -103,6 +148,7 @@ def run_cpc_command(args) -> int:
                        hidden=args.hidden, embed_dim=args.embed_dim,
                        context_dim=args.context_dim, eval_every=args.eval_every,
                        seed=args.seed, dtype=args.dtype)  # fmt: skip
+    refuse_existing(args.out, list(CPC_FILES))  # before any file is made or any step is run
     os.makedirs(args.out, exist_ok=True)
     bar = _Progress(config.train_steps, not args.no_progress)
     t0 = time.perf_counter()
@@ -111,8 +157,9 @@ def run_cpc_command(args) -> int:
     finally:
         bar.close()
     metrics["total_seconds"] = time.perf_counter() - t0
-    _write_json(metrics, os.path.join(args.out, "cpc.json"))
-    _plot_cpc(metrics, os.path.join(args.out, "cpc.png"))
+    json_name, png_name = CPC_FILES
+    _write_json(metrics, os.path.join(args.out, json_name))
+    _plot_cpc(metrics, os.path.join(args.out, png_name))
     summary = {k: metrics[k] for k in ("final", "random_init", "raw_pixels")}
     summary["total_seconds"] = round(metrics["total_seconds"], 1)
     print(json.dumps(summary, indent=2))
@@ -148,6 +195,9 @@ def _plot_cpc(m: dict, path: str) -> None:
 
 # ------------------------------------------------------------------------------------ mi-bound
 
+MI_FILES = ("mi_bound.json", "mi_bound.png")  # the staircase
+MOCO_FILES = ("moco_queue.json", "moco_queue.png")  # MoCo's queue sizes
+
 
 def add_mi_parser(sub) -> argparse.ArgumentParser:
     """Register ``mi-bound``: Poole et al.'s staircase, and MoCo's queue-size analogue."""
@@ -156,26 +206,37 @@ def add_mi_parser(sub) -> argparse.ArgumentParser:
     d = MIConfig()
     p = sub.add_parser("mi-bound", help="the InfoNCE bound against a known mutual information "
                        "(Poole et al. 2019, Fig. 2), and ln(K+1) - L for MoCo's queue sizes",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+                       formatter_class=HelpFormatter)  # fmt: skip
     p.add_argument("--levels", type=float, nargs="*", default=list(d.mis),
                    help="true MI of each level of the staircase, nats (none: skip it)")
-    p.add_argument("--steps-per-level", type=int, default=d.steps_per_level)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--steps-per-level", type=int, default=d.steps_per_level,
+                   help="Adam steps at each level of the staircase")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="N, samples per batch (the staircase's ceiling is ln N)")
     p.add_argument("--dim", type=int, default=d.dim, help="d, the dimension of x and y")
     p.add_argument("--hidden", type=int, default=d.hidden, help="critic MLPs' hidden width")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="critic output size")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                   help="fresh batches behind each final estimate (at least 2)")
     p.add_argument("--queue-sizes", type=int, nargs="*", default=list(d.queue_sizes),
                    help="K for MoCo's analogue (none: skip it)")
-    p.add_argument("--moco-mi", type=float, default=d.moco_mi, help="true MI, nats")
-    p.add_argument("--moco-steps", type=int, default=d.moco_steps)
-    p.add_argument("--moco-momentum", type=float, default=d.moco_momentum)
-    p.add_argument("--temperature", type=float, default=0.05, help="MoCo's temperature")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default="runs/mi-bound", help="folder for the JSON and the plots")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--moco-mi", type=float, default=d.moco_mi,
+                   help="true MI of MoCo's analogue, nats")
+    p.add_argument("--moco-steps", type=int, default=d.moco_steps,
+                   help="Adam steps for each queue size")
+    p.add_argument("--moco-momentum", type=float, default=d.moco_momentum,
+                   help="the key encoder's EMA momentum in MoCo's analogue")
+    p.add_argument("--temperature", type=float, default=0.05,
+                   help="MoCo's temperature (run_moco_queue's default)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype,
+                   help="floating-point type of the critics and samples")
+    p.add_argument("--seed", type=non_negative_int, default=d.seed,
+                   help="seed of the samples and the critics' weights (an integer >= 0)")
+    p.add_argument("--out", default="runs/mi-bound",
+                   help="folder for the JSON and the plots; refused if it already holds a file "
+                        "this run would write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_mi_command)
     return p
 
@@ -195,7 +256,8 @@ def run_mi_command(args) -> int:
 
     The staircase (skipped by ``--levels`` with no values) writes ``mi_bound.json`` and
     ``mi_bound.png``; MoCo's queue sizes (skipped by ``--queue-sizes`` with no values) write
-    ``moco_queue.json`` and ``moco_queue.png``.
+    ``moco_queue.json`` and ``moco_queue.png``. Refuses (``FileExistsError``) before any
+    experiment runs when one of the files it would write is already in ``--out``.
     """
     from .mi import config_from, run_infonce_staircase, run_moco_queue
 
@@ -205,13 +267,15 @@ def run_mi_command(args) -> int:
                          queue_sizes=args.queue_sizes, moco_mi=args.moco_mi,
                          moco_steps=args.moco_steps, moco_momentum=args.moco_momentum,
                          seed=args.seed, dtype=args.dtype)  # fmt: skip
+    files = (list(MI_FILES) if config.mis else []) + (list(MOCO_FILES) if config.queue_sizes else [])
+    refuse_existing(args.out, files)  # before any file is made or any step is run
     os.makedirs(args.out, exist_ok=True)
     summary: dict = {}
     if config.mis:
         m = _timed(run_infonce_staircase, len(config.mis) * config.steps_per_level,
                    not args.no_progress, config=config)  # fmt: skip
-        _write_json({"config": config.to_json(), **m}, os.path.join(args.out, "mi_bound.json"))
-        _plot_staircase(m, config, os.path.join(args.out, "mi_bound.png"))
+        _write_json({"config": config.to_json(), **m}, os.path.join(args.out, MI_FILES[0]))
+        _plot_staircase(m, config, os.path.join(args.out, MI_FILES[1]))
         summary["infonce"] = {"ceiling_ln_N": m["ceiling"], "seconds": round(m["seconds"], 1),
                               "levels": [{k: round(lv[k], 3) for k in _LEVEL_KEYS}
                                          for lv in m["levels"]]}  # fmt: skip
@@ -219,8 +283,8 @@ def run_mi_command(args) -> int:
         m = _timed(run_moco_queue, len(config.queue_sizes) * config.moco_steps,
                    not args.no_progress, config=config, temperature=args.temperature)  # fmt: skip
         _write_json({"config": {**config.to_json(), "temperature": args.temperature}, **m},
-                    os.path.join(args.out, "moco_queue.json"))  # fmt: skip
-        _plot_moco(m, os.path.join(args.out, "moco_queue.png"))
+                    os.path.join(args.out, MOCO_FILES[0]))  # fmt: skip
+        _plot_moco(m, os.path.join(args.out, MOCO_FILES[1]))
         summary["moco"] = {"true_mi": m["true_mi"], "seconds": round(m["seconds"], 1),
                            "runs": [{k: round(r[k], 3) for k in _RUN_KEYS}
                                     for r in m["runs"]]}  # fmt: skip
@@ -307,7 +371,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError,
+            FloatingPointError) as exc:
         print(f"refmoco {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
