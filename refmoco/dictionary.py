@@ -158,8 +158,9 @@ class Queue:
         if is_cupy_array(keys) != (self.backend == "cupy"):
             where = "CuPy" if self.backend == "cupy" else "NumPy"
             raise TypeError(f"keys: this queue lives on backend={self.backend!r}: pass {where} arrays")
-        with np.errstate(over="ignore"):  # an overflow is refused just below
-            keys = keys.astype(self.dtype, copy=False)
+        if keys.dtype != self.dtype:
+            with np.errstate(over="ignore"):  # an overflow is refused just below
+                keys = keys.astype(self.dtype)
         if not bool(self.xp.isfinite(keys).all()):  # after the cast: 1e300 is inf in float32
             raise ValueError(f"keys: expected finite {self.dtype.name} values, got NaN or inf")
         b = keys.shape[0]
