@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,9 +20,41 @@ class GradCheck(NamedTuple):
 
 def default_tolerance(dtype) -> float:
     """Relative tolerance for results computed in ``dtype``: ``1e-12`` for float64 (a few
-    hundred ulps), ``100 * eps`` (about 1.2e-5) for float32."""
-    dt = np.dtype(dtype)
-    return 1e-12 if dt == np.float64 else 100 * float(np.finfo(dt).eps)
+    hundred ulps), ``100 * eps`` (about 1.2e-5) for float32, and ``0.0`` for integer and
+    boolean dtypes (they are compared exactly). Other dtypes (complex, object, strings) are a
+    ``TypeError``, and so are ml_dtypes' bfloat16 and float8 types: ``assert_close`` compares
+    them in float32, with float32's tolerance."""
+    dt = _numeric_dtype(dtype, "dtype")
+    if _is_ml_float(dt):
+        raise TypeError(f"dtype: {dt.name} has no tolerance of its own: refmoco compares it in "
+                        "float32 (default_tolerance('float32')); pass rtol= to accept more")
+    if dt.kind in "iub":
+        return 0.0
+    return 1e-12 if dt == np.float64 else 100 * _eps(dt)
+
+
+def _numeric_dtype(dtype, arg: str) -> np.dtype:
+    """``dtype`` as a NumPy dtype of a real float, integer or boolean kind, else a TypeError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{arg}: not a NumPy dtype: {dtype!r}") from exc
+    if dt.kind in "fiub" or _is_ml_float(dt):
+        return dt
+    if dt.kind == "c":
+        raise TypeError(f"{arg}: complex dtype {dt.name} is not supported: compare the real "
+                        "and imaginary parts (x.real, x.imag) separately")
+    raise TypeError(f"{arg}: expected a real float, integer or boolean dtype, got {dt.name}")
+
+
+def _is_ml_float(dt: np.dtype) -> bool:
+    """ml_dtypes' floats (bfloat16, float8_*): NumPy arrays of kind 'V' that JAX uses."""
+    return dt.kind == "V" and (dt.name.startswith("float") or dt.name == "bfloat16")
+
+
+def _eps(dt: np.dtype) -> float:
+    """The machine epsilon of a float dtype; 0 for integers and booleans (exact)."""
+    return 0.0 if dt.kind in "iub" else float(np.finfo(dt).eps)
 
 
 def rel_error(a, b, tiny: float = 1e-300) -> float:
@@ -32,37 +65,118 @@ def rel_error(a, b, tiny: float = 1e-300) -> float:
     return float(np.max(np.abs(a - b), initial=0.0)) / max(scale, tiny)
 
 
+def _dtype_name(x) -> str | None:
+    """The dtype of ``x`` as the caller made it, as a NumPy name: before ``to_numpy`` widens
+    float16/bfloat16 tensors to float32. None for values without a dtype (lists, floats)."""
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        return None
+    if type(x).__module__.split(".")[0] == "torch":
+        return str(dt).removeprefix("torch.")
+    try:
+        return np.dtype(dt).name
+    except TypeError:
+        return str(dt)
+
+
+def _real_array(x, arg: str) -> tuple[np.ndarray, str]:
+    """``x`` on the host as a NumPy array of a real float, integer or boolean dtype (ml_dtypes'
+    floats widened to float32), with the name of the dtype it came in."""
+    name = _dtype_name(x)
+    if name is not None and name.startswith("complex"):
+        _numeric_dtype(np.complex128, arg)  # the TypeError, before anything is converted
+    a = to_numpy(x)
+    _numeric_dtype(a.dtype, arg)
+    if _is_ml_float(a.dtype):
+        a = a.astype(np.float32)
+    return a, name if name is not None else a.dtype.name
+
+
+def _tolerance_arg(value, arg: str, *, positive: bool = False) -> float:
+    """``value`` as a finite float ``>= 0`` (``> 0`` when ``positive``), else an error naming
+    ``arg``: a NaN or infinite tolerance would accept every error."""
+    if isinstance(value, bool):
+        raise TypeError(f"{arg}: expected a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{arg}: expected a number, got {value!r}") from exc
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{arg}: expected a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
+    return v
+
+
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float = 0.0,
                  check_dtype: bool = True, name: str = "value") -> None:
     """Assert two arrays agree within a tolerance chosen by their dtype.
 
     The comparison is ``|a - e| <= atol + rtol * max|e|`` elementwise, where the scale is the
-    largest magnitude of ``expected`` (errors of sums and products are relative to the size of
-    the terms, not of each entry). ``rtol`` defaults to ``default_tolerance`` of the less
-    precise dtype. Shapes must match, and dtypes too when ``check_dtype``.
+    largest magnitude of the **finite** entries of ``expected`` (errors of sums and products are
+    relative to the size of the terms, not of each entry). ``rtol`` defaults to
+    ``default_tolerance`` of the less precise dtype. Shapes must match, and dtypes too when
+    ``check_dtype``: the dtypes the arrays came in (a float16 tensor is float16 there, although
+    it is compared in float32, its default tolerance too).
+
+    Non-finite entries must match exactly: NaN where ``expected`` has NaN (two NaNs agree),
+    ``inf`` and ``-inf`` where it has the same infinity; any other entry facing a non-finite one
+    differs. Integer and boolean arrays are compared exactly (in integer arithmetic) unless
+    ``rtol`` or ``atol`` are given. Complex and other non-real arrays are a ``TypeError``
+    naming the argument; a negative or non-finite ``rtol`` / ``atol`` a ``ValueError``.
+
+    A difference is an ``AssertionError`` saying how many entries differ and showing the worst
+    (the first non-finite mismatch, if any).
     """
-    a, e = to_numpy(actual), to_numpy(expected)
+    a, a_dtype = _real_array(actual, "actual")
+    e, e_dtype = _real_array(expected, "expected")
+    atol = _tolerance_arg(atol, "atol")
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
-    if check_dtype and a.dtype != e.dtype:
-        raise AssertionError(f"{name}: dtype {a.dtype} != expected {e.dtype}")
+    if check_dtype and a_dtype != e_dtype:
+        raise AssertionError(f"{name}: dtype {a_dtype} != expected {e_dtype}")
     if rtol is None:
-        worst = a.dtype if np.finfo(a.dtype).eps > np.finfo(e.dtype).eps else e.dtype
-        rtol = default_tolerance(worst)
-    a64, e64 = a.astype(np.float64), e.astype(np.float64)
-    if not np.array_equal(np.isnan(a64), np.isnan(e64)):
-        raise AssertionError(f"{name}: NaN in different places")
-    scale = float(np.max(np.abs(e64), initial=0.0, where=~np.isnan(e64)))
-    err = np.abs(a64 - e64)
-    bad = err > atol + rtol * scale
-    bad &= ~(np.isnan(a64) & np.isnan(e64))
+        rtol = default_tolerance(a.dtype if _eps(a.dtype) > _eps(e.dtype) else e.dtype)
+    rtol = _tolerance_arg(rtol, "rtol")
+    if a.dtype.kind in "iub" and e.dtype.kind in "iub":
+        bad, err, scale, shown = _integer_errors(a, e, atol, rtol)
+    else:
+        bad, err, scale, shown = _float_errors(a, e, atol, rtol)
     if bad.any():
-        where = np.unravel_index(int(np.argmax(np.where(bad, err, -1))), a.shape)
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(bad, err, -1))),
+                                                       a.shape))
         raise AssertionError(
-            f"{name}: {int(bad.sum())} of {a.size} entries differ; worst at {tuple(where)}: "
-            f"{a64[where]!r} vs expected {e64[where]!r} (atol={atol}, rtol={rtol}, "
+            f"{name}: {int(bad.sum())} of {a.size} entries differ; worst at {where}: "
+            f"{shown[0][where]!r} vs expected {shown[1][where]!r} (atol={atol}, rtol={rtol}, "
             f"scale={scale})"
         )
+
+
+def _float_errors(a, e, atol, rtol):
+    """(differs, error (inf for a non-finite mismatch), scale, the arrays to show) in float64."""
+    a64, e64 = a.astype(np.float64), e.astype(np.float64)
+    finite = np.isfinite(a64) & np.isfinite(e64)
+    scale = float(np.max(np.abs(e64), initial=0.0, where=np.isfinite(e64)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        err = np.where(finite, np.abs(np.where(finite, a64, 0.0) - np.where(finite, e64, 0.0)),
+                       0.0)
+    same = (a64 == e64) | (np.isnan(a64) & np.isnan(e64))
+    nonfinite = ~finite & ~same
+    bad = (finite & (err > atol + rtol * scale)) | nonfinite
+    return bad, np.where(nonfinite, np.inf, err), scale, (a64, e64)
+
+
+def _integer_errors(a, e, atol, rtol):
+    """The same for two integer/boolean arrays, in exact integer arithmetic (Python ints)."""
+    bad = np.asarray(a != e)
+    err = np.zeros(a.shape)
+    scale = max((abs(int(v)) for v in e.flat), default=0)
+    if bad.any():
+        idx = np.nonzero(bad)
+        diff = [abs(int(x) - int(y)) for x, y in zip(a[idx], e[idx])]
+        bound = atol + rtol * scale
+        bad[idx] = [d > bound for d in diff]  # int > float compares exactly
+        err[idx] = [float(d) for d in diff]
+    return bad, err, scale, (a, e)
 
 
 def _call(fun: Callable, inputs: dict):

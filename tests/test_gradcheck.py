@@ -1,0 +1,207 @@
+"""refmoco.testing's oracles never pass a wrong result: ``assert_close`` with infinities, NaN,
+integers, complex numbers and tensors that refmoco widens."""
+
+import re
+
+import numpy as np
+import pytest
+
+from refmoco.testing import assert_close, default_tolerance
+
+INF = np.inf
+
+
+def differs(match=None):
+    return pytest.raises(AssertionError, match=match)
+
+
+# -- assert_close: non-finite entries ----------------------------------------------------------
+def masked_logits(n=4, seed=0):
+    """Logits with the diagonal masked to -inf (a sample is not its own negative)."""
+    x = np.random.default_rng(seed).normal(size=(n, n))
+    np.fill_diagonal(x, -INF)
+    return x
+
+
+def test_a_wrong_finite_entry_next_to_infinities_is_caught():
+    expected = np.array([[-INF, 1.0], [1.0, -INF]])
+    with differs(r"2 of 4 entries differ; worst at \(0, 1\): np.float64\(100.0\) vs expected "
+                 r"np.float64\(1.0\) .*scale=1.0\)"):
+        assert_close(np.array([[-INF, 100.0], [-5.0, -INF]]), expected)
+
+
+def test_masked_logits_agree_only_where_every_entry_does():
+    expected = masked_logits()
+    assert_close(expected.copy(), expected)
+    wrong = expected.copy()
+    wrong[2, 1] += 1e-6 * abs(wrong[2, 1])  # far above float64 round-off
+    with differs(r"1 of 16 entries differ; worst at \(2, 1\)"):
+        assert_close(wrong, expected)
+    unmasked = expected.copy()
+    unmasked[3, 3] = 0.0  # a mask forgotten
+    with differs(r"worst at \(3, 3\): np.float64\(0.0\) vs expected np.float64\(-inf\)"):
+        assert_close(unmasked, expected)
+
+
+def test_the_scale_is_that_of_the_finite_entries():
+    expected = np.array([-INF, 1.0, 2.0])
+    # rtol = 1e-12 of max|finite| = 2: an error of 1e-12 passes, one of 1e-11 does not.
+    assert_close(np.array([-INF, 1.0 + 1e-12, 2.0]), expected)
+    with differs(r"scale=2.0\)"):
+        assert_close(np.array([-INF, 1.0 + 1e-11, 2.0]), expected)
+    with differs("scale=0.0"):  # no finite entry: the tolerance is atol alone
+        assert_close(np.array([INF, 1.0]), np.array([INF, INF]))
+
+
+@pytest.mark.parametrize("actual, expected", [
+    ([1.0], [INF]),
+    ([INF], [1.0]),
+    ([INF], [-INF]),
+    ([-INF], [INF]),
+    ([np.nan], [INF]),
+    ([INF], [np.nan]),
+    ([np.nan], [1.0]),
+    ([1.0], [np.nan]),
+    ([1e308, -INF], [1e308, INF]),
+])
+def test_non_finite_entries_must_match_exactly(actual, expected):
+    with differs(r"1 of \d entries differ"):
+        assert_close(np.array(actual), np.array(expected))
+
+
+def test_matching_infinities_and_nans_agree():
+    assert_close(np.array([INF, -INF, np.nan, 3.0]), np.array([INF, -INF, np.nan, 3.0]))
+    assert_close(np.float32([-INF, 1.0]), np.float32([-INF, 1.0]))
+
+
+def test_a_non_finite_mismatch_is_shown_before_a_larger_finite_one():
+    with differs(r"2 of 3 entries differ; worst at \(2,\): np.float64\(nan\) vs expected "
+                 r"np.float64\(0.0\)"):
+        assert_close(np.array([1e300, 0.0, np.nan]), np.array([0.0, 0.0, 0.0]))
+
+
+def test_overflowing_differences_are_differences_and_warn_nothing():
+    with np.errstate(all="raise"):
+        with differs("1 of 1 entries differ"):
+            assert_close(np.array([1.7e308]), np.array([-1.7e308]))
+        with differs("1 of 2 entries differ"):
+            assert_close(np.array([INF, 1.0]), np.array([-INF, 1.0]))
+
+
+# -- assert_close: integers, booleans, complex numbers ------------------------------------------
+def test_integer_arrays_are_compared_exactly():
+    assert_close(np.array([1, 2, 3]), np.array([1, 2, 3]))
+    with differs(r"1 of 3 entries differ; worst at \(1,\): np.int64\(2\) vs expected "
+                 r"np.int64\(5\) \(atol=0.0, rtol=0.0"):
+        assert_close(np.array([1, 2, 3]), np.array([1, 5, 3]))
+    big = 2**53  # float64 cannot tell big from big + 1
+    with differs("1 of 1 entries differ"):
+        assert_close(np.array([big + 1]), np.array([big]))
+    with differs("1 of 1 entries differ"):
+        assert_close(np.array([2**64 - 1], dtype=np.uint64), np.array([-1]), check_dtype=False)
+    with differs(r"worst at \(0, 1\)"):
+        assert_close(np.array([[7, 8]], dtype=np.int8), np.array([[7, 9]], dtype=np.int8))
+
+
+def test_boolean_arrays_are_compared_exactly():
+    assert_close(np.array([True, False]), np.array([True, False]))
+    with differs(r"1 of 2 entries differ; worst at \(1,\)"):
+        assert_close(np.array([True, True]), np.array([True, False]))
+
+
+def test_integer_tolerances_when_asked_for():
+    assert_close(np.array([1, 2]), np.array([1, 3]), atol=1)
+    with differs(r"worst at \(1,\)"):
+        assert_close(np.array([1, 2]), np.array([1, 4]), atol=1)
+
+
+def test_integers_against_floats_use_the_float_tolerance():
+    assert_close(np.array([1, 2]), np.array([1.0, 2.0]), check_dtype=False)
+    with differs("dtype int64 != expected float64"):
+        assert_close(np.array([1, 2]), np.array([1.0, 2.0]))
+    with differs(r"rtol=1e-12"):
+        assert_close(np.array([1, 2]), np.array([1.0, 2.5]), check_dtype=False)
+
+
+def test_default_tolerance_of_each_kind():
+    assert default_tolerance(np.float64) == 1e-12
+    assert default_tolerance("float32") == 100 * 2.0**-23
+    assert default_tolerance(np.float16) == 100 * 2.0**-10
+    for dtype in (np.int64, np.int8, np.uint32, bool):
+        assert default_tolerance(dtype) == 0.0
+    for dtype in (np.complex128, object, str):
+        with pytest.raises(TypeError, match="^dtype: "):
+            default_tolerance(dtype)
+    with pytest.raises(TypeError, match="^dtype: not a NumPy dtype"):
+        default_tolerance("floaty")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with pytest.raises(TypeError, match="^dtype: bfloat16 has no tolerance of its own"):
+        default_tolerance(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("actual, expected, arg", [
+    (np.array([1j]), np.array([2j]), "actual"),
+    (np.array([1.0]), np.array([1.0 + 0j]), "expected"),
+    (np.array([1 + 1j]), np.array([1 + 1j]), "actual"),
+])
+def test_complex_arrays_are_a_type_error_naming_the_argument(actual, expected, arg):
+    with pytest.raises(TypeError, match=f"^{arg}: complex dtype complex128"):
+        assert_close(actual, expected, check_dtype=False)
+
+
+def test_non_numeric_arrays_are_a_type_error():
+    with pytest.raises(TypeError, match="^actual: expected a real float, integer or boolean"):
+        assert_close(np.array(["1.0"]), np.array([1.0]), check_dtype=False)
+    with pytest.raises(TypeError, match="^expected: expected a real float"):
+        assert_close(np.array([1.0]), np.array([1.0], dtype=object), check_dtype=False)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    ({"atol": np.nan}, "atol"), ({"atol": -1e-9}, "atol"), ({"atol": INF}, "atol"),
+    ({"rtol": np.nan}, "rtol"), ({"rtol": -1.0}, "rtol"), ({"rtol": INF}, "rtol"),
+])
+def test_a_tolerance_that_accepts_everything_is_refused(kwargs, arg):
+    with pytest.raises(ValueError, match=f"^{arg}: expected a finite number >= 0"):
+        assert_close(np.array([1.0]), np.array([5.0]), **kwargs)
+
+
+def test_the_documented_message_is_unchanged():
+    """docs/check-your-implementation.md shows this message for a 0-d loss."""
+    with differs(re.escape("loss: 1 of 1 entries differ; worst at (): np.float64(8.5) vs "
+                           "expected np.float64(8.75) (atol=0.0, rtol=1e-12, scale=8.75)")):
+        assert_close(np.float64(8.5), np.float64(8.75), name="loss")
+
+
+# -- assert_close: the dtypes of tensors, before refmoco widens them -----------------------------
+def test_a_float16_tensor_is_float16_for_check_dtype():
+    torch = pytest.importorskip("torch")
+    with differs("dtype float16 != expected float32"):
+        assert_close(torch.tensor([1.0], dtype=torch.float16), np.float32([1.0]))
+    with differs("dtype bfloat16 != expected float32"):
+        assert_close(torch.tensor([1.0], dtype=torch.bfloat16), np.float32([1.0]))
+    with differs("dtype float32 != expected float16"):
+        assert_close(np.float32([1.0]), torch.tensor([1.0], dtype=torch.float16))
+    assert_close(torch.tensor([1.0], dtype=torch.float16), np.float16([1.0]))
+    assert_close(torch.tensor([1.0], dtype=torch.float16), np.float32([1.0]), check_dtype=False)
+    assert_close(torch.tensor([1.0], dtype=torch.float64), np.float64([1.0]))
+    assert_close(torch.tensor([3, 4]), np.array([3, 4]))
+    with differs(r"1 of 2 entries differ; worst at \(1,\)"):
+        assert_close(torch.tensor([3, 4]), np.array([3, 5]))
+    with pytest.raises(TypeError, match="^actual: complex"):
+        assert_close(torch.tensor([1j]), np.array([1.0]), check_dtype=False)
+
+
+def test_a_bfloat16_jax_array_is_bfloat16_for_check_dtype():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    with differs("dtype bfloat16 != expected float32"):
+        assert_close(jnp.array([1.0], dtype=jnp.bfloat16), np.float32([1.0]))
+    with differs("dtype float16 != expected float32"):
+        assert_close(jnp.array([1.0], dtype=jnp.float16), np.float32([1.0]))
+    assert_close(jnp.array([1.0], dtype=jnp.float32), np.float32([1.0]))
+    bf16 = jnp.array([1.0, 2.0], dtype=jnp.bfloat16)
+    assert_close(bf16, np.asarray(bf16))  # an ml_dtypes NumPy array: same dtype, same values
+    with differs(r"rtol=1.19\d*e-05"):  # compared in float32, with float32's tolerance
+        assert_close(bf16, np.asarray(bf16 * 1.0078125))
+    with differs(r"worst at \(1,\)"):
+        assert_close(bf16, np.asarray(jnp.array([1.0, 3.0], dtype=jnp.bfloat16)))
