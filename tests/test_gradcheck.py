@@ -1,12 +1,14 @@
 """refmoco.testing's oracles never pass a wrong result: ``assert_close`` with infinities, NaN,
-integers, complex numbers and tensors that refmoco widens."""
+integers, complex numbers and tensors that refmoco widens; ``check_grad`` with NaN gradients or
+losses and with arguments that would leave nothing to check."""
 
+import math
 import re
 
 import numpy as np
 import pytest
 
-from refmoco.testing import assert_close, default_tolerance
+from refmoco.testing import assert_close, check_grad, default_tolerance
 
 INF = np.inf
 
@@ -205,3 +207,94 @@ def test_a_bfloat16_jax_array_is_bfloat16_for_check_dtype():
         assert_close(bf16, np.asarray(bf16 * 1.0078125))
     with differs(r"worst at \(1,\)"):
         assert_close(bf16, np.asarray(jnp.array([1.0, 3.0], dtype=jnp.bfloat16)))
+
+
+# -- check_grad ----------------------------------------------------------------------------------
+def square(x):
+    return float(np.sum(x**2)), {"x": 2 * x}
+
+
+def with_grad(g):
+    return lambda x: (float(np.sum(x**2)), {"x": g(x)})
+
+
+X = {"x": np.array([0.5, -1.0, 2.0])}
+
+
+def test_a_right_gradient_passes_and_a_wrong_one_fails():
+    assert check_grad(square, X).max_rel_error < 1e-8
+    with differs("relative errors {'x'"):
+        check_grad(with_grad(lambda x: 2 * x + 1e-3), X)
+
+
+@pytest.mark.parametrize("bad", [np.nan, INF, -INF])
+@pytest.mark.parametrize("mode", ["directional", "elementwise"])
+def test_a_non_finite_gradient_fails(bad, mode):
+    def grad(x):
+        g = 2 * x
+        g[1] = bad
+        return g
+
+    with differs(r"relative errors {'x': inf}"):
+        check_grad(with_grad(grad), X, mode=mode)
+    report = check_grad(with_grad(grad), X, mode=mode, raise_on_failure=False)
+    assert report.max_rel_error == INF and report.errors == {"x": INF}
+
+
+def test_a_non_finite_loss_fails():
+    def nan_loss(x):
+        return math.nan, {"x": 2 * x}
+
+    with differs("a loss of nan at inputs"):
+        check_grad(nan_loss, X)
+    assert check_grad(nan_loss, X, raise_on_failure=False).errors == {"x": INF}
+    with differs("a loss of inf"):
+        check_grad(lambda x: (math.inf, {"x": 2 * x}), X)
+
+
+def test_a_finite_difference_that_is_nan_fails():
+    def nan_off_the_point(x):  # finite at x, NaN at x +- eps v
+        loss = float(np.sum(x**2)) if np.array_equal(x, X["x"]) else math.nan
+        return loss, {"x": 2 * x}
+
+    with differs(r"relative errors {'x': inf}"):
+        check_grad(nan_off_the_point, X)
+
+
+def test_nothing_to_check_is_an_error_not_a_pass():
+    with pytest.raises(ValueError, match="^fun: returned no gradients"):
+        check_grad(lambda x: (float(np.sum(x)), {}), X)
+    with pytest.raises(ValueError, match="^wrt: nothing to check"):
+        check_grad(square, X, wrt=())
+    with pytest.raises(ValueError, match="^num_directions: expected an integer >= 1"):
+        check_grad(square, X, num_directions=0)
+
+
+@pytest.mark.parametrize("kwargs, arg", [
+    ({"rtol": 0.0}, "rtol"), ({"rtol": np.nan}, "rtol"), ({"rtol": INF}, "rtol"),
+    ({"eps": 0.0}, "eps"), ({"eps": -1e-6}, "eps"), ({"eps": np.nan}, "eps"),
+    ({"tiny": INF}, "tiny"), ({"tiny": 0.0}, "tiny"),
+])
+def test_a_setting_that_hides_every_error_is_refused(kwargs, arg):
+    with pytest.raises(ValueError, match=f"^{arg}: expected a finite number > 0"):
+        check_grad(with_grad(lambda x: 2 * x + 1.0), X, **kwargs)
+
+
+def test_wrt_names_one_argument_as_a_string():
+    def two(xy, z):
+        return float(np.sum(xy**2) + np.sum(z**3)), {"xy": 2 * xy, "z": 0 * z}
+
+    inputs = {"xy": np.array([1.0, 2.0]), "z": np.array([1.0])}
+    assert set(check_grad(two, inputs, wrt="xy").errors) == {"xy"}
+    with differs("relative errors {'z'"):
+        check_grad(two, inputs, wrt="z")
+
+
+def test_wrt_must_name_a_float_array_of_the_inputs():
+    def with_t(x, t):
+        return float(np.sum(x**2) / t), {"x": 2 * x / t, "t": -np.sum(x**2) / t**2}
+
+    with pytest.raises(ValueError, match=r"^wrt: 't' is not a float array of inputs"):
+        check_grad(with_t, {"x": X["x"], "t": 0.5})
+    with pytest.raises(ValueError, match=r"^wrt: fun returned no gradient for 'y'"):
+        check_grad(square, X, wrt=("y",))

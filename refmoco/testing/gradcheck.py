@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from .._checks import check_int
 from ..backend import to_numpy
 
 
@@ -198,8 +199,10 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     inputs : dict
         Keyword arguments of ``fun``. Float arrays are copied to float64; other values (labels,
         hyper-parameters) are passed as they are.
-    wrt : iterable of str, optional
-        The arguments to check; default every key of the returned ``grads``.
+    wrt : str or iterable of str, optional
+        The arguments to check (float arrays of ``inputs`` that ``grads`` holds); default every
+        key of the returned ``grads``. Nothing to check (``wrt=()``, or no gradients returned)
+        is a ``ValueError``, not a pass.
     mode : {"directional", "elementwise"}
         ``"directional"`` (JAX's ``check_vjp`` idea): for random tangents :math:`v`, compare
         :math:`\langle \nabla f, v\rangle` with :math:`(f(x + \epsilon v) - f(x - \epsilon v)) /
@@ -208,8 +211,10 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     eps : float
         The finite-difference step.
     rtol : float
-        The largest relative error accepted, measured as
-        ``|analytic - numeric| / max(|analytic| + |numeric|, tiny)``.
+        The largest relative error accepted (> 0), measured as
+        ``|analytic - numeric| / max(|analytic| + |numeric|, tiny)``. A NaN or infinite
+        gradient or finite difference counts as an infinite error, and a loss that is not
+        finite at ``inputs`` fails the check (``max_rel_error`` is ``inf``).
     num_directions : int
         Random directions per argument in ``"directional"`` mode.
     seed : int
@@ -222,6 +227,10 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
         can give it.
     raise_on_failure : bool
         Raise ``AssertionError`` naming the argument whose gradient is wrong.
+
+    ``eps``, ``rtol`` and ``tiny`` must be finite and positive and ``num_directions`` at least
+    1 (a ``ValueError`` naming the argument otherwise): a zero or infinite one would make
+    every error vanish.
 
     Returns
     -------
@@ -240,17 +249,36 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     """
     if mode not in ("directional", "elementwise"):
         raise ValueError(f"mode: expected 'directional' or 'elementwise', got {mode!r}")
+    eps, rtol = _positive(eps, "eps"), _positive(rtol, "rtol")
+    if tiny is not None:
+        tiny = _positive(tiny, "tiny")
+    if mode == "directional":
+        num_directions = check_int(num_directions, "num_directions", minimum=1)
+    if isinstance(wrt, str):
+        wrt = (wrt,)
     x = {name: (np.array(to_numpy(v), dtype=np.float64)
                 if _is_float_array(v) else v) for name, v in inputs.items()}
     f0, grads = _call(fun, x)
-    if tiny is None:
-        tiny = 10 * np.finfo(np.float64).eps * max(abs(f0), 1.0) / eps / rtol
     names = tuple(grads) if wrt is None else tuple(wrt)
-    rng = np.random.default_rng(seed)
-    errors = {}
+    if not names:
+        raise ValueError("wrt: nothing to check (empty)" if wrt is not None else
+                         "fun: returned no gradients, so there is nothing to check")
     for name in names:
         if name not in grads:
             raise ValueError(f"wrt: fun returned no gradient for {name!r}")
+        if name not in x or not isinstance(x[name], np.ndarray):
+            raise ValueError(f"wrt: {name!r} is not a float array of inputs "
+                             f"(inputs: {sorted(inputs)})")
+    if not math.isfinite(f0):
+        if raise_on_failure:
+            raise AssertionError(f"gradient check failed: fun returned a loss of {f0!r} at "
+                                 "inputs; its gradients cannot be checked there")
+        return GradCheck(math.inf, dict.fromkeys(names, math.inf))
+    if tiny is None:
+        tiny = 10 * float(np.finfo(np.float64).eps) * max(abs(f0), 1.0) / eps / rtol
+    rng = np.random.default_rng(seed)
+    errors = {}
+    for name in names:
         g = np.asarray(to_numpy(grads[name]), dtype=np.float64)
         if g.shape != x[name].shape:
             raise AssertionError(f"grads[{name!r}]: shape {g.shape} != input {x[name].shape}")
@@ -261,14 +289,20 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
         worst = 0.0
         for v in directions:
             numeric = _central_difference(fun, x, name, v, eps)
-            analytic = float(np.sum(g * v))
-            worst = max(worst, abs(analytic - numeric) / max(abs(analytic) + abs(numeric), tiny))
+            with np.errstate(invalid="ignore", over="ignore"):  # inf * 0: NaN, a failure
+                analytic = float(np.sum(g * v))
+            err = abs(analytic - numeric) / max(abs(analytic) + abs(numeric), tiny)
+            worst = max(worst, err if err == err else math.inf)  # NaN: a failure, not a pass
         errors[name] = worst
-    result = GradCheck(max(errors.values(), default=0.0), errors)
+    result = GradCheck(max(errors.values()), errors)
     if raise_on_failure and result.max_rel_error > rtol:
         bad = {k: v for k, v in errors.items() if v > rtol}
         raise AssertionError(f"gradient check failed (rtol={rtol}): relative errors {bad}")
     return result
+
+
+def _positive(value, arg: str) -> float:
+    return _tolerance_arg(value, arg, positive=True)
 
 
 def _is_float_array(v: Any) -> bool:
