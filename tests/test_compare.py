@@ -213,6 +213,60 @@ def test_queue_semantics_are_told_apart():
     assert official.difference.detail.startswith("raised")  # MoCo's K % N (N = 0 included)
 
 
+def wrong_gradient_of_q(q, k, queue):
+    """MoCo's loss with the right value but half of the gradient w.r.t. q (the negatives' part
+    detached)."""
+    k, queue = k.detach(), queue.detach()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q.detach() @ queue.T], dim=1) / T
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
+
+
+@pytest.mark.parametrize("wrt", [("Q",), ("negatives",), ("q", "negatives"), "queues"])
+def test_wrt_naming_an_argument_the_reference_lacks_is_an_error(wrt):
+    with pytest.raises(ValueError, match=r"^wrt: .* not among the arguments of 'moco': "
+                                         r"\['q', 'k', 'queue'\]"):
+        compare_loss_and_grad(wrong_gradient_of_q, "moco", wrt=wrt, temperature=T, **BUDGET)
+
+
+@pytest.mark.parametrize("wrt", ["q", ("q",), ("q", "queue"), None])
+def test_wrt_checks_the_gradients_it_names(wrt):
+    report = compare_loss_and_grad(wrong_gradient_of_q, "moco", wrt=wrt, temperature=T,
+                                   **BUDGET)
+    assert report.difference.what == "gradient w.r.t. 'q'"
+    assert compare_loss_and_grad(wrong_gradient_of_q, "moco", wrt=("k", "queue"),
+                                 temperature=T, **BUDGET).ok  # their gradients are none
+
+
+def test_wrt_naming_a_label_argument_is_an_error():
+    def contrastive(x1, x2, y):
+        return F.pairwise_distance(x1, x2, eps=0).mean() + 0 * y.sum()
+
+    with pytest.raises(ValueError, match=r"^wrt: 'y' is not a float argument of "
+                                         r"'contrastive' \(dtype int64\)"):
+        compare_loss_and_grad(contrastive, "contrastive", wrt=("x1", "y"), **BUDGET)
+
+
+def test_compare_arguments_that_would_hide_a_difference_are_refused():
+    strategy = info_nce_inputs("queue").map(lambda d: {"q": d["q"], "k": d["k"]})
+
+    def reference(q, k):
+        return refmoco.LossOutput(np.mean(np.sum(q * k, 1)), {"q": k / len(q), "k": q / len(q)})
+
+    def user(q, k):
+        return (q * k.detach()).sum(1).mean()
+
+    with pytest.raises(ValueError, match=r"^stop_gradient: \['key'\] not among args"):
+        compare_loss_and_grad(user, reference, inputs=strategy, args=("q", "k"),
+                              stop_gradient=("key",), **BUDGET)
+    report = compare_loss_and_grad(user, reference, inputs=strategy, args=("q", "k"),
+                                   stop_gradient="k", **BUDGET)
+    assert report.ok  # "k" is one name, not the letters of one
+    for bad in (float("nan"), float("inf"), -1e-3):
+        with pytest.raises(ValueError, match="^rtol: expected a finite number >= 0"):
+            compare_loss(lambda q, k, queue: moco_loss(q, k, queue, temperature=1.0), "moco",
+                         framework="torch", temperature=T, rtol=bad, **BUDGET)
+
+
 def test_numpy_and_callable_references():
     def info_nce_numpy(q, k, negatives):
         out = refmoco.info_nce_loss(q, k, negatives, temperature=0.5)

@@ -27,6 +27,11 @@ def _raised(exc: Exception) -> str:
     return f"raised {type(exc).__name__}: {exc}"
 
 
+class _UsageError(ValueError):
+    """A wrong argument of a ``compare_*`` call found on a drawn input: raised to the caller,
+    never reported as a difference of the user's code."""
+
+
 # -- interop ------------------------------------------------------------------------------------
 def to_framework(x, framework: str, *, requires_grad: bool = False):
     """A NumPy array as a fresh ``framework`` array (a copy: the user's code may write to it)."""
@@ -142,6 +147,8 @@ def _search(name, strategy, check, *, max_examples, seed, raise_on_failure) -> C
     def safe(example):
         try:
             return check(example)
+        except _UsageError:  # the call to compare_* is wrong, not the user's code
+            raise
         except Exception as exc:  # the user's code raised: that is a difference too
             return Difference("the call", _raised(exc))
 
@@ -149,7 +156,10 @@ def _search(name, strategy, check, *, max_examples, seed, raise_on_failure) -> C
         count[0] += 1
         return safe(example) is not None
 
-    smallest = find_failure(strategy, fails, max_examples=max_examples, seed=seed)
+    try:
+        smallest = find_failure(strategy, fails, max_examples=max_examples, seed=seed)
+    except _UsageError as exc:
+        raise ValueError(str(exc)) from None
     report = ComparisonReport(name, count[0])
     if smallest is not None:
         report = ComparisonReport(name, count[0], safe(smallest), smallest)
@@ -170,7 +180,26 @@ def _differs(what, actual, expected, dtype, rtol) -> Difference | None:
 
 
 def _rtol(rtol, dtype):
-    return rtol if rtol is not None else (1e-10 if np.dtype(dtype) == np.float64 else 1e-4)
+    if rtol is None:
+        return 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)):
+        raise TypeError(f"rtol: expected a number, got {rtol!r}")
+    if not np.isfinite(rtol) or rtol < 0:  # NaN or inf would accept any difference
+        raise ValueError(f"rtol: expected a finite number >= 0, got {rtol!r}")
+    return float(rtol)
+
+
+def _check_wrt(wrt, ref) -> tuple | None:
+    """``wrt=`` as a tuple of the reference's argument names (a single name may be a str);
+    a name it does not take is a ValueError, never a silently skipped gradient."""
+    if wrt is None:
+        return None
+    wrt = (wrt,) if isinstance(wrt, str) else tuple(wrt)
+    unknown = [w for w in wrt if w not in ref.args]
+    if unknown:
+        raise ValueError(f"wrt: {unknown} not among the arguments of {ref.name!r}: "
+                         f"{list(ref.args)}")
+    return wrt
 
 
 # -- losses -------------------------------------------------------------------------------------
@@ -219,7 +248,8 @@ def compare_loss(user_fn: Callable, reference: str | Callable = "info_nce", *, i
     framework : {"numpy", "torch", "jax"}
     dtype : {"float64", "float32"}
     rtol : float, optional
-        Default 1e-10 in float64, 1e-4 in float32 (two implementations round differently).
+        Default 1e-10 in float64, 1e-4 in float32 (two implementations round differently); a
+        finite number >= 0.
     max_examples, seed : int
         Hypothesis' budget of generated inputs, and the seed of its choices.
     raise_on_failure : bool
@@ -257,18 +287,32 @@ def compare_loss_and_grad(user_fn: Callable, reference: str | Callable = "info_n
     ``user_fn`` is as in :func:`compare_loss`; with ``framework="torch"`` its gradients come from
     ``torch.autograd.grad``, with ``"jax"`` from ``jax.value_and_grad``, and with ``"numpy"`` it
     returns ``(loss, grads)``, ``grads`` a dict by argument name. ``wrt`` (default: every float
-    argument) names the gradients checked; an argument under a stop-gradient in the reference
-    (MoCo's keys and queue; ``stop_gradient=`` for a callable reference) must receive **none**.
+    argument; a str is one name) names the gradients checked: a name the reference does not
+    take (``"negatives"`` for ``"moco"``, whose argument is ``"queue"``), or an argument that
+    is not a float array (labels), is a ``ValueError``, never a gradient silently left
+    unchecked; ``wrt=()`` compares the loss only. An argument under a stop-gradient in the
+    reference (MoCo's keys and queue; ``stop_gradient=`` for a callable reference, names of
+    ``args``) must receive **none**.
     The other parameters are those of :func:`compare_loss`. ``difference.what`` is ``"loss"`` or
     ``"gradient w.r.t. 'name'"``.
     """
+    if isinstance(stop_gradient, str):
+        stop_gradient = (stop_gradient,)
     ref = resolve_reference(reference, inputs, args, stop_gradient)
     rtol = _rtol(rtol, dtype)
+    wrt = _check_wrt(wrt, ref)
+    unknown = [a for a in ref.stop_gradient if a not in ref.args]
+    if unknown:
+        raise ValueError(f"stop_gradient: {unknown} not among args {list(ref.args)}")
 
     def check(ex):
+        for a in wrt or ():  # named explicitly: a gradient is expected (None: optional, absent)
+            if ex.get(a) is not None and not _is_float(ex[a]):
+                raise _UsageError(f"wrt: {a!r} is not a float argument of {ref.name!r} "
+                                  f"(dtype {np.asarray(ex[a]).dtype}): it has no gradient")
         expected = ref.fn(**ex, **params)
         names = [a for a in ref.args if wrt is None or a in wrt]
-        names = [a for a in names if ex[a] is not None and np.asarray(ex[a]).dtype.kind == "f"]
+        names = [a for a in names if ex[a] is not None and _is_float(ex[a])]
         loss, grads = _value_and_grads(user_fn, [ex[a] for a in ref.args], ref.args, names,
                                        framework)
         diff = _differs("loss", loss, expected.loss, dtype, rtol)
@@ -287,6 +331,10 @@ def compare_loss_and_grad(user_fn: Callable, reference: str | Callable = "info_n
 
     return _search(ref.name, ref.inputs(dtype, params), check, max_examples=max_examples,
                    seed=seed, raise_on_failure=raise_on_failure)
+
+
+def _is_float(x) -> bool:
+    return np.asarray(x).dtype.kind == "f"
 
 
 # -- state: the queue, the momentum update, a whole MoCo step -----------------------------------
