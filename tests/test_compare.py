@@ -261,6 +261,9 @@ def test_compare_arguments_that_would_hide_a_difference_are_refused():
     report = compare_loss_and_grad(user, reference, inputs=strategy, args=("q", "k"),
                                    stop_gradient="k", **BUDGET)
     assert report.ok  # "k" is one name, not the letters of one
+    for extra in (dict(stop_gradient=("q",)), dict(inputs=strategy), dict(args=("q", "k"))):
+        with pytest.raises(ValueError, match="only for a callable reference"):  # not ignored
+            compare_loss_and_grad(user, "moco", temperature=T, **extra, **BUDGET)
     for bad in (float("nan"), float("inf"), -1e-3):
         with pytest.raises(ValueError, match="^rtol: expected a finite number >= 0"):
             compare_loss(lambda q, k, queue: moco_loss(q, k, queue, temperature=1.0), "moco",

@@ -138,6 +138,11 @@ def resolve_reference(reference, inputs=None, args=None, stop_gradient=None) -> 
     """A :class:`Reference` from a name of :data:`REFERENCES`, or from a loss function with the
     strategy of its ``inputs`` (dicts of keyword arguments) and the order of its ``args``."""
     if isinstance(reference, str):
+        given = [n for n, v in (("inputs", inputs), ("args", args),
+                                ("stop_gradient", stop_gradient)) if v is not None]
+        if given:  # they would be ignored: a named reference brings its own
+            raise ValueError(f"{', '.join(given)}: only for a callable reference; "
+                             f"{reference!r} brings its own")
         if reference not in REFERENCES:
             raise ValueError(f"reference: expected one of {sorted(REFERENCES)} or a callable, "
                              f"got {reference!r}")

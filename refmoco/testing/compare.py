@@ -241,7 +241,7 @@ def compare_loss(user_fn: Callable, reference: str | Callable = "info_nce", *, i
         For a callable ``reference`` only: draws dicts of its keyword arguments, NumPy arrays
         in the dtype you want compared (they reach ``user_fn`` as ``framework`` arrays, and
         ``dtype`` then only sets the default ``rtol``). A named reference brings its own
-        inputs, and this is ignored.
+        inputs: passing these with it is a ``ValueError``.
     args : sequence of str, optional
         For a callable ``reference`` only: the keys of those dicts that ``user_fn`` receives,
         positionally, in this order.

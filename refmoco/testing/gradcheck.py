@@ -228,14 +228,16 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     raise_on_failure : bool
         Raise ``AssertionError`` naming the argument whose gradient is wrong.
 
-    ``eps``, ``rtol`` and ``tiny`` must be finite and positive and ``num_directions`` at least
-    1 (a ``ValueError`` naming the argument otherwise): a zero or infinite one would make
-    every error vanish.
-
     Returns
     -------
     GradCheck
         ``max_rel_error`` and the worst error per argument.
+
+    Raises
+    ------
+    ValueError
+        ``eps``, ``rtol`` or ``tiny`` not finite and positive, ``num_directions`` below 1 (a
+        zero or infinite one would make every error vanish), or nothing to check.
 
     Examples
     --------
