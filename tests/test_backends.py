@@ -118,6 +118,35 @@ def test_fused_kernel_on_a_moco_sized_problem(dtype):
         assert_same(out, ref, dtype, *info_nce_scales(q, k, queue, 0.07, reduction))
 
 
+@pytest.mark.parametrize("n, size, t", [(1, 600_000, 1.0), (8, 600_000, 100.0),
+                                         (1, 2_000_000, 0.2)])
+def test_long_queues_and_few_queries_keep_float32_accuracy(n, size, t):
+    """A sum of 10^5 to 10^6 exponentials per query, in float32, against the float64 result:
+    summed in chunks, blocks and the whole queue, the kernel stays within a few dozen ulps (one
+    chain of K additions lost up to 2e-4 of the loss and 6e-3 of dq here)."""
+    rng = np.random.default_rng(8)
+    q, k, queue = (unit_rows(rng.standard_normal(s)) for s in ((n, 2), (n, 2), (size, 2)))
+    exact = refmoco.info_nce_loss(q, k, queue, temperature=t, wrt=("q",))  # float64
+    f32 = [a.astype(np.float32) for a in (q, k, queue)]
+    out = refmoco.info_nce_loss(*f32, temperature=t, wrt=("q",), backend="numba")
+    eps = np.finfo(np.float32).eps
+    assert abs(float(out.loss) - float(exact.loss)) <= 16 * eps * abs(float(exact.loss))
+    scale = np.abs(exact.grads["q"]).max()
+    assert np.abs(out.grads["q"] - exact.grads["q"]).max() <= 64 * eps * scale
+
+
+def test_a_positive_far_above_its_negatives_keeps_its_small_loss():
+    """The loss is (m - l_pos) + log(sum), not (m + log(sum)) - l_pos: when the positive is the
+    maximum the first form is exact, the second cancels to 0 (float32: 3.06e-6 became 0.0)."""
+    q = k = np.array([[1.0, 0.0]], np.float32)
+    queue = np.tile(np.array([0.85, np.sqrt(1 - 0.85**2)], np.float32), (10, 1))
+    exact = np.log1p(10 * np.exp((queue[0, 0].astype(np.float64) - 1.0) / 0.01))  # 3.06e-6
+    for backend in ("numpy", "numba"):
+        out = refmoco.info_nce_loss(q, k, queue, temperature=0.01, backend=backend)
+        # the sum 1 + 3.06e-6 is rounded in float32: within an ulp of 1 of the exact loss
+        assert abs(float(out.loss) - exact) <= np.finfo(np.float32).eps, backend
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_tiny_temperature_and_large_norms_stay_finite(dtype):
     rng = np.random.default_rng(1)

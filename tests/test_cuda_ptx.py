@@ -66,11 +66,10 @@ def _compiled(py_func, sig):
 
 
 def xent_args(dtype, n=3, k=5):
-    """What ``info_nce_queue`` passes to the row kernel: l_pos, l_neg, 1/T, the gradient scale,
-    the losses and want_grad."""
+    """What ``info_nce_queue`` passes to the row kernel: l_pos, l_neg (divided by T already),
+    the gradient scale, the losses and want_grad."""
     t = np.dtype(dtype).type
-    return (np.zeros(n, dtype), np.zeros((n, k), dtype), t(1 / 0.07), t(1.0), np.zeros(n, dtype),
-            True)
+    return (np.zeros(n, dtype), np.zeros((n, k), dtype), t(1.0), np.zeros(n, dtype), True)
 
 
 def lerp_args(dtype, size=7):

@@ -1,9 +1,10 @@
 r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
 
 - :func:`info_nce_queue`: InfoNCE with a shared queue. cuBLAS (through CuPy) computes the logits
-  ``q @ queue.T`` and the gradients' matrix products; one kernel does the softmax cross-entropy
-  of every row, forward and backward, in place over the logits (one block per query: a max and
-  a sum reduction in shared memory, then the loss and ``(softmax - onehot) * scale / T``). The
+  ``(q / T) @ queue.T`` (1/T applied to q, as the reference does) and the gradients' matrix
+  products; one kernel does the softmax cross-entropy of every row, forward and backward, in
+  place over the logits (one block per query: a max and a sum reduction in shared memory, then
+  the loss ``(max - l_pos) + log(sum)`` and ``(softmax - onehot) * scale / T``). The
   positive logit is kept in its own ``(N,)`` array: ``[l_pos, l_neg]`` is never concatenated.
 - :func:`momentum_update`: ``target = m * target + (1 - m) * source``, one grid-stride pass,
   bitwise the reference: its products and sum are libdevice's round-to-nearest operations, which
@@ -70,18 +71,18 @@ def _xent_kernel(dtype):
     """The row-wise softmax cross-entropy kernel for one float dtype (shared arrays need it)."""
     nb_dtype = numba.from_dtype(np.dtype(dtype))
 
-    def xent_rows(l_pos, l_neg, inv_t, g, losses, want_grad):
-        """Row r of the logits is ``[l_pos[r], l_neg[r, :]] * inv_t``, target 0. Writes
-        ``losses[r]`` and, if ``want_grad``, overwrites ``l_pos``/``l_neg`` with
+    def xent_rows(l_pos, l_neg, g, losses, want_grad):
+        """Row r of the logits (already divided by T) is ``[l_pos[r], l_neg[r, :]]``, target 0.
+        Writes ``losses[r]`` and, if ``want_grad``, overwrites ``l_pos``/``l_neg`` with
         ``(softmax - onehot) * g``."""
         sh = cuda.shared.array(THREADS, nb_dtype)
         tid = cuda.threadIdx.x
         for r in range(cuda.blockIdx.x, l_neg.shape[0], cuda.gridDim.x):
-            x0 = l_pos[r] * inv_t
+            x0 = l_pos[r]
             # 1. the row maximum
             mx = x0
             for j in range(tid, l_neg.shape[1], THREADS):
-                v = l_neg[r, j] * inv_t
+                v = l_neg[r, j]
                 mx = v if v > mx else mx
             sh[tid] = mx
             cuda.syncthreads()
@@ -96,7 +97,7 @@ def _xent_kernel(dtype):
             # 2. the sum of exp(x - max); thread 0 adds the positive
             total = math.exp(x0 - mx) if tid == 0 else nb_dtype(0.0)
             for j in range(tid, l_neg.shape[1], THREADS):
-                total += math.exp(l_neg[r, j] * inv_t - mx)
+                total += math.exp(l_neg[r, j] - mx)
             sh[tid] = total
             cuda.syncthreads()
             step = THREADS // 2
@@ -105,16 +106,18 @@ def _xent_kernel(dtype):
                     sh[tid] += sh[tid + step]
                 cuda.syncthreads()
                 step //= 2
-            lse = mx + math.log(sh[0])
+            log_s = math.log(sh[0])
+            lse = mx + log_s
             cuda.syncthreads()  # everyone has read sh[0] and l_pos[r]
-            # 3. the loss and the gradient of the logits
+            # 3. the loss ((m - l_pos) first: exact when the positive is the maximum) and the
+            # gradient of the logits
             if tid == 0:
-                losses[r] = lse - x0
+                losses[r] = (mx - x0) + log_s
                 if want_grad:
                     l_pos[r] = (math.exp(x0 - lse) - nb_dtype(1.0)) * g
             if want_grad:
                 for j in range(tid, l_neg.shape[1], THREADS):
-                    l_neg[r, j] = math.exp(l_neg[r, j] * inv_t - lse) * g
+                    l_neg[r, j] = math.exp(l_neg[r, j] - lse) * g
 
     return cuda_jit(xent_rows)
 
@@ -129,13 +132,13 @@ def info_nce_queue(q, k, queue, temperature, reduction, wrt):
     n = q.shape[0]
     inv_t = dtype.type(1.0 / temperature)
     scale = dtype.type((1.0 / n if n else 0.0) if reduction == "mean" else 1.0)
-    l_pos = (q * k).sum(axis=1)  # (N,), q_i . k_i
-    l_neg = xp.ascontiguousarray(q @ queue.T)  # (N, K), cuBLAS
+    l_pos = (q * k).sum(axis=1) * inv_t  # (N,), q_i . k_i / T
+    l_neg = xp.ascontiguousarray((q * inv_t) @ queue.T)  # (N, K), cuBLAS; q / T as the reference
     losses = xp.empty(n, dtype)
     want_grad = bool(wrt)
     if n:
         blocks = min(n, MAX_BLOCKS)
-        _launch(_xent_kernel(dtype.type), blocks, l_pos, l_neg, inv_t, scale * inv_t, losses,
+        _launch(_xent_kernel(dtype.type), blocks, l_pos, l_neg, scale * inv_t, losses,
                 want_grad)
     grads = {}
     dpos, dneg = l_pos[:, None], l_neg  # now the gradients of the logits, (N, 1) and (N, K)
