@@ -301,8 +301,7 @@ def _plot_staircase(m: dict, config, path: str) -> None:
     plt = _pyplot()
     if plt is None:
         return
-    window = config.steps_per_level * len(config.mis) / max(len(m["curve"]), 1)
-    steps = [(i + 0.5) * window for i in range(len(m["curve"]))]
+    steps = [r["step"] for r in m["curve"]]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     ax = axes[0]
     ax.plot(steps, [r["estimate"] for r in m["curve"]], label="InfoNCE estimate ln N - L (train)")
@@ -310,7 +309,7 @@ def _plot_staircase(m: dict, config, path: str) -> None:
     ax.axhline(m["ceiling"], ls="--", c="r", label=f"ln {config.batch_size} = {m['ceiling']:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("nats")
-    ax.set_title("Poole et al. Fig. 2: InfoNCE, separable critic, batch 64")
+    ax.set_title(f"Poole et al. Fig. 2: InfoNCE, separable critic, batch {config.batch_size}")
     ax.legend(loc="upper left", fontsize=8)
     ax = axes[1]
     mis = [lv["true_mi"] for lv in m["levels"]]

@@ -175,8 +175,9 @@ def key_encoder_drift(key_params, query_params) -> DriftReport:
     Parameters
     ----------
     key_params, query_params : dict or list of arrays
-        The two encoders' parameters, with the same names (or order) and shapes; PyTorch
-        tensors are read through DLPack.
+        The two encoders' parameters, with the same names (dicts, matched by name in any order)
+        or the same length (lists, matched by position) and shapes; PyTorch tensors are read
+        through DLPack.
 
     Returns
     -------
@@ -200,7 +201,7 @@ def key_encoder_drift(key_params, query_params) -> DriftReport:
     names = list(key_params) if isinstance(key_params, dict) else list(range(len(key_params)))
     other = list(query_params) if isinstance(query_params, dict) else list(range(len(
         query_params)))
-    if names != other:
+    if (set(names) != set(other)) if isinstance(key_params, dict) else names != other:
         raise ValueError("query_params: expected the names (or length) of key_params")
     num = den = 0.0
     per_param = {}

@@ -178,8 +178,10 @@ class MIConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("dim", "steps_per_level", "batch_size", "hidden", "embed_dim", "moco_steps"):
+        for name in ("dim", "batch_size", "hidden", "embed_dim"):
             check_int(getattr(self, name), name, minimum=1)
+        for name in ("steps_per_level", "moco_steps"):  # the drift compares two quarters
+            check_int(getattr(self, name), name, minimum=2)
         check_int(self.eval_batches, "eval_batches", minimum=2)
         check_positive(self.lr, "lr")
         check_unit_interval(self.moco_momentum, "moco_momentum")
@@ -223,7 +225,8 @@ def run_infonce_staircase(config: MIConfig = MIConfig(), on_step: Callable | Non
         :math:`\ln N - L` over ``eval_batches`` fresh batches after the level's training, with
         its standard error ``estimate_se``) and the training summary (mean of the last two
         quarters, their difference ``train_drift``, the largest batch estimate ``train_max``);
-        ``curve``: the training estimate averaged over windows of 50 steps; ``ceiling``:
+        ``curve``: the training estimate averaged over windows of 50 steps (a level's last,
+        incomplete window is left out), each with its ``step`` (the window's centre); ``ceiling``:
         :math:`\ln N`.
     """
     rng = np.random.default_rng(config.seed)
@@ -232,7 +235,7 @@ def run_infonce_staircase(config: MIConfig = MIConfig(), on_step: Callable | Non
     opt = Adam(lr=config.lr)
     log_n = math.log(config.batch_size)
     levels, curve = [], []
-    for mi in config.mis:
+    for level, mi in enumerate(config.mis):
         rho = rho_for_mi(mi, config.dim)
         estimates = []
         for step in range(config.steps_per_level):
@@ -254,7 +257,9 @@ def run_infonce_staircase(config: MIConfig = MIConfig(), on_step: Callable | Non
                        "optimal_critic": best, "optimal_critic_se": best_se,
                        "estimate_se": float(np.std(evals, ddof=1) / math.sqrt(len(evals))),
                        **_summary(estimates, log_n)})  # fmt: skip
-        curve += [{"true_mi": mi, "estimate": e} for e in _window_means(estimates, 50)]
+        start = level * config.steps_per_level  # the windows' centres, counted from step 0
+        curve += [{"true_mi": mi, "estimate": e, "step": start + 50 * i + 25}
+                  for i, e in enumerate(_window_means(estimates, 50))]
     return {"ceiling": log_n, "levels": levels, "curve": curve}
 
 

@@ -348,6 +348,8 @@ def test_key_encoder_drift_is_the_relative_distance():
     assert math.isclose(report.per_param["a"], 2.0) and report.per_param["b"] == 1.0
     with pytest.raises(ValueError, match="names"):
         key_encoder_drift(key, {"a": query["a"]})
+    reordered = key_encoder_drift(key, {"b": query["b"], "a": query["a"]})  # matched by name
+    assert reordered.relative == report.relative and reordered.per_param == report.per_param
 
 
 @pytest.mark.parametrize("module", [refmoco.testing.compare, refmoco.testing.strategies,

@@ -235,6 +235,17 @@ def test_pml_ntxent_loss_has_one_term_per_positive_pair(batch, temperature):
     close(result.loss, np.float64(pml_ntxent_loop(x, labels, temperature)))
 
 
+def test_pml_wrt_names_are_checked_and_one_name_may_be_a_string():
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    labels = np.array([0, 0, 1, 1])
+    for loss in (pml.ntxent_loss, pml.contrastive_loss):
+        one = loss(x, labels, wrt="embeddings")  # one name, not its letters
+        assert set(one.grads) == {"embeddings"}
+        for bad in (("foo",), ("ref_emb",)):  # no ref_emb was given
+            with pytest.raises(ValueError, match="wrt"):
+                loss(x, labels, wrt=bad)
+
+
 @given(st.integers(1, 6).flatmap(lambda size: st.tuples(
     st.just(size), st.lists(labelled_batches(n=(1, size), dim=2, num_classes=2),
                             min_size=1, max_size=4))))

@@ -134,6 +134,14 @@ def test_optimal_critic_is_tight_for_small_mi_and_capped_for_large(rng):
 TINY = dict(dim=4, hidden=16, embed_dim=8, batch_size=8, eval_batches=60, lr=3e-3)
 
 
+def test_the_training_curve_knows_the_step_of_each_window():
+    """Windows of 50 steps; a level's incomplete last window is dropped, so the points of the
+    second level start at 120 + 25, not where an even spacing would put them."""
+    m = run_infonce_staircase(config_from(mis=[0.0, 1.0], steps_per_level=120, **TINY))
+    assert [r["step"] for r in m["curve"]] == [25, 75, 145, 195]
+    assert [r["true_mi"] for r in m["curve"]] == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_staircase_stays_below_ln_n_and_below_zero_without_information():
     cfg = config_from(mis=[0.0, 6.0], steps_per_level=150, **TINY)
     m = run_infonce_staircase(cfg)
@@ -189,7 +197,8 @@ def test_cli_runs_one_experiment_alone(tmp_path):
     ("overrides", "name"),
     [({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"), ({"mis": [2.0, -1.0]}, "mi"),
      ({"queue_sizes": [0]}, "queue_sizes"), ({"moco_momentum": 1.5}, "moco_momentum"),
-     ({"eval_batches": 1}, "eval_batches"), ({"dtype": "int32"}, "dtype")],
+     ({"eval_batches": 1}, "eval_batches"), ({"dtype": "int32"}, "dtype"),
+     ({"steps_per_level": 1}, "steps_per_level"), ({"moco_steps": 1}, "moco_steps")],
 )  # fmt: skip
 def test_bad_config_names_the_argument(overrides, name):
     with pytest.raises(ValueError, match=name):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import check_int, check_positive, check_same_dtype
+from .._checks import check_int, check_positive, check_same_dtype, check_wrt
 from ..backend import as_array, float_array, to_numpy
 from ..losses import LossOutput, l2_normalize
 
@@ -85,7 +85,7 @@ def _finish(dtype, loss, dq, dr, back_q, back_r, same, wrt):
         grads = {"embeddings": back_q(dq + dr)}
     else:
         grads = {"embeddings": back_q(dq), "ref_emb": back_r(dr)}
-    names = tuple(grads) if wrt is None else tuple(wrt)
+    names = check_wrt(wrt, tuple(grads))  # "ref_emb" only when it was given
     return LossOutput(np.asarray(loss, dtype=dtype), {w: grads[w] for w in names})
 
 
