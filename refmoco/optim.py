@@ -97,9 +97,10 @@ class SGD:
         Requires ``momentum > 0`` and ``dampening == 0`` (as PyTorch).
     backend : {None, "numpy", "numba", "cupy"}
         ``None``: the arrays' own (``"cupy"`` for CuPy arrays, else ``"numpy"``). ``"numba"``
-        fuses the step into one Numba kernel pass over NumPy arrays; ``"cupy"`` runs the
-        reference update on CuPy arrays. A named backend must fit the arrays of every step
-        (else a ``TypeError``).
+        fuses the step into one Numba kernel pass over float32 or float64 NumPy arrays (bitwise
+        the reference's update; any memory layout, through contiguous copies), and runs the
+        reference update for other dtypes; ``"cupy"`` runs the reference update on CuPy arrays.
+        A named backend must fit the arrays of every step (else a ``TypeError``).
 
     Attributes
     ----------
@@ -164,6 +165,17 @@ class SGD:
             f"dampening={self.dampening}, nesterov={self.nesterov})"
         )
 
+    def _kernel_fits(self, p: Any) -> bool:
+        """Whether the Numba kernel computes the reference's step on ``p`` (and its gradient,
+        of the same dtype): a writeable float32 or float64 array, and momentum and weight decay
+        that stay nonzero in that dtype. The reference decides "momentum != 0" on the Python
+        float; the kernel on its value in ``p``'s dtype (float32(1e-50) == 0): where the two
+        disagree, or for float16, longdouble and read-only arrays, the reference runs."""
+        dtype = p.dtype
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)) or not p.flags.writeable:
+            return False
+        return all(bool(v) == bool(dtype.type(v)) for v in (self.momentum, self.weight_decay))
+
     def step(self, params: Any, grads: Any, lr: float | None = None) -> None:
         """Update ``params`` in place from ``grads``.
 
@@ -195,13 +207,21 @@ class SGD:
                 f"params: shape {p.shape} {p.dtype} does not match the momentum buffer "
                 f"{buf.shape} {buf.dtype}"
             )
-        if self.backend == "numba":  # one fused pass over the flat buffers
+        if self.backend == "numba" and self._kernel_fits(p):  # one fused pass over the buffers
+            kernels = resolve("numba", p).kernels
             first = buf is None  # PyTorch: the first momentum buffer is the gradient itself
-            if self.momentum and first:
-                buf = self.momentum_buffer = np.empty_like(p)
-            resolve("numba", p).kernels.sgd_step(
-                p, g, buf, lr, self.momentum, self.dampening, self.weight_decay, self.nesterov,
-                first_step=first)
+            if self.momentum and first:  # C order, as the reference's d.copy(); all written
+                buf = self.momentum_buffer = np.empty(p.shape, p.dtype)
+            # the kernel takes C-contiguous buffers: other layouts go through copies (bitwise
+            # the same update, element by element)
+            pc, gc = (a if a.flags.c_contiguous else a.copy() for a in (p, g))
+            bc = None if not self.momentum else buf if buf.flags.c_contiguous else buf.copy()
+            kernels.sgd_step(pc, gc, bc, lr, self.momentum, self.dampening, self.weight_decay,
+                             self.nesterov, first_step=first)
+            if pc is not p:
+                p[...] = pc
+            if bc is not None and bc is not buf:
+                buf[...] = bc
             self.step_count += 1
             return
         d = g + self.weight_decay * p if self.weight_decay else g  # d_t

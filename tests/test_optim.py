@@ -143,3 +143,132 @@ def test_cosine_lr_validation():
                        ((1, 10, -0.1), "base_lr"), ((1, 10, 0.1, -1.0), "final_lr")]:  # fmt: skip
         with pytest.raises(ValueError, match=name):
             cosine_lr(*args)
+
+
+# -- backend="numba": what the reference accepts, with the reference's results -------------------
+
+SGD_SETTINGS = [
+    {},
+    {"momentum": 0.9},
+    {"momentum": 0.9, "weight_decay": 0.1, "dampening": 0.5},
+    {"momentum": 0.9, "weight_decay": 1e-3, "nesterov": True},
+]
+
+
+def _sgd_both(p0, grads, **hyper):
+    """The same steps with backend="numpy" and "numba" on copies of ``p0`` (an array, or a
+    function that makes a fresh one: a view keeps its strides)."""
+    out = {}
+    for backend in ("numpy", "numba"):
+        p = p0() if callable(p0) else p0.copy(order="K")
+        opt = SGD(0.1, backend=backend, **hyper)
+        for g in grads:
+            opt.step(p, g)
+        out[backend] = p, opt
+    return out
+
+
+def _assert_same_sgd(out):
+    (p_ref, ref), (p, ours) = out["numpy"], out["numba"]
+    assert p.dtype == p_ref.dtype
+    np.testing.assert_array_equal(p, p_ref)
+    assert ours.step_count == ref.step_count
+    if ref.momentum_buffer is None:
+        assert ours.momentum_buffer is None
+    else:
+        buf, want = ours.momentum_buffer, ref.momentum_buffer
+        assert buf.dtype == want.dtype and buf.shape == want.shape
+        np.testing.assert_array_equal(buf, want)
+        np.testing.assert_array_equal(ours.state_dict()["momentum_buffer"],
+                                      ref.state_dict()["momentum_buffer"])
+
+
+@pytest.mark.parametrize("hyper", SGD_SETTINGS)
+@pytest.mark.parametrize("dtype", [np.float16, np.longdouble])
+def test_numba_sgd_in_other_dtypes_is_the_reference(dtype, hyper):
+    """float16 and longdouble parameters (which the kernel does not compute in): the reference's
+    update, bitwise, instead of a TypeError."""
+    rng = np.random.default_rng(1)
+    p0 = rng.standard_normal(9).astype(dtype)
+    grads = [rng.standard_normal(9).astype(dtype) for _ in range(3)]
+    _assert_same_sgd(_sgd_both(p0, grads, **hyper))
+
+
+def _layouts():
+    """(name, params, grads): strided views and Fortran-order 2-d arrays, as NumPy takes them."""
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float64):
+        base = rng.standard_normal((6, 2)).astype(dtype)
+        grads = [rng.standard_normal((6, 2)).astype(dtype) for _ in range(3)]
+        yield (f"{dtype.__name__} strided params", lambda b=base: b.copy()[:, 0],
+               [g[:, 1].copy() for g in grads])
+        yield f"{dtype.__name__} strided grads", base[:, 0].copy(), [g[:, 1] for g in grads]
+        yield f"{dtype.__name__} fortran 2-d", np.asfortranarray(base), [
+            np.asfortranarray(g) for g in grads]
+        yield f"{dtype.__name__} fortran params, C grads", np.asfortranarray(base), grads
+        yield (f"{dtype.__name__} reversed", lambda b=base: b.copy()[::-1, 1],
+               [g[::-1, 0] for g in grads])
+
+
+@pytest.mark.parametrize("hyper", SGD_SETTINGS)
+@pytest.mark.parametrize("case", list(_layouts()), ids=lambda c: c[0])
+def test_numba_sgd_on_any_memory_layout_is_the_reference(case, hyper):
+    """Non-contiguous or Fortran-order arrays (the docstring: any shape works) update in place
+    bitwise as the reference, instead of the kernel's ValueError."""
+    _, p0, grads = case
+    out = _sgd_both(p0, grads, **hyper)
+    assert out["numba"][0].flags.c_contiguous == (p0.flags if not callable(p0) else p0().flags
+                                                  ).c_contiguous  # the layout tested
+    _assert_same_sgd(out)
+
+
+def test_numba_sgd_updates_a_view_in_place():
+    for backend in ("numpy", "numba"):
+        base = np.ones((4, 2), np.float32)
+        SGD(0.5, momentum=0.9, backend=backend).step(base[:, 0], np.ones(4, np.float32))
+        np.testing.assert_array_equal(base, [[0.5, 1.0]] * 4, err_msg=backend)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_sgd_momentum_that_vanishes_in_the_dtype_is_the_reference(dtype):
+    """momentum=1e-50 is not 0 (the reference keeps a buffer, the first one the gradient), but
+    is 0 in float32: the kernel skipped the buffer it had allocated uninitialised, and a
+    dampening was not applied. Likewise a weight decay of 1e-50 (0 * inf is NaN in the
+    reference)."""
+    g = np.full(4, 0.5, dtype)
+    for backend in ("numpy", "numba"):
+        np.full(4, 7.0, dtype)  # memory an uninitialised buffer may reuse
+        opt = SGD(0.1, momentum=1e-50, dampening=0.5, backend=backend)
+        p = np.ones(4, dtype)
+        opt.step(p, g)
+        np.testing.assert_array_equal(opt.momentum_buffer, g, err_msg=backend)  # b_1 = g
+        np.testing.assert_array_equal(opt.state_dict()["momentum_buffer"], g, err_msg=backend)
+        opt.step(p, g)  # b_2 = 1e-50 b_1 + 0.5 g
+        b2 = dtype(1e-50) * g + dtype(0.5) * g
+        np.testing.assert_array_equal(opt.momentum_buffer, b2, err_msg=backend)
+        np.testing.assert_array_equal(p, np.ones(4, dtype) - dtype(0.1) * g - dtype(0.1) * b2,
+                                      err_msg=backend)
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(5).astype(dtype)
+    p0[0], p0[1] = np.inf, -0.0
+    grads = [rng.standard_normal(5).astype(dtype) for _ in range(3)]
+    for g_ in grads:
+        g_[1] = -0.0
+    for hyper in ({"momentum": 1e-50}, {"weight_decay": 1e-50}, {"momentum": 0.5,
+                  "weight_decay": 1e-50, "nesterov": True}, {"momentum": 1e-320}):
+        with np.errstate(invalid="ignore", over="ignore"):
+            _assert_same_sgd(_sgd_both(p0, grads, **hyper))
+
+
+def test_numba_sgd_errors_are_the_reference_s():
+    """A read-only parameter array is NumPy's ValueError on both backends (not a Numba typing
+    error); read-only gradients are fine."""
+    for backend in ("numpy", "numba"):
+        p = np.ones(3, np.float32)
+        p.flags.writeable = False
+        with pytest.raises(ValueError, match="read-only"):
+            SGD(0.1, backend=backend).step(p, np.ones(3, np.float32))
+        p, g = np.ones(3, np.float32), np.ones(3, np.float32)
+        g.flags.writeable = False
+        SGD(0.1, momentum=0.9, backend=backend).step(p, g)
+        np.testing.assert_array_equal(p, np.float32(1) - np.float32(0.1))
