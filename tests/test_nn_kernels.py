@@ -187,3 +187,185 @@ def test_relu_numba_keeps_nan_like_numpy():
     dy = np.array([[1.0, np.inf, 3.0]], np.float32)
     with np.errstate(invalid="ignore"):  # inf * 0 = nan, as the reference's product
         np.testing.assert_array_equal(F.relu_backward(dy, cache), dy * (x > 0))
+
+
+# -- what the kernels do not compute: the reference's results, dtypes and errors ------------------
+
+OTHER_DTYPES = [np.float16, np.longdouble]
+
+
+def assert_same(got, want, name):
+    """Bitwise the same values (NaN where NaN) and the same dtype."""
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype}, expected {want.dtype}"
+    np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", OTHER_DTYPES)
+def test_conv2d_and_relu_on_numba_in_other_dtypes_are_the_reference(dtype):
+    """float16 and longdouble (which Numba does not compute in) give the reference's values and
+    dtypes, forward and backward, instead of a NotImplementedError or TypingError."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 5, 4)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    y_ref, c_ref = F.conv2d_forward(x, w, b, stride=2, padding=1)
+    y, c = F.conv2d_forward(x, w, b, stride=2, padding=1, backend="numba")
+    assert_same(y, y_ref, "y")
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    for name, got, want in zip(("dx", "dw", "db"), F.conv2d_backward(dy, c),
+                               F.conv2d_backward(dy, c_ref), strict=True):
+        assert_same(got, want, name)
+    r_ref, rc_ref = F.relu_forward(x)
+    r, rc = F.relu_forward(x, backend="numba")
+    assert_same(r, r_ref, "relu y")
+    assert_same(rc.mask, rc_ref.mask, "relu mask")
+    assert_same(F.relu_backward(x, rc), F.relu_backward(x, rc_ref), "relu dx")
+
+
+def test_relu_backward_on_numba_with_another_dy_dtype_is_the_reference():
+    x = np.array([[-1.0, 0.0, 2.0]], np.float32)
+    _, cache = F.relu_forward(x, backend="numba")
+    for dy in (np.ones((1, 3), np.float16), np.ones((1, 3), np.longdouble)):
+        assert_same(F.relu_backward(dy, cache), dy * (x > 0), str(dy.dtype))
+
+
+def _bn_both(x, params, *, train, dy_dtype=None):
+    """Forward and backward of batch norm on both backends, each on its own copy of the
+    running statistics; returns {backend: (y, running_mean, running_var, dx, dgamma, dbeta)}."""
+    out = {}
+    for backend in ("numpy", "numba"):
+        gamma, beta, mean, var = (p.copy() for p in params)
+        y, cache = F.batch_norm_forward(x, gamma, beta, mean, var, train=train, backend=backend)
+        dy = np.linspace(-1, 2, y.size).reshape(y.shape).astype(dy_dtype or y.dtype)
+        out[backend] = (y, mean, var, *F.batch_norm_backward(dy, cache))
+    return out
+
+
+NAMES = ("y", "running_mean", "running_var", "dx", "dgamma", "dbeta")
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", OTHER_DTYPES)
+def test_batch_norm_on_numba_in_other_dtypes_is_the_reference(dtype, train):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((3, 2, 4, 3)) * 2 + 1).astype(dtype)
+    params = [rng.standard_normal(2).astype(dtype), rng.standard_normal(2).astype(dtype),
+              rng.standard_normal(2).astype(dtype), (rng.random(2) + 0.5).astype(dtype)]
+    out = _bn_both(x, params, train=train)
+    for name, got, want in zip(NAMES, out["numba"], out["numpy"], strict=True):
+        assert got.dtype == dtype, name
+        assert_same(got, want, name)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("x_dtype, p_dtype", [(np.float32, np.float64), (np.float64, np.float32),
+                                              (np.float16, np.float32)])
+def test_batch_norm_on_numba_with_mixed_dtypes_is_the_reference(x_dtype, p_dtype, train):
+    """float32 activations with float64 weight and statistics: the reference promotes (a float64
+    y); the kernels wrote into an array like x (float32)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 3, 2, 2)).astype(x_dtype)
+    params = [rng.standard_normal(3).astype(p_dtype), rng.standard_normal(3).astype(p_dtype),
+              rng.standard_normal(3).astype(p_dtype), (rng.random(3) + 0.5).astype(p_dtype)]
+    out = _bn_both(x, params, train=train)
+    assert out["numpy"][0].dtype == np.result_type(x_dtype, p_dtype)
+    check_bn(out)
+
+
+def check_bn(out, tol_dtype=None):
+    """The forward (y and the running statistics) bitwise the reference's; the backward too,
+    or, where its cache and dy share one float32/float64 dtype (the forward's promoted one), the
+    kernels' sums to rounding. Every dtype the reference's. ``tol_dtype``: everything to that
+    dtype's rounding (a forward that ran the kernels)."""
+    for name, got, want in zip(NAMES, out["numba"], out["numpy"], strict=True):
+        if tol_dtype or name in NAMES[3:] and got.dtype in (np.float32, np.float64):
+            assert got.dtype == want.dtype, name
+            close(got, want, tol_dtype or got.dtype.type, name)
+        else:
+            assert_same(got, want, name)
+
+
+def test_batch_norm_on_numba_with_one_mixed_array_or_dy_is_the_reference():
+    """One float64 array among float32 ones (beta alone; the running variance alone, in eval),
+    and a float64 dy for a float32 forward: the reference's promotion."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    f32 = [rng.standard_normal(3).astype(np.float32) for _ in range(3)] + [
+        (rng.random(3) + 0.5).astype(np.float32)]
+    for i, train in ((1, True), (3, False)):
+        params = list(f32)
+        params[i] = params[i].astype(np.float64)
+        out = _bn_both(x, params, train=train)
+        assert out["numba"][0].dtype == np.float64
+        check_bn(out)
+    for train in (True, False):  # the forward ran the float32 kernels: x_hat to float32 rounding
+        out = _bn_both(x, f32, train=train, dy_dtype=np.float64)
+        assert all(a.dtype == np.float64 for a in out["numba"][3:])
+        check_bn(out, tol_dtype=np.float32)
+
+
+def test_batch_norm_eval_on_numba_with_int_input_is_the_reference():
+    """An int32 x with float64 statistics in evaluation: the reference computes a float64 y; the
+    kernel wrote it into an int32 array (truncated)."""
+    x = np.arange(-8, 8, dtype=np.int32).reshape(2, 2, 2, 2)
+    params = [np.array([1.5, -0.5]), np.array([0.25, 0.0]), np.array([0.5, -1.0]),
+              np.array([2.0, 0.5])]
+    out = _bn_both(x, params, train=False)
+    y = out["numba"][0]
+    assert y.dtype == np.float64
+    x_hat = (x - params[2][None, :, None, None]) / np.sqrt(params[3] + 1e-5)[None, :, None, None]
+    np.testing.assert_allclose(y, params[0][None, :, None, None] * x_hat
+                               + params[1][None, :, None, None], rtol=1e-15)
+    check_bn(out)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, message", [
+    ((1, 1, 2, 2), (1, 1, 3, 3), 1, 0, "a 3x3 kernel does not fit a 2x2 input padded by 0"),
+    ((1, 1, 2, 2), (1, 1, 3, 3), 2, 0, "a 3x3 kernel does not fit a 2x2 input padded by 0"),
+    ((1, 1, 1, 1), (1, 1, 4, 4), 3, 1, "a 4x4 kernel does not fit a 1x1 input padded by 1"),
+    ((2, 1, 5, 2), (1, 1, 3, 5), 1, 1, "a 3x5 kernel does not fit a 5x2 input padded by 1"),
+])
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_conv2d_kernel_larger_than_the_padded_input_is_a_value_error(
+        x_shape, w_shape, stride, padding, message, backend):
+    """The reference raised NumPy's window-view error, the Numba backend returned an empty
+    (N, O, 0, 0) output: both name the argument now."""
+    with pytest.raises(ValueError, match="^w: " + message):
+        F.conv2d_forward(np.ones(x_shape), np.ones(w_shape), stride=stride, padding=padding,
+                         backend=backend)
+
+
+def test_conv2d_kernel_as_large_as_the_padded_input_is_one_window():
+    for backend in ("numpy", "numba"):
+        y, _ = F.conv2d_forward(np.ones((1, 1, 1, 2)), np.ones((1, 1, 3, 4)), padding=1,
+                                backend=backend)
+        np.testing.assert_array_equal(y, [[[[2.0]]]])  # the two pixels, inside the zero border
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_eval_backward_on_numba_ignores_x(dtype):
+    """In evaluation dx = dy gamma / sqrt(running_var + eps) does not depend on x: a NaN or
+    infinite input pixel leaves dx finite (the kernel multiplied x_hat by a zero there), and dx
+    is the reference's, bitwise."""
+    x = np.ones((2, 3, 2, 2), dtype)
+    x[0, 0, 0, 0], x[1, 2, 1, 0] = np.nan, np.inf
+    gamma, beta = np.array([1.0, -2.0, 0.5], dtype), np.zeros(3, dtype)
+    mean, var = np.zeros(3, dtype), np.array([1.0, 4.0, 0.25], dtype)
+    dy = np.random.default_rng(9).standard_normal(x.shape).astype(dtype)
+    _, c_ref = F.batch_norm_forward(x, gamma, beta, mean, var, train=False)
+    _, cache = F.batch_norm_forward(x, gamma, beta, mean, var, train=False, backend="numba")
+    dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+    expected = dy * (gamma / np.sqrt(var + dtype(1e-5)))[None, :, None, None]
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx, expected, rtol=TOL[dtype])
+    with np.errstate(invalid="ignore"):
+        ref = F.batch_norm_backward(dy, c_ref)
+    for name, got, want in zip(("dx", "dgamma", "dbeta"), (dx, dgamma, dbeta), ref, strict=True):
+        if name == "dgamma":  # sum dy x_hat: not finite where x is not, as the reference
+            assert np.isnan(got[0]) and got[2] == want[2] and np.isinf(got[2])
+            assert got.dtype == dtype
+            np.testing.assert_allclose(got[1], want[1], rtol=TOL[dtype])
+        elif name == "dx":
+            assert_same(got, want, name)
+        else:
+            np.testing.assert_allclose(got, want, rtol=TOL[dtype])

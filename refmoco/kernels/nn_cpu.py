@@ -19,14 +19,31 @@ contiguous channel vectors:
 They return the same caches as the NumPy functions (with ``backend="numba"``), so that the
 backward of a pass runs on the backend its forward ran on. ``tests/test_nn_kernels.py`` checks
 every output and gradient against the NumPy reference.
+
+The kernels compute in float32 or float64. Any other dtype (float16, longdouble, integers), and
+arrays of several dtypes at once (float32 activations with float64 batch-norm parameters), run
+the reference code instead, so that ``backend="numba"`` returns what the reference returns,
+result dtypes included (:func:`_fits`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..nn import functional as F
 from ..nn.functional import BatchNormCache, ReLUCache, update_running_stats
 from ._jit import jit, run_parts
+
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _fits(*arrays):
+    """Whether the kernels compute what the reference does for ``arrays``: NumPy arrays of one
+    dtype, float32 or float64 (native byte order). Otherwise the reference runs (its own result
+    dtypes, promotion and errors)."""
+    dtype = getattr(arrays[0], "dtype", None)
+    return dtype in _KERNEL_DTYPES and all(
+        isinstance(a, np.ndarray) and a.dtype == dtype for a in arrays)
 
 # -- convolution ----------------------------------------------------------------------------------
 
@@ -78,6 +95,8 @@ def _col2im(dcols, dx, s, p):
 
 def im2col(x_nhwc, kh, kw, s, p, ho, wo):
     """The (N, Ho, Wo, kh, kw, C) windows of a channels-last input, split over its images."""
+    if not _fits(x_nhwc):
+        return F._im2col(x_nhwc, kh, kw, s, p, ho, wo)
     x_nhwc = np.ascontiguousarray(x_nhwc)  # a view when x is channels-last
     n, c = x_nhwc.shape[0], x_nhwc.shape[3]
     cols = np.empty((n, ho, wo, kh, kw, c), x_nhwc.dtype)
@@ -88,6 +107,8 @@ def im2col(x_nhwc, kh, kw, s, p, ho, wo):
 
 def col2im(dcols, h, w, s, p):
     """The (N, H, W, C) input gradient from the windows' gradients, split over the images."""
+    if not _fits(dcols):
+        return F._col2im(dcols, h, w, s, p)
     dx = np.empty((dcols.shape[0], h, w, dcols.shape[5]), dcols.dtype)
     run_parts(_col2im, (dcols, dx), (s, p), work=dcols.size, min_work=PARALLEL_MIN)
     return dx
@@ -161,7 +182,12 @@ def _like(rows, shape):
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
                        eps=1e-5):
-    """As :func:`refmoco.nn.functional.batch_norm_forward`; the arguments were checked there."""
+    """As :func:`refmoco.nn.functional.batch_norm_forward`; the arguments were checked there.
+    Mixed or other dtypes: the reference (its result dtype), with a cache for this backend."""
+    if not _fits(x, gamma, beta, running_mean, running_var):
+        y, cache = F.batch_norm_forward(x, gamma, beta, running_mean, running_var, train=train,
+                                        momentum=momentum, eps=eps, backend="numpy")
+        return y, cache._replace(backend="numba")
     dtype = x.dtype
     x2 = _rows(x)
     m = x2.shape[0]
@@ -182,19 +208,25 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
 
 
 def batch_norm_backward(dy, cache):
-    """As :func:`refmoco.nn.functional.batch_norm_backward`."""
+    """As :func:`refmoco.nn.functional.batch_norm_backward`.
+
+    In evaluation ``dx = (dy gamma) inv_std``, the reference's products in its order (bitwise
+    equal), without reading ``x_hat``: a NaN or infinite input does not reach ``dx``."""
     x_hat, inv_std, g, train, _ = cache
+    if not _fits(dy, x_hat, inv_std, g):
+        return F.batch_norm_backward(dy, cache._replace(backend="numpy"))
     dtype = dy.dtype
     dy2, x_hat2 = _rows(dy), _rows(x_hat)
     m = dy2.shape[0]
     dgamma64, dbeta64 = _column_sums(dy2, x_hat2)
-    scale = (g * inv_std).reshape(-1)  # gamma / sqrt(var + eps), (C,)
     if train:  # the statistics depend on x
+        scale = (g * inv_std).reshape(-1)  # gamma / sqrt(var + eps), (C,)
         mean_dy, mean_dy_xhat = (dbeta64 / m).astype(dtype), (dgamma64 / m).astype(dtype)
+        dx = np.empty_like(dy2)
+        _bn_input_grad(dy2, x_hat2, scale, mean_dy, mean_dy_xhat, dx)
     else:  # constants: dx = gamma inv_std dy
-        mean_dy = mean_dy_xhat = np.zeros_like(scale)
-    dx = np.empty_like(dy2)
-    _bn_input_grad(dy2, x_hat2, scale, mean_dy, mean_dy_xhat, dx)
+        dx = dy2 * g.reshape(-1)
+        dx *= inv_std.reshape(-1)
     return _like(dx, dy.shape), dgamma64.astype(dtype), dbeta64.astype(dtype)
 
 
@@ -238,6 +270,9 @@ def _flat(x):
 
 def relu_forward(x):
     """As :func:`refmoco.nn.functional.relu_forward`, in one pass."""
+    if not _fits(x):
+        y, cache = F.relu_forward(x, backend="numpy")
+        return y, cache._replace(backend="numba")
     flat, back = _flat(x)
     y, mask = np.empty_like(flat), np.empty(flat.shape, np.bool_)
     _relu(flat, y, mask)
@@ -247,7 +282,7 @@ def relu_forward(x):
 def relu_backward(dy, cache):
     """As :func:`refmoco.nn.functional.relu_backward`."""
     mask = cache.mask
-    if _order(mask) is None or _order(mask) != _order(dy):  # not one memory order: NumPy's
+    if not _fits(dy) or _order(mask) is None or _order(mask) != _order(dy):  # NumPy's product
         return dy * mask
     flat_dy, back = _flat(dy)
     flat_mask, _ = _flat(mask)

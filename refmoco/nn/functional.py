@@ -14,7 +14,8 @@ matrix products and CuPy elementwise kernels, and every result stays on the devi
 
 The convolution and batch norm take ``backend=``: ``None`` (the arrays' module), ``"numpy"``,
 ``"cupy"`` (the name is checked against the arrays) or ``"numba"``: the same op with its strided
-copies and reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`). On ``"cupy"`` the
+copies and reductions as Numba kernels (:mod:`refmoco.kernels.nn_cpu`), which compute in float32
+or float64 (other dtypes, and batch norm's arrays in several dtypes, run the reference code). On ``"cupy"`` the
 convolution's im2col gather and col2im scatter are Numba CUDA kernels
 (:mod:`refmoco.kernels.cuda`, one launch each instead of one strided copy per kernel offset);
 everything else there is the reference code. Their caches record the backend, so the backward
@@ -160,6 +161,11 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
         the next convolution gathers its windows from contiguous channel vectors.
     cache : Conv2dCache
 
+    Raises
+    ------
+    ValueError
+        When the kernel is larger than the padded input (no window), on every backend.
+
     Notes
     -----
     With :math:`\tilde x` the zero-padded input,
@@ -177,6 +183,8 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     N, C, H, W = x.shape
     O, _, kh, kw = w.shape
     s, p = stride, padding
+    if kh > H + 2 * p or kw > W + 2 * p:  # no window: NumPy's window view would refuse it
+        raise ValueError(f"w: a {kh}x{kw} kernel does not fit a {H}x{W} input padded by {p}")
     Ho, Wo = (H + 2 * p - kh) // s + 1, (W + 2 * p - kw) // s + 1
     cols = im2col(x.transpose(0, 2, 3, 1), kh, kw, s, p, Ho, Wo)  # (N, Ho, Wo, kh, kw, C)
     cols = cols.reshape(N * Ho * Wo, kh * kw * C)  # one row per output pixel, ordered (a, e, c)
