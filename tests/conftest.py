@@ -38,3 +38,18 @@ def torch():
 def one_torch_thread(torch):
     """The ``torch`` fixture, for modules that hold PyTorch in a module-level name."""
     return torch
+
+
+@pytest.fixture
+def without_numba(monkeypatch):
+    """``import numba`` fails for the test's duration, as on a machine without Numba."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_numba(name, *args, **kwargs):
+        if name == "numba" or name.startswith("numba."):
+            raise ImportError("no numba")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_numba)

@@ -177,19 +177,9 @@ def test_a_bad_seed_is_named(cls):
 
 
 @pytest.mark.parametrize("cls", [Queue, MemoryBank])
-def test_backend_numba_without_numba_says_what_to_install(cls, monkeypatch):
-    import builtins
-
+def test_backend_numba_without_numba_says_what_to_install(cls, without_numba):
     import refmoco
 
-    real_import = builtins.__import__
-
-    def no_numba(name, *args, **kwargs):
-        if name == "numba" or name.startswith("numba."):
-            raise ImportError("no numba")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_numba)
     with pytest.raises(refmoco.BackendUnavailableError, match=r"pip install 'refmoco\[numba\]'"):
         cls(4, 2, backend="numba")
 

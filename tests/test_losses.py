@@ -334,17 +334,7 @@ def test_bad_input_raises_naming_the_argument(call, error, words, rng):
         call(lambda *shape: rng.normal(size=shape))
 
 
-def test_numba_backend_without_numba_says_what_to_install(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_numba(name, *args, **kwargs):
-        if name == "numba" or name.startswith("numba."):
-            raise ImportError("no numba")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_numba)
+def test_numba_backend_without_numba_says_what_to_install(without_numba):
     with pytest.raises(refmoco.BackendUnavailableError, match=r"pip install 'refmoco\[numba\]'"):
         refmoco.info_nce_loss(np.ones((2, 3)), np.ones((2, 3)), backend="numba")
 
