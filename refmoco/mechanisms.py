@@ -70,7 +70,8 @@ def _store(write, rows, what: str) -> None:
 def _read_stats(pending: Any, own_share: float) -> StepStats:
     """The step's (loss, pos_sim, neg_sim), stacked on the device when they were computed and
     read here, at the end of the step, in one transfer: on a GPU a read makes the host wait for
-    every kernel queued so far, and one at the end waits once, after the whole step is queued."""
+    every kernel queued so far. The other read of a step, the queue's (or bank's) check that
+    the new rows are finite, comes just before, after the update is queued."""
     loss, pos_sim, neg_sim = to_numpy(pending).tolist()
     return StepStats(loss, pos_sim, neg_sim, own_share)
 
@@ -258,9 +259,11 @@ class MoCo(Mechanism):
                             backend=self.backend)
         pending = xp.stack([out.loss, (q.z * k).sum(axis=1).mean(),  # before the queue moves
                             (q.z @ negatives.mean(axis=0)).mean()])
-        _store(lambda: self.queue.enqueue(k, ids=ids), k, "keys")
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
+        # last, as in MoCo's Algorithm 1: the queue's check of the keys reads the device, which
+        # then waits for a step that is all queued already
+        _store(lambda: self.queue.enqueue(k, ids=ids), k, "keys")
         return _read_stats(pending, own)
 
     def state_dict(self) -> dict:
@@ -325,9 +328,9 @@ class MemoryBankMechanism(Mechanism):
                             backend=self.backend)
         pending = xp.stack([out.loss, (q.z * positives).sum(axis=1).mean(),  # before the update
                             xp.einsum("nc,nmc->nm", q.z, negatives).mean()])
-        _store(lambda: self.bank.update(ids, q.z), q.z, "features")
         backprop(self.encoder, self.params, q, out.grads["q"], self.grads, accumulate=False)
         self._update(lr)
+        _store(lambda: self.bank.update(ids, q.z), q.z, "features")  # last (reads the device)
         return _read_stats(pending, 0.0)
 
     def state_dict(self) -> dict:

@@ -77,6 +77,8 @@ def _step_arguments(params: Any, grads: Any, lr: Any) -> tuple[Any, Any, float]:
         raise ValueError(f"grads: expected shape {p.shape} (as params), got {g.shape}")
     if p.dtype != g.dtype:
         raise TypeError(f"grads: expected dtype {p.dtype} (as params), got {g.dtype}")
+    if not getattr(getattr(p, "flags", None), "writeable", True):  # before any state changes
+        raise ValueError("params: the array is read-only")
     return p, g, _hyper(lr, "lr")
 
 
