@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -9,8 +10,6 @@ import numpy as np
 
 from ._checks import check_int, check_unit_interval
 from .backend import _CUDA_DEVICES, _cupy, _is_torch_tensor, as_array, is_cupy_array, resolve
-
-_HALF = ("float16", "bfloat16")  # computed in float32, rounded once into the target
 
 
 def _in_place(x: Any, name: str) -> Any:
@@ -67,7 +66,65 @@ def _leaves(target: Any, source: Any, path: str) -> list[tuple[str, Any, Any]]:
         raise ValueError(f"source{path}: expected shape {tuple(t.shape)}, got {tuple(s.shape)}")
     if not getattr(getattr(t, "flags", None), "writeable", True):  # CuPy arrays have no flag
         raise ValueError(f"target{path}: the array is read-only")
+    if t.size and any(stride == 0 and n > 1 for n, stride in zip(t.shape, t.strides)):
+        raise ValueError(f"target{path}: its elements overlap (a stride of 0, as in an expanded "
+                         f"tensor), so an update in place is ambiguous")
     return [(path, t, s)]
+
+
+def _span(a: Any) -> tuple[int, int]:
+    """The bytes ``[lo, hi)`` a NumPy array can touch, from its data pointer and strides."""
+    lo = hi = a.__array_interface__["data"][0]
+    if a.size == 0:
+        return lo, lo
+    for n, stride in zip(a.shape, a.strides):
+        if stride > 0:
+            hi += (n - 1) * stride
+        else:
+            lo += (n - 1) * stride
+    return lo, hi + a.itemsize
+
+
+def _owner(a: Any) -> Any:
+    """The NumPy array that allocated ``a``'s memory, or None when something else holds it (a
+    DLPack capsule, a buffer): then only the addresses can tell what ``a`` shares."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else None
+
+
+def _read_first(pairs: list, xp: Any) -> set[int]:
+    """The pairs whose source may share memory with any target (its own, or one updated before
+    it): their sources are copied before anything is written. NumPy: a source whose memory was
+    allocated by another array than every target's shares nothing with them (the usual case,
+    decided without addresses); the others are checked against the byte spans of all targets,
+    sorted (O(L log L) for L leaves). CuPy: pair by pair."""
+    if xp is not np:
+        targets = [t for _, t, _ in pairs]
+        return {i for i, (_, _, s) in enumerate(pairs)
+                if any(xp.may_share_memory(s, t) for t in targets)}
+    owners = [_owner(t) for _, t, _ in pairs]
+    if all(o is not None for o in owners):
+        allocations = {id(o) for o in owners}
+        suspects = [i for i, (_, _, s) in enumerate(pairs)
+                    if (o := _owner(s)) is None or id(o) in allocations]
+    else:
+        suspects = list(range(len(pairs)))
+    if not suspects:
+        return set()
+    spans = sorted(_span(t) for _, t, _ in pairs)
+    starts = [lo for lo, _ in spans]
+    reach, top = [], 0  # reach[j]: the largest end among the first j + 1 spans
+    for _, hi in spans:
+        top = max(top, hi)
+        reach.append(top)
+    overlapping = set()
+    for i in suspects:
+        lo, hi = _span(pairs[i][2])
+        j = bisect.bisect_left(starts, hi)  # the spans that start before the source ends
+        if hi > lo and j and reach[j - 1] > lo:
+            overlapping.add(i)
+    return overlapping
 
 
 def momentum_update(target, source, momentum, *, backend=None):
@@ -103,11 +160,13 @@ def momentum_update(target, source, momentum, *, backend=None):
     .. math:: \theta_k \leftarrow m\,\theta_k + (1 - m)\,\theta_q
 
     No gradient flows through this update: the key encoder is never trained by backpropagation.
-    A dtype mismatch is allowed (the source is read in the target's dtype). float16 and bfloat16
-    targets are computed in float32 and rounded once. A source that shares memory with its
-    target (even ``source is target``) is read before anything is written. PyTorch and other
-    DLPack tensors are updated in place, whatever their strides; a target whose memory cannot be
-    shared (a list, a bfloat16 tensor) is a ``TypeError`` rather than a copy updated in silence.
+    A dtype mismatch is allowed: the source is read in the target's dtype, except that float16
+    and bfloat16 targets are computed in float32 and rounded once. A source that shares memory
+    with any target (``source is target``, or ``[a, b]`` updated from ``[b, a]``) is read before
+    anything is written. PyTorch and other DLPack tensors are updated in place, whatever their
+    strides; a target whose memory cannot be shared (a list, a bfloat16 tensor) is a
+    ``TypeError`` rather than a copy updated in silence, and one whose elements overlap (a
+    stride of 0) a ``ValueError``.
 
     Examples
     --------
@@ -119,11 +178,10 @@ def momentum_update(target, source, momentum, *, backend=None):
     m = check_unit_interval(momentum, "momentum")
     pairs = _leaves(target, source, "")
     be = resolve(backend, *(t for _, t, _ in pairs), *(s for _, _, s in pairs))
+    read_first = _read_first(pairs, be.xp)
+    pairs = [(p, t, s.copy() if i in read_first else s) for i, (p, t, s) in enumerate(pairs)]
     for _, t, s in pairs:
-        xp = be.xp
-        if xp.may_share_memory(t, s):  # source is target, or overlaps it: read it first
-            s = s.copy()
-        if t.dtype.name in _HALF:  # in float32, rounded once into the target
+        if t.dtype.itemsize == 2:  # float16 or bfloat16: in float32, rounded once into t
             m32, w32 = np.float32(m), np.float32(1.0 - m)
             t[...] = (t.astype(np.float32) * m32 + w32 * s.astype(np.float32)).astype(t.dtype)
         elif be.kernels is not None:

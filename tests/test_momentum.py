@@ -108,17 +108,44 @@ def test_a_source_sharing_memory_with_its_target_is_read_first(backend, overlap)
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_a_source_that_is_another_leafs_target_is_read_first(backend):
+    """``[a, b]`` from ``[b, a]``: the second source is the first target, already written when
+    the second leaf's turn comes unless it was read first."""
+    a, b = np.array([1.0, 1.0]), np.array([3.0, 3.0])
+    momentum_update([a, b], [b, a], 0.5, backend=backend)
+    np.testing.assert_array_equal(a, [2.0, 2.0])
+    np.testing.assert_array_equal(b, [2.0, 2.0])
+    flat = np.arange(6.0)  # views of one buffer, the sources reversed halves of the targets
+    momentum_update({"x": flat[:3], "y": flat[3:]}, {"x": flat[3:][::-1], "y": flat[:3][::-1]},
+                    0.5, backend=backend)
+    np.testing.assert_array_equal(flat, [2.5, 2.5, 2.5, 2.5, 2.5, 2.5])
+
+
+def test_a_target_whose_elements_overlap_is_refused(torch):
+    t = torch.zeros(1, 3).expand(2, 3)  # one row of memory seen twice
+    with pytest.raises(ValueError, match="target.*overlap"):
+        momentum_update(t, torch.arange(6.0).reshape(2, 3), 0.5)
+    assert not t.any()
+
+
+@pytest.mark.parametrize("backend", backends())
 def test_float16_targets_are_computed_in_float32(backend):
     t = np.array([1.205, -3.7, 0.1, 60000.0], np.float16)
     s = np.array([0.0, 2.5, -0.3, 65504.0], np.float16)
     m = 0.9
-    want = (np.float64(m) * t.astype(np.float64) + (1 - m) * s.astype(np.float64)).astype(np.float16)
+    m32, w32 = np.float32(m), np.float32(1 - m)  # the documented rule, written out
+    want = (t.astype(np.float32) * m32 + w32 * s.astype(np.float32)).astype(np.float16)
     out = t.copy()
     momentum_update(out, s, m, backend=backend)
     assert out.dtype == np.float16
-    np.testing.assert_array_equal(out, want)  # one rounding from (nearly) exact: the nearest
+    np.testing.assert_array_equal(out, want)
     in_half = t * np.float16(m) + np.float16(1 - m) * s  # what float16 arithmetic would give
     assert in_half[0] != want[0]  # so this input tells the two apart
+    rng = np.random.default_rng(0)  # and many more values, over float16's range
+    t, s = (rng.standard_normal(20_000).astype(np.float16) * 100 for _ in range(2))
+    want = (t.astype(np.float32) * m32 + w32 * s.astype(np.float32)).astype(np.float16)
+    momentum_update(t, s, m, backend=backend)
+    np.testing.assert_array_equal(t, want)
 
 
 def test_bfloat16_arrays_and_tensors():
