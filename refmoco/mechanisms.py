@@ -155,8 +155,8 @@ class Mechanism:
         """Every array of the run as host NumPy arrays (what a checkpoint stores)."""
         state = {f"params/{k}": v for k, v in self.params.state_dict().items()}
         state.update({f"buffers/{k}": host_copy(v) for k, v in self.buffers.items()})
-        state.update({f"optimizer/{k}": np.array(v)
-                      for k, v in self.optimizer.state_dict().items()})
+        state.update({f"optimizer/{k}": np.zeros(0, self.params.dtype) if v is None else np.array(v)
+                      for k, v in self.optimizer.state_dict().items()})  # None: no buffer yet
         return state
 
     def load_state_dict(self, state: dict) -> None:

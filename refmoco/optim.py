@@ -274,7 +274,9 @@ class SGD:
             raise ValueError(f"step_count: expected an integer >= 0, got {step_count!r}")
         buf = state["momentum_buffer"]
         if isinstance(buf, np.ndarray) and buf.dtype == object and buf.shape == ():
-            buf = buf.item()  # None, as a checkpoint's 0-d array holds it
+            buf = buf.item()  # None in a 0-d array
+        if buf is not None and buf.size == 0:  # a mechanism's checkpoint stores None so
+            buf = None  # (an .npz holds no object arrays without pickle)
         if buf is not None:
             buf = host_copy(buf)
             if buf.ndim != 1 or buf.dtype.kind != "f":

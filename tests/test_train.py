@@ -183,6 +183,34 @@ def test_divergence_is_a_floating_point_error_naming_the_remedy(tmp_path, small,
             dataset=small)
 
 
+def test_a_checkpoint_rejected_halfway_is_rolled_back(tmp_path, small):
+    """Every entry present, one of them bad (a negative step count): the optimizer refuses it
+    after the parameters were loaded, and the rollback restores a fresh trainer's state (its
+    optimizer has no momentum buffer yet)."""
+    out = str(tmp_path / "run")
+    run(config(epochs=1), out, progress=False, dataset=small)
+    state = load_checkpoint(out)
+    state["mechanism/optimizer/step_count"] = np.array(-3)
+    np.savez(os.path.join(out, CHECKPOINT), **state)
+    trainer = Trainer(config(epochs=2), small)
+    before = trainer.mechanism.state_dict()
+    with pytest.raises(ValueError, match="step_count"):
+        trainer.load(out)
+    after = trainer.mechanism.state_dict()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key])
+    assert trainer.mechanism.optimizer.momentum_buffer is None
+
+
+def test_a_run_without_sgd_momentum_resumes(tmp_path, small):
+    """No momentum buffer to save: the checkpoint must still load without pickle."""
+    out = str(tmp_path / "run")
+    run(config(epochs=1, sgd_momentum=0.0), out, progress=False, dataset=small)
+    metrics = run(config(epochs=2, sgd_momentum=0.0), out, resume=True, progress=False,
+                  dataset=small)
+    assert len(metrics["epochs"]) == 2
+
+
 def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, small):
     """A fresh trainer (no momentum buffer yet) loading a checkpoint with an entry missing:
     the error names the entry, and the mechanism is as it was (all or nothing)."""
