@@ -167,6 +167,15 @@ def test_a_tolerance_that_accepts_everything_is_refused(kwargs, arg):
         assert_close(np.array([1.0]), np.array([5.0]), **kwargs)
 
 
+@pytest.mark.parametrize("bad", ["0.1", True, 1j])
+def test_tolerances_follow_the_library_s_number_rule(bad):
+    """As every hyper-parameter of refmoco: a str, bool or complex is a TypeError naming it."""
+    with pytest.raises(TypeError, match="^rtol: "):
+        assert_close(np.array([1.0]), np.array([1.0]), rtol=bad)
+    with pytest.raises(TypeError, match="^eps: "):
+        check_grad(with_grad(lambda x: 2 * x + 1.0), X, eps=bad)
+
+
 def test_the_documented_message_is_unchanged():
     """docs/check-your-implementation.md shows this message for a 0-d loss."""
     with differs(re.escape("loss: 1 of 1 entries differ; worst at (): np.float64(8.5) vs "

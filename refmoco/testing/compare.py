@@ -8,11 +8,13 @@ w.r.t. which argument, the queue after which call, which parameter after the mom
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._checks import real_number
 from ..backend import to_numpy
 from ..conventions.references import queue_reference, resolve_reference
 from ..losses import LossOutput, info_nce_loss
@@ -182,11 +184,10 @@ def _differs(what, actual, expected, dtype, rtol) -> Difference | None:
 def _rtol(rtol, dtype):
     if rtol is None:
         return 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
-    if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.integer, np.floating)):
-        raise TypeError(f"rtol: expected a number, got {rtol!r}")
-    if not np.isfinite(rtol) or rtol < 0:  # NaN or inf would accept any difference
+    v = real_number(rtol, "rtol", "a number")  # the library's rule: no str, bool or complex
+    if not math.isfinite(v) or v < 0:  # NaN or inf would accept any difference
         raise ValueError(f"rtol: expected a finite number >= 0, got {rtol!r}")
-    return float(rtol)
+    return v
 
 
 def _check_wrt(wrt, ref) -> tuple | None:

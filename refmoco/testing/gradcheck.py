@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._checks import check_int
+from .._checks import check_int, real_number
 from ..backend import to_numpy
 
 
@@ -96,12 +96,7 @@ def _real_array(x, arg: str) -> tuple[np.ndarray, str]:
 def _tolerance_arg(value, arg: str, *, positive: bool = False) -> float:
     """``value`` as a finite float ``>= 0`` (``> 0`` when ``positive``), else an error naming
     ``arg``: a NaN or infinite tolerance would accept every error."""
-    if isinstance(value, bool):
-        raise TypeError(f"{arg}: expected a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{arg}: expected a number, got {value!r}") from exc
+    v = real_number(value, arg, "a number")  # the library's rule: no str, bool or complex
     if not math.isfinite(v) or v < 0 or (positive and v == 0):
         raise ValueError(f"{arg}: expected a finite number {'>' if positive else '>='} 0, "
                          f"got {value!r}")
