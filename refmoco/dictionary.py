@@ -35,6 +35,11 @@ def _check_backend(backend: Any) -> str:
     return backend
 
 
+def _check_seed(seed: Any) -> int | None:
+    """An integer >= 0, or None for fresh entropy (the generator's state is saved either way)."""
+    return None if seed is None else check_int(seed, "seed", minimum=0)
+
+
 def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.dtype):
     """Standard normal rows, each L2-normalised (MoCo's queue initialisation), drawn on the
     host in float64 so that every dtype and backend starts from the same rows."""
@@ -89,8 +94,9 @@ class Queue:
     dim : int
         ``C``, the key dimension.
     dtype : {"float32", "float64"}
-    seed : int
-        Seed of the initial keys (standard normal rows, each L2-normalised, as in MoCo).
+    seed : int or None
+        Seed of the initial keys (standard normal rows, each L2-normalised, as in MoCo); None
+        draws fresh entropy (``state_dict`` still saves the generator, so a run resumes).
     backend : {"numpy", "numba", "cupy"}
         Where the buffer lives (``"cupy"``: on the GPU).
 
@@ -127,7 +133,7 @@ class Queue:
         self.dtype = _check_dtype(dtype)
         self.backend = _check_backend(backend)
         self.xp = array_module(backend)
-        self.rng = np.random.default_rng(check_int(seed, "seed", minimum=0))
+        self.rng = np.random.default_rng(_check_seed(seed))
         init = _random_unit_rows(self.rng, self.size, self.dim, self.dtype)
         self._keys = self.xp.asarray(init)  # (K, C)
         self._ids = np.full(self.size, -1, dtype=np.int64)  # (K,), kept on the host
@@ -278,8 +284,8 @@ class MemoryBank:
     momentum : float in [0, 1]
         Weight of the old row in ``update``; Wu et al. use 0.5.
     dtype : {"float32", "float64"}
-    seed : int
-        Seed of the initial rows and of the default sampling generator.
+    seed : int or None
+        Seed of the initial rows and of the default sampling generator (None: fresh entropy).
     backend : {"numpy", "numba", "cupy"}
 
     Notes
@@ -304,7 +310,7 @@ class MemoryBank:
         self.dtype = _check_dtype(dtype)
         self.backend = _check_backend(backend)
         self.xp = array_module(backend)
-        self.rng = np.random.default_rng(check_int(seed, "seed", minimum=0))
+        self.rng = np.random.default_rng(_check_seed(seed))
         self._bank = self.xp.asarray(_random_unit_rows(self.rng, self.size, self.dim, self.dtype))
 
     @property

@@ -319,7 +319,7 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
     if resume:
         trainer.load(out)  # a missing or refused checkpoint: nothing is made or changed
     else:
-        saved = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+        saved = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
         if saved:
             raise FileExistsError(f"{out} holds a previous run ({', '.join(saved)}): pass "
                                   f"--resume to continue it, or choose another --out (refmoco "

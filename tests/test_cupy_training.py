@@ -249,7 +249,9 @@ def test_mechanism_steps_on_the_device_equal_numpy(xp, mechanism, dtype, kind):
 def test_a_float32_step_computes_nothing_on_the_device_in_float64(mechanism, kind, monkeypatch):
     """No silent upcast on the hot path: on the stand-in, every device operation of a float32
     training step is watched, and none may return a float64 array or write a float64 operand
-    into a float32 array in place (``t *= np.float64(m)`` computes in float64)."""
+    into a float32 array in place (``t *= np.float64(m)`` computes in float64). The loss and the
+    EMA run as their host references here (their outputs are watched, not their insides): the
+    CUDA kernels' PTX is checked for float64 instructions in tests/test_cuda_ptx.py."""
     import fake_cupy
 
     xp = fake_device(monkeypatch)

@@ -174,6 +174,11 @@ def test_a_bad_seed_is_named(cls):
     for seed in (-1, 1.5, "0"):
         with pytest.raises((ValueError, TypeError), match="seed"):
             cls(4, 2, seed=seed)
+    fresh = cls(4, 2, seed=None)  # fresh entropy, still saved and restored exactly
+    clone = cls(4, 2, seed=7)
+    clone.load_state_dict(fresh.state_dict())
+    for key, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(clone.state_dict()[key], value)
 
 
 @pytest.mark.parametrize("cls", [Queue, MemoryBank])

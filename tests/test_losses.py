@@ -494,11 +494,19 @@ def test_softmax_cross_entropy_rows_without_classes_are_a_value_error(labels):
 
 @pytest.mark.parametrize("loss, dtype", [
     (np.array(0.5), np.float64), (np.array(0.5, np.float32), np.float32),
-    (np.float64(0.5), np.float64), (np.float32(0.5), np.float32), (np.float16(0.5), np.float32),
 ])  # fmt: skip
 def test_mi_lower_bound_of_an_array_is_a_0d_array_of_its_dtype(loss, dtype):
     bound = refmoco.mi_lower_bound(loss, 4)
     assert type(bound) is np.ndarray and bound.shape == () and bound.dtype == dtype
+    assert float(bound) == pytest.approx(math.log(4) - 0.5, rel=1e-7)
+
+
+@pytest.mark.parametrize("loss, kind", [
+    (np.float64(0.5), np.float64), (np.float32(0.5), np.float32), (np.float16(0.5), np.float32),
+])  # fmt: skip
+def test_mi_lower_bound_of_a_numpy_scalar_is_a_numpy_scalar(loss, kind):
+    bound = refmoco.mi_lower_bound(loss, 4)  # json.dumps takes np.float64, not a 0-d array
+    assert type(bound) is kind
     assert float(bound) == pytest.approx(math.log(4) - 0.5, rel=1e-7)
 
 

@@ -118,8 +118,8 @@ def mi_lower_bound(loss, num_candidates):
         ``log(num_candidates) - loss``. A Python float (or int) ``loss`` gives a Python float,
         as ``math.log(n) - loss`` would. An array ``loss`` (what the losses return: a 0-d array)
         gives an array of its array type, shape and float dtype: a 0-d NumPy array for a 0-d
-        NumPy array or a NumPy scalar (``np.float64`` too), a CuPy array for a CuPy array,
-        float32 for float32. The bound can never exceed ``log(num_candidates)``.
+        NumPy array, a CuPy array for a CuPy array, float32 for float32; a NumPy scalar gives a
+        NumPy scalar of its float dtype. The bound can never exceed ``log(num_candidates)``.
 
     Raises
     ------
@@ -141,6 +141,8 @@ def mi_lower_bound(loss, num_candidates):
     n = check_int(num_candidates, "num_candidates", minimum=1)
     if isinstance(loss, (int, float)) and not isinstance(loss, (bool, np.generic)):
         return math.log(n) - float(loss)
+    if isinstance(loss, np.generic) and not isinstance(loss, np.bool_):  # scalar in, scalar out
+        return mi_lower_bound(np.asarray(loss), n)[()]
     xp = resolve(None, loss).xp
     loss = float_array(loss, "loss")
     # an array, not the scalar that NumPy makes of a 0-d result
