@@ -165,7 +165,7 @@ def _integer_errors(a, e, atol, rtol):
     """The same for two integer/boolean arrays, in exact integer arithmetic (Python ints)."""
     bad = np.asarray(a != e)
     err = np.zeros(a.shape)
-    scale = max((abs(int(v)) for v in e.flat), default=0)
+    scale = max(int(e.max()), -int(e.min())) if e.size else 0  # max|e|, exact (no abs overflow)
     if bad.any():
         idx = np.nonzero(bad)
         diff = [abs(int(x) - int(y)) for x, y in zip(a[idx], e[idx])]
