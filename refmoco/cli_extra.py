@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from .train import refuse_existing  # the rule refmoco train follows too
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` with each option's default after its help text, except where the default is
@@ -41,16 +43,6 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
-
-
-def refuse_existing(out: str, names: list[str]) -> None:
-    """Raise ``FileExistsError`` if any of ``names`` is already in the folder ``out``."""
-    found = [name for name in names if os.path.lexists(os.path.join(out, name))]
-    if found:
-        raise FileExistsError(
-            f"{out} already holds {', '.join(found)} from an earlier run: choose another --out, "
-            f"or remove those files (refmoco never overwrites saved results)"
-        )
 
 
 class _Progress:

@@ -94,6 +94,16 @@ class TrainConfig:
                 for k, v in dataclasses.asdict(self).items()}
 
 
+def refuse_existing(out: str, names, remedy: str = "choose another --out, or remove those "
+                    "files") -> None:
+    """Raise ``FileExistsError`` if any of ``names`` is already in the folder ``out`` (a dangling
+    link too): refmoco never overwrites an earlier run's results. ``remedy`` says what to do."""
+    found = [name for name in names if os.path.lexists(os.path.join(out, name))]
+    if found:
+        raise FileExistsError(f"{out} already holds {', '.join(found)} from an earlier run: "
+                              f"{remedy} (refmoco never overwrites saved results)")
+
+
 # Options that may differ between a run and its resumption (they do not change the result).
 # ``data`` names a file; what must not change is its contents, checked by their digest.
 _RESUMABLE = {"epochs", "backend"}
@@ -141,6 +151,9 @@ class Trainer:
         self.dataset = dataset if dataset is not None else load_dataset(c.data, seed=c.seed)
         self.x_train = self.dataset.x_train.astype(c.dtype)
         self.x_test = self.dataset.x_test.astype(c.dtype)
+        n_train = len(self.x_train)
+        self.batch_size = min(c.batch_size, n_train)
+        _check_data_fits(c, self.dataset, self.batch_size)  # before any model is built
         in_channels = self.x_train.shape[1]
         if c.encoder == "cnn":
             self.encoder = cnn_encoder(in_channels=in_channels, out_dim=c.out_dim)
@@ -152,9 +165,6 @@ class Trainer:
                                             backend=c.backend)
         optimizer = SGD(lr=c.lr, momentum=c.sgd_momentum, weight_decay=c.weight_decay,
                         backend=c.backend)
-        n_train = len(self.x_train)
-        self.batch_size = min(c.batch_size, n_train)
-        _check_data_fits(c, self.dataset, self.batch_size)
         if c.mechanism == "moco":
             queue = Queue(c.queue_size, c.out_dim, dtype=c.dtype, seed=c.seed,
                           backend=c.backend)
@@ -319,11 +329,7 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
     if resume:
         trainer.load(out)  # a missing or refused checkpoint: nothing is made or changed
     else:
-        saved = [name for name in RUN_FILES if os.path.lexists(os.path.join(out, name))]
-        if saved:
-            raise FileExistsError(f"{out} holds a previous run ({', '.join(saved)}): pass "
-                                  f"--resume to continue it, or choose another --out (refmoco "
-                                  f"never overwrites a saved run)")
+        refuse_existing(out, RUN_FILES, "pass --resume to continue it, or choose another --out")
     os.makedirs(out, exist_ok=True)
     for note in trainer.warnings():
         warnings.warn(note, stacklevel=2)
