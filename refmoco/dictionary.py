@@ -40,6 +40,17 @@ def _check_seed(seed: Any) -> int | None:
     return None if seed is None else check_int(seed, "seed", minimum=0)
 
 
+def _finite_in(a: Any, dtype: np.dtype, xp: Any, name: str) -> Any:
+    """``a`` in the store's ``dtype`` (a cast only when it differs), refused unless every value
+    is finite there: checked after the cast, as 1e300 is inf in float32."""
+    if a.dtype != dtype:
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            a = a.astype(dtype)
+    if not bool(xp.isfinite(a).all()):
+        raise ValueError(f"{name}: expected finite {dtype.name} values, got NaN or inf")
+    return a
+
+
 def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.dtype):
     """Standard normal rows, each L2-normalised (MoCo's queue initialisation), drawn on the
     host in float64 so that every dtype and backend starts from the same rows."""
@@ -164,11 +175,7 @@ class Queue:
         if is_cupy_array(keys) != (self.backend == "cupy"):
             where = "CuPy" if self.backend == "cupy" else "NumPy"
             raise TypeError(f"keys: this queue lives on backend={self.backend!r}: pass {where} arrays")
-        if keys.dtype != self.dtype:
-            with np.errstate(over="ignore"):  # an overflow is refused just below
-                keys = keys.astype(self.dtype)
-        if not bool(self.xp.isfinite(keys).all()):  # after the cast: 1e300 is inf in float32
-            raise ValueError(f"keys: expected finite {self.dtype.name} values, got NaN or inf")
+        keys = _finite_in(keys, self.dtype, self.xp, "keys")
         b = keys.shape[0]
         if ids is None:
             return keys, None
@@ -347,10 +354,7 @@ class MemoryBank:
             raise ValueError(f"feats: expected shape ({idx.size}, {self.dim}), got {feats.shape}")
         if is_cupy_array(feats) != (self.backend == "cupy"):
             raise TypeError(f"feats: this bank lives on backend={self.backend!r}")
-        with np.errstate(over="ignore"):  # an overflow is refused just below
-            feats = feats.astype(self.dtype, copy=False)
-        if not bool(self.xp.isfinite(feats).all()):  # after the cast: 1e300 is inf in float32
-            raise ValueError(f"feats: expected finite {self.dtype.name} values, got NaN or inf")
+        feats = _finite_in(feats, self.dtype, self.xp, "feats")
         m = self.dtype.type(self.momentum)
         rows = m * self._bank[idx] + (1 - m) * feats  # (b, C)
         self._bank[idx] = l2_normalize(rows, eps=1e-12)[0]  # a norm that does not overflow
