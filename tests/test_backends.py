@@ -227,6 +227,17 @@ def test_momentum_update_numba_is_bitwise_the_reference(problem):
     np.testing.assert_array_equal(out, ref)
 
 
+def test_momentum_update_in_longdouble_is_the_reference_on_numba():
+    """Numba has no longdouble: backend="numba" runs the reference update for it."""
+    rng = np.random.default_rng(5)
+    target, source = (rng.standard_normal(7).astype(np.longdouble) for _ in range(2))
+    ref, out = target.copy(), target.copy()
+    refmoco.momentum_update(ref, source, 0.3, backend="numpy")
+    refmoco.momentum_update(out, source, 0.3, backend="numba")
+    assert out.dtype == np.longdouble
+    np.testing.assert_array_equal(out, ref)
+
+
 def test_momentum_update_structures_and_the_parallel_kernel():
     rng = np.random.default_rng(3)
     big = cpu.PARALLEL_MIN + 17

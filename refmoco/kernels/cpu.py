@@ -259,10 +259,9 @@ def _lerp(t, s, m, w):
 def momentum_update(target, source, m):
     """In place, ``target = m * target + (1 - m) * source`` (the reference's rounding)."""
     dtype = target.dtype
-    if dtype not in (np.float32, np.float64):  # longdouble: Numba has no such type
-        target *= dtype.type(m)
-        target += dtype.type(1.0 - m) * source.astype(dtype, copy=False)
-        return
+    if dtype not in (np.float32, np.float64):  # refmoco.momentum_update runs the reference
+        raise TypeError(f"target: the momentum kernel computes in float32 or float64, got "
+                        f"dtype {dtype}")
     t = target if target.flags.c_contiguous else np.ascontiguousarray(target)
     s = np.ascontiguousarray(source, dtype=dtype)
     run_parts(_lerp, (t.reshape(-1), s.reshape(-1)), (dtype.type(m), dtype.type(1.0 - m)),
