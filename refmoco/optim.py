@@ -169,12 +169,12 @@ class SGD:
 
     def _kernel_fits(self, p: Any) -> bool:
         """Whether the Numba kernel computes the reference's step on ``p`` (and its gradient,
-        of the same dtype): a writeable float32 or float64 array, and momentum and weight decay
-        that stay nonzero in that dtype. The reference decides "momentum != 0" on the Python
-        float; the kernel on its value in ``p``'s dtype (float32(1e-50) == 0): where the two
-        disagree, or for float16, longdouble and read-only arrays, the reference runs."""
+        of the same dtype): a float32 or float64 array, and momentum and weight decay that stay
+        nonzero in that dtype. The reference decides "momentum != 0" on the Python float; the
+        kernel on its value in ``p``'s dtype (float32(1e-50) == 0): where the two disagree, or
+        for float16 and longdouble, the reference runs. (Read-only ``p`` never gets here.)"""
         dtype = p.dtype
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)) or not p.flags.writeable:
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             return False
         return all(bool(v) == bool(dtype.type(v)) for v in (self.momentum, self.weight_decay))
 

@@ -38,6 +38,7 @@ def launches(cupy):
     import numpy as np
     from numba import cuda
 
+    import refmoco
     from refmoco.kernels import cuda as kernels
 
     sync = cupy.cuda.get_current_stream().synchronize
@@ -50,7 +51,7 @@ def launches(cupy):
         "refmoco _launch (numba-cuda, CuPy arrays)": lambda: kernels._launch(kernel, 1, x, y, m, w),
         "numba-cuda, stream and arrays made once": lambda: kernel[1, kernels.THREADS, stream](
             dx, dy, m, w),
-        "refmoco.momentum_update (checks included)": lambda: __import__("refmoco").momentum_update(
+        "refmoco.momentum_update (checks included)": lambda: refmoco.momentum_update(
             x, y, 0.9, backend="cupy"),
         "CuPy elementwise (x *= 0.9)": lambda: cupy.multiply(x, m, out=x),
     }

@@ -8,18 +8,16 @@ w.r.t. which argument, the queue after which call, which parameter after the mom
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._checks import real_number
 from ..backend import to_numpy
 from ..conventions.references import queue_reference, resolve_reference
 from ..losses import LossOutput, info_nce_loss
 from ..momentum import momentum_update
-from .gradcheck import assert_close
+from .gradcheck import _tolerance_arg, assert_close
 
 FRAMEWORKS = ("numpy", "torch", "jax")
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -184,10 +182,7 @@ def _differs(what, actual, expected, dtype, rtol) -> Difference | None:
 def _rtol(rtol, dtype):
     if rtol is None:
         return 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
-    v = real_number(rtol, "rtol", "a number")  # the library's rule: no str, bool or complex
-    if not math.isfinite(v) or v < 0:  # NaN or inf would accept any difference
-        raise ValueError(f"rtol: expected a finite number >= 0, got {rtol!r}")
-    return v
+    return _tolerance_arg(rtol, "rtol")  # assert_close's rule: NaN or inf would accept anything
 
 
 def _check_wrt(wrt, ref) -> tuple | None:

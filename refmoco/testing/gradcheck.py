@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._checks import check_int, real_number
+from .._checks import check_int, check_positive, real_number
 from ..backend import to_numpy
 
 
@@ -93,13 +93,12 @@ def _real_array(x, arg: str) -> tuple[np.ndarray, str]:
     return a, name if name is not None else a.dtype.name
 
 
-def _tolerance_arg(value, arg: str, *, positive: bool = False) -> float:
-    """``value`` as a finite float ``>= 0`` (``> 0`` when ``positive``), else an error naming
-    ``arg``: a NaN or infinite tolerance would accept every error."""
+def _tolerance_arg(value, arg: str) -> float:
+    """``value`` as a finite float ``>= 0``, else an error naming ``arg``: a NaN or infinite
+    tolerance would accept every error."""
     v = real_number(value, arg, "a number")  # the library's rule: no str, bool or complex
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{arg}: expected a finite number {'>' if positive else '>='} 0, "
-                         f"got {value!r}")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{arg}: expected a finite number >= 0, got {value!r}")
     return v
 
 
@@ -246,9 +245,9 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     """
     if mode not in ("directional", "elementwise"):
         raise ValueError(f"mode: expected 'directional' or 'elementwise', got {mode!r}")
-    eps, rtol = _positive(eps, "eps"), _positive(rtol, "rtol")
+    eps, rtol = check_positive(eps, "eps"), check_positive(rtol, "rtol")
     if tiny is not None:
-        tiny = _positive(tiny, "tiny")
+        tiny = check_positive(tiny, "tiny")
     if mode == "directional":
         num_directions = check_int(num_directions, "num_directions", minimum=1)
     if isinstance(wrt, str):
@@ -296,10 +295,6 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
         bad = {k: v for k, v in errors.items() if v > rtol}
         raise AssertionError(f"gradient check failed (rtol={rtol}): relative errors {bad}")
     return result
-
-
-def _positive(value, arg: str) -> float:
-    return _tolerance_arg(value, arg, positive=True)
 
 
 def _is_float_array(v: Any) -> bool:
