@@ -183,25 +183,6 @@ def test_divergence_is_a_floating_point_error_naming_the_remedy(tmp_path, small,
             dataset=small)
 
 
-def test_a_checkpoint_rejected_halfway_is_rolled_back(tmp_path, small):
-    """Every entry present, one of them bad (a negative step count): the optimizer refuses it
-    after the parameters were loaded, and the rollback restores a fresh trainer's state (its
-    optimizer has no momentum buffer yet)."""
-    out = str(tmp_path / "run")
-    run(config(epochs=1), out, progress=False, dataset=small)
-    state = load_checkpoint(out)
-    state["mechanism/optimizer/step_count"] = np.array(-3)
-    np.savez(os.path.join(out, CHECKPOINT), **state)
-    trainer = Trainer(config(epochs=2), small)
-    before = trainer.mechanism.state_dict()
-    with pytest.raises(ValueError, match="step_count"):
-        trainer.load(out)
-    after = trainer.mechanism.state_dict()
-    for key in before:
-        np.testing.assert_array_equal(after[key], before[key])
-    assert trainer.mechanism.optimizer.momentum_buffer is None
-
-
 def test_a_run_without_sgd_momentum_resumes(tmp_path, small):
     """No momentum buffer to save: the checkpoint must still load without pickle."""
     out = str(tmp_path / "run")
@@ -211,22 +192,37 @@ def test_a_run_without_sgd_momentum_resumes(tmp_path, small):
     assert len(metrics["epochs"]) == 2
 
 
-def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, small):
-    """A fresh trainer (no momentum buffer yet) loading a checkpoint with an entry missing:
-    the error names the entry, and the mechanism is as it was (all or nothing)."""
+def _drop_key_bias(state):
+    del state["mechanism/key_params/head.2.bias"]
+
+
+def _negative_step_count(state):
+    state["mechanism/optimizer/step_count"] = np.array(-3)
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (_drop_key_bias, "head.2.bias"),  # refused before anything is loaded
+    (_negative_step_count, "step_count"),  # refused by the optimizer, after the parameters
+])
+def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, small, spoil,
+                                                                      words):
+    """A fresh trainer (no momentum buffer yet) loading a spoiled checkpoint: the error names
+    the entry, and the mechanism is as it was (all or nothing; the second case reaches the
+    rollback)."""
     out = str(tmp_path / "run")
     run(config(epochs=1), out, progress=False, dataset=small)
     state = load_checkpoint(out)
-    del state["mechanism/key_params/head.2.bias"]
+    spoil(state)
     np.savez(os.path.join(out, CHECKPOINT), **state)
     trainer = Trainer(config(epochs=2), small)
     before = trainer.mechanism.state_dict()
-    with pytest.raises(ValueError, match="head.2.bias"):
+    with pytest.raises(ValueError, match=words):
         trainer.load(out)
     after = trainer.mechanism.state_dict()
     assert set(after) == set(before)
     for key in before:
         np.testing.assert_array_equal(after[key], before[key])
+    assert trainer.mechanism.optimizer.momentum_buffer is None
 
 
 def test_a_corrupt_checkpoint_is_reported_and_kept(tmp_path, small):
