@@ -19,7 +19,7 @@ only by the rounding of sums taken in another order.
 The exponential is written out (:func:`exp32`, :func:`exp64`): Numba calls the C library's
 ``exp`` one element at a time, while this polynomial vectorises. Its steps are fused
 multiply-adds (one IEEE rounding each: deterministic without ``fastmath``); its error is about
-one ulp at most in float32 and float64 (1.01 ulp at worst over every float32 input), and results
+one ulp at most in float32 and float64 (1.010 ulp at worst over every float32 input), and results
 below the normal range are 0 (``tests/test_backends.py`` checks it against ``np.exp``).
 
 Accuracy of the sums: a block's exponentials are summed in chunks of ``CHUNK`` rows, the chunks
