@@ -434,10 +434,10 @@ def gpu_info_nce_group(cupy, k_size: int, n: int = 256, c: int = 128) -> Group:
 
 class DeviceTimer:
     """The GPU's own time for a call, without the host's: CUDA events around it, recorded behind a
-    busy stream. A float32 matrix product (4096 x 4096, about 2 ms) runs first, so the start
-    event and the call's kernels are all queued before the GPU reaches them and the time between
-    the events is the kernels' alone (a plain event pair would also time the launch, which for a
-    30 us kernel is most of it). A call is ``late`` when the GPU had passed the start event
+    busy stream. A float32 matrix product (4096 x 4096, 137 GFLOP: milliseconds) runs first, so
+    the start event and the call's kernels are all queued before the GPU reaches them and the
+    time between the events is the kernels' alone (a plain event pair would also time the
+    launch, which for a kernel of tens of microseconds may be most of it). A call is ``late`` when the GPU had passed the start event
     before the host finished issuing it: its time may hold idle gaps, and the report says how
     many were. ``lib`` is CuPy or PyTorch; each times the work on its own current stream."""
 
