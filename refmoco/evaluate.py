@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from refmoco._checks import check_int, check_positive
 from refmoco.backend import to_numpy
 
 
@@ -80,11 +81,11 @@ def knn_accuracy(
     test_features : array of shape (N_test, D)
     test_labels : array of shape (N_test,), integers
     k : int
-        Number of neighbours; ``min(k, N_train)`` are used.
+        Number of neighbours, an integer >= 1; ``min(k, N_train)`` are used.
     temperature : float
-        Softness of the vote weights, > 0.
+        Softness of the vote weights, a finite real number > 0.
     chunk_size : int
-        Test rows scored at once (memory is ``chunk_size * N_train`` floats).
+        Test rows scored at once, an integer >= 1 (memory is ``chunk_size * N_train`` floats).
 
     Returns
     -------
@@ -113,22 +114,19 @@ def knn_accuracy(
     >>> knn_accuracy(f, np.array([0, 1]), f, np.array([0, 1]), k=1)
     1.0
     """
+    k = check_int(k, "k", minimum=1)
+    temperature = check_positive(temperature, "temperature")
+    chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
     f_train, y_train, f_test, y_test = _check_pair(
         train_features, train_labels, test_features, test_labels
     )
-    if int(k) != k or k < 1:
-        raise ValueError(f"k: expected an integer >= 1, got {k!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a value > 0, got {temperature!r}")
-    if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an integer >= 1, got {chunk_size!r}")
-    k = min(int(k), f_train.shape[0])
+    k = min(k, f_train.shape[0])
     classes, y_index = np.unique(y_train, return_inverse=True)  # (K,), (N_train,)
     f_train = _normalize(f_train)  # (N_train, D)
     f_test = _normalize(f_test)  # (N_test, D)
 
     correct = 0
-    for start in range(0, f_test.shape[0], int(chunk_size)):
+    for start in range(0, f_test.shape[0], chunk_size):
         sim = f_test[start : start + chunk_size] @ f_train.T  # (B, N_train)
         if k < sim.shape[1]:
             top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (B, k)
@@ -166,11 +164,11 @@ def linear_probe_accuracy(
     test_features : array of shape (N_test, D)
     test_labels : array of shape (N_test,), integers
     seed : int
-        ``random_state`` of the classifier.
+        ``random_state`` of the classifier, an integer >= 0.
     C : float
-        Inverse regularisation strength.
+        Inverse regularisation strength, a finite real number > 0.
     max_iter : int
-        Iterations of lbfgs.
+        Iterations of lbfgs, an integer >= 1.
 
     Returns
     -------
@@ -182,12 +180,19 @@ def linear_probe_accuracy(
     ImportError
         If scikit-learn is not installed.
     ValueError
-        On bad shapes, or fewer than two classes in ``train_labels``.
+        On bad shapes, fewer than two classes in ``train_labels``, or ``seed``, ``C`` or
+        ``max_iter`` out of range.
+    TypeError
+        On non-float features, non-integer labels, or ``seed``, ``C``, ``max_iter`` of the
+        wrong type (a ``bool`` or a string is refused).
 
     References
     ----------
     He et al., MoCo, arXiv:1911.05722, section 4.1 (linear classification protocol).
     """
+    seed = check_int(seed, "seed", minimum=0)
+    C = check_positive(C, "C")
+    max_iter = check_int(max_iter, "max_iter", minimum=1)
     f_train, y_train, f_test, y_test = _check_pair(
         train_features, train_labels, test_features, test_labels
     )
@@ -215,7 +220,7 @@ def alignment(x: Any, y: Any, alpha: float = 2, *, normalize: bool = True) -> fl
     x, y : array of shape (N, D)
         Row i of ``x`` and row i of ``y`` are two views of the same sample.
     alpha : float
-        Exponent, > 0.
+        Exponent, a finite real number > 0.
     normalize : bool
         L2-normalise the rows first (Wang & Isola's definition is on the unit sphere).
 
@@ -229,11 +234,10 @@ def alignment(x: Any, y: Any, alpha: float = 2, *, normalize: bool = True) -> fl
     Wang & Isola, "Understanding contrastive representation learning through alignment and
     uniformity on the hypersphere", ICML 2020, arXiv:2005.10242.
     """
+    alpha = check_positive(alpha, "alpha")
     a, b = _features(x, "x"), _features(y, "y")
     if a.shape != b.shape:
         raise ValueError(f"y: expected shape {a.shape} like x, got {b.shape}")
-    if not alpha > 0:
-        raise ValueError(f"alpha: expected a value > 0, got {alpha!r}")
     if normalize:
         a, b = _normalize(a), _normalize(b)
     return float(np.mean(np.linalg.norm(a - b, axis=1) ** alpha))
@@ -246,11 +250,11 @@ def uniformity(x: Any, t: float = 2, *, normalize: bool = True, chunk_size: int 
     ----------
     x : array of shape (N, D), N >= 2
     t : float
-        Scale of the Gaussian potential, > 0.
+        Scale of the Gaussian potential, a finite real number > 0.
     normalize : bool
         L2-normalise the rows first.
     chunk_size : int
-        Rows processed at once (memory is ``chunk_size * N`` floats).
+        Rows processed at once, an integer >= 1 (memory is ``chunk_size * N`` floats).
 
     Returns
     -------
@@ -270,17 +274,17 @@ def uniformity(x: Any, t: float = 2, *, normalize: bool = True, chunk_size: int 
     ----------
     Wang & Isola, ICML 2020, arXiv:2005.10242.
     """
+    t = check_positive(t, "t")
+    chunk_size = check_int(chunk_size, "chunk_size", minimum=1)
     a = _features(x, "x")
     n = a.shape[0]
     if n < 2:
         raise ValueError(f"x: uniformity needs at least 2 rows, got {n}")
-    if not t > 0:
-        raise ValueError(f"t: expected a value > 0, got {t!r}")
     if normalize:
         a = _normalize(a)
     sq_norm = np.sum(a * a, axis=1)  # (N,)
     running_max, running_sum = -np.inf, 0.0
-    for start in range(0, n - 1, int(chunk_size)):
+    for start in range(0, n - 1, chunk_size):
         rows = np.arange(start, min(start + chunk_size, n - 1))  # (B,)
         sq_dist = sq_norm[rows, None] + sq_norm[None, :] - 2.0 * (a[rows] @ a.T)  # (B, N)
         v = -t * np.maximum(sq_dist, 0.0)  # (B, N)

@@ -165,6 +165,42 @@ def test_knn_rejects_bad_arguments():
         knn_accuracy(f, y, f, y, temperature=0.0)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"k": True}, TypeError, "k"),  # a bool is not the integer 1
+        ({"k": 2.5}, TypeError, "k"),
+        ({"k": "5"}, TypeError, "k"),
+        ({"k": -1}, ValueError, "k"),
+        ({"temperature": "0.1"}, TypeError, "temperature"),
+        ({"temperature": True}, TypeError, "temperature"),
+        ({"temperature": math.inf}, ValueError, "temperature"),
+        ({"temperature": math.nan}, ValueError, "temperature"),
+        ({"temperature": -0.1}, ValueError, "temperature"),
+        ({"chunk_size": 2.0}, TypeError, "chunk_size"),
+        ({"chunk_size": np.float64(4.0)}, TypeError, "chunk_size"),
+        ({"chunk_size": True}, TypeError, "chunk_size"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": -1}, ValueError, "chunk_size"),
+    ],
+)
+def test_knn_rejects_bad_numeric_arguments(kwargs, error, name):
+    f = np.random.default_rng(0).standard_normal((10, 3))
+    y = np.arange(10) % 2
+    with pytest.raises(error, match=rf"^{name}: expected"):
+        knn_accuracy(f, y, f, y, **{"k": 3, **kwargs})
+
+
+def test_knn_accepts_numpy_integers_for_k_and_chunk_size():
+    rng = np.random.default_rng(1)
+    train, test = rng.standard_normal((12, 3)), rng.standard_normal((5, 3))
+    train_labels, test_labels = rng.integers(0, 3, 12), rng.integers(0, 3, 5)
+    expected = naive_knn_accuracy(train, train_labels, test, test_labels, 4, 0.5)
+    got = knn_accuracy(train, train_labels, test, test_labels, k=np.int64(4),
+                       temperature=np.float32(0.5), chunk_size=np.int32(2))
+    assert got == expected
+
+
 # ---------------------------------------------------------------- alignment and uniformity
 
 
@@ -223,6 +259,35 @@ def test_alignment_uniformity_reject_bad_arguments():
         uniformity(np.ones((3, 2), int))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"chunk_size": -1}, ValueError, "chunk_size"),  # was a silent -inf
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": 2.5}, TypeError, "chunk_size"),
+        ({"chunk_size": True}, TypeError, "chunk_size"),
+        ({"t": "2"}, TypeError, "t"),
+        ({"t": True}, TypeError, "t"),
+        ({"t": math.inf}, ValueError, "t"),
+        ({"t": math.nan}, ValueError, "t"),
+    ],
+)
+def test_uniformity_rejects_bad_numeric_arguments(kwargs, error, name):
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    with pytest.raises(error, match=rf"^{name}: expected"):
+        uniformity(x, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "error"),
+    [("2", TypeError), (True, TypeError), (math.inf, ValueError), (math.nan, ValueError)],
+)
+def test_alignment_rejects_bad_alpha(alpha, error):
+    x = np.random.default_rng(0).standard_normal((6, 3))
+    with pytest.raises(error, match=r"^alpha: expected"):
+        alignment(x, -x, alpha)
+
+
 # ---------------------------------------------------------------- linear probe and baseline
 
 
@@ -258,6 +323,27 @@ def test_linear_probe_needs_two_classes():
     f = np.ones((4, 2))
     with pytest.raises(ValueError, match="train_labels"):
         linear_probe_accuracy(f, np.zeros(4, int), f, np.zeros(4, int))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"C": "1.0"}, TypeError, "C"),
+        ({"C": 0.0}, ValueError, "C"),
+        ({"C": math.inf}, ValueError, "C"),
+        ({"max_iter": 10.5}, TypeError, "max_iter"),
+        ({"max_iter": 0}, ValueError, "max_iter"),
+        ({"max_iter": True}, TypeError, "max_iter"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"seed": True}, TypeError, "seed"),
+    ],
+)
+def test_linear_probe_rejects_bad_numeric_arguments(kwargs, error, name):
+    f = np.random.default_rng(0).standard_normal((8, 2))
+    y = np.arange(8) % 2
+    with pytest.raises(error, match=rf"^{name}: expected"):
+        linear_probe_accuracy(f, y, f, y, **kwargs)
 
 
 @pytest.mark.parametrize(
