@@ -9,9 +9,13 @@ global NumPy RNG), and returns a new array of the same shape and dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from refmoco._checks import check_int, real_number
 
 
 def _check_images(x: np.ndarray, name: str = "x") -> np.ndarray:
@@ -28,10 +32,30 @@ def _check_rng(rng: np.random.Generator) -> None:
         raise TypeError(f"rng: expected a np.random.Generator, got {type(rng).__name__}")
 
 
-def _check_range(pair: tuple[float, float], name: str, lower: float) -> tuple[float, float]:
-    low, high = (float(v) for v in pair)
-    if not lower <= low <= high:
-        raise ValueError(f"{name}: expected {lower} <= low <= high, got {pair!r}")
+def _check_finite(value: Any, name: str, lower: float, upper: float = math.inf) -> float:
+    """``value`` as a Python float, a finite real number in [lower, upper]."""
+    v = real_number(value, name, "a finite real number")
+    if not (math.isfinite(v) and lower <= v <= upper):
+        bounds = f"in [{lower}, {upper}]" if math.isfinite(upper) else f">= {lower}"
+        raise ValueError(f"{name}: expected a finite number {bounds}, got {value!r}")
+    return v
+
+
+def _check_range(
+    pair: Any, name: str, lower: float, upper: float = math.inf, *, open_lower: bool = False
+) -> tuple[float, float]:
+    """A pair ``(low, high)`` of finite real numbers with ``lower <= low <= high <= upper``
+    (``lower < low`` when ``open_lower``), as Python floats."""
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__"):
+        raise TypeError(f"{name}: expected a pair (low, high) of numbers, got {pair!r}")
+    if len(pair) != 2:
+        raise ValueError(f"{name}: expected a pair (low, high) of 2 numbers, got {pair!r}")
+    low, high = (real_number(v, name, "a pair (low, high) of real numbers") for v in pair)
+    above = lower < low if open_lower else lower <= low
+    if not (math.isfinite(low) and math.isfinite(high) and above and low <= high <= upper):
+        first = f"{lower} {'<' if open_lower else '<='} low <= high"
+        bound = f"{first} <= {upper}" if math.isfinite(upper) else f"{first}, both finite"
+        raise ValueError(f"{name}: expected {bound}, got {pair!r}")
     return low, high
 
 
@@ -46,7 +70,7 @@ def random_translate(x: np.ndarray, max_shift: int, rng: np.random.Generator) ->
     ----------
     x : ndarray of shape (N, C, H, W), float
     max_shift : int
-        Largest shift in pixels along each axis, >= 0.
+        Largest shift in pixels along each axis, an integer >= 0.
     rng : np.random.Generator
 
     Returns
@@ -61,9 +85,7 @@ def random_translate(x: np.ndarray, max_shift: int, rng: np.random.Generator) ->
     """
     x = _check_images(x)
     _check_rng(rng)
-    if int(max_shift) != max_shift or max_shift < 0:
-        raise ValueError(f"max_shift: expected an integer >= 0, got {max_shift!r}")
-    m = int(max_shift)
+    m = check_int(max_shift, "max_shift", minimum=0)
     n, _, h, w = x.shape
     dy = rng.integers(-m, m, size=n, endpoint=True)  # (N,)
     dx = rng.integers(-m, m, size=n, endpoint=True)  # (N,)
@@ -115,7 +137,7 @@ def random_resized_crop(
     scale : (float, float)
         Range of the box's area as a fraction of the image, ``0 < low <= high <= 1``.
     ratio : (float, float)
-        Range of the box's height / width (log-uniform), ``0 < low <= high``.
+        Range of the box's height / width (log-uniform), ``0 < low <= high``, both finite.
 
     Returns
     -------
@@ -127,10 +149,8 @@ def random_resized_crop(
     """
     x = _check_images(x)
     _check_rng(rng)
-    s_low, s_high = _check_range(scale, "scale", 0.0)
-    r_low, r_high = _check_range(ratio, "ratio", 0.0)
-    if s_low == 0.0 or s_high > 1.0 or r_low == 0.0:
-        raise ValueError(f"scale, ratio: expected 0 < scale <= 1, ratio > 0; got {scale}, {ratio}")
+    s_low, s_high = _check_range(scale, "scale", 0.0, 1.0, open_lower=True)
+    r_low, r_high = _check_range(ratio, "ratio", 0.0, open_lower=True)
     n, _, h, w = x.shape
     area = rng.uniform(s_low, s_high, size=n)  # (N,)
     aspect = np.exp(rng.uniform(np.log(r_low), np.log(r_high), size=n))  # (N,)
@@ -153,7 +173,7 @@ def intensity_jitter(
     x : ndarray of shape (N, C, H, W), float
     rng : np.random.Generator
     low, high : float
-        Range of the factor, ``0 <= low <= high``.
+        Range of the factor, ``0 <= low <= high``, both finite.
 
     Returns
     -------
@@ -174,7 +194,7 @@ def gaussian_noise(x: np.ndarray, rng: np.random.Generator, sigma: float = 0.05)
     x : ndarray of shape (N, C, H, W), float
     rng : np.random.Generator
     sigma : float
-        Standard deviation of the noise, >= 0.
+        Standard deviation of the noise, a finite number >= 0.
 
     Returns
     -------
@@ -182,8 +202,7 @@ def gaussian_noise(x: np.ndarray, rng: np.random.Generator, sigma: float = 0.05)
     """
     x = _check_images(x)
     _check_rng(rng)
-    if not sigma >= 0:
-        raise ValueError(f"sigma: expected a value >= 0, got {sigma!r}")
+    sigma = _check_finite(sigma, "sigma", 0.0)
     noise = sigma * rng.standard_normal(x.shape)  # (N, C, H, W), float64
     return (x + noise).astype(x.dtype)
 
@@ -199,14 +218,14 @@ class Augment:
     Attributes
     ----------
     translate : float
-        Largest shift as a fraction of the image height: ``round(translate * H)`` pixels along each
-        axis (0.125 is +-1 pixel on 8x8 digits, +-2 on a 16x16 canvas).
+        Largest shift as a fraction of the image height, in [0, 1]: ``round(translate * H)``
+        pixels along each axis (0.125 is +-1 pixel on 8x8 digits, +-2 on a 16x16 canvas).
     crop : bool
         Whether to apply :func:`random_resized_crop` with its default scale and ratio.
     intensity : (float, float) or None
-        Range of the per-image intensity factor.
+        Range of the per-image intensity factor, ``0 <= low <= high``, both finite.
     noise : float
-        Standard deviation of the additive Gaussian noise.
+        Standard deviation of the additive Gaussian noise, a finite number >= 0.
     """
 
     translate: float = 0.125
@@ -215,12 +234,10 @@ class Augment:
     noise: float = 0.05
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.translate <= 1.0:
-            raise ValueError(f"translate: expected a fraction in [0, 1], got {self.translate!r}")
+        _check_finite(self.translate, "translate", 0.0, 1.0)
         if self.intensity is not None:
             _check_range(self.intensity, "intensity", 0.0)
-        if not self.noise >= 0.0:
-            raise ValueError(f"noise: expected a value >= 0, got {self.noise!r}")
+        _check_finite(self.noise, "noise", 0.0)
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One random view of each image of ``x`` (N, C, H, W); same shape and dtype."""

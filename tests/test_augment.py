@@ -97,6 +97,68 @@ def test_bad_inputs():
         gaussian_noise(np.zeros((1, 1, 4, 4)), rng, sigma=-1.0)
 
 
+_X = np.ones((2, 1, 4, 4), np.float32)
+BAD_PARAMETERS = [
+    # (call, error, message start)
+    (lambda rng: gaussian_noise(_X, rng, float("inf")), ValueError, "sigma"),
+    (lambda rng: gaussian_noise(_X, rng, float("nan")), ValueError, "sigma"),
+    (lambda rng: gaussian_noise(_X, rng, "a"), TypeError, "sigma"),
+    (lambda rng: gaussian_noise(_X, rng, True), TypeError, "sigma"),
+    (lambda rng: intensity_jitter(_X, rng, 0.5, float("inf")), ValueError, "low, high"),
+    (lambda rng: intensity_jitter(_X, rng, float("nan"), 1.0), ValueError, "low, high"),
+    (lambda rng: intensity_jitter(_X, rng, "0.5", 1.0), TypeError, "low, high"),
+    (lambda rng: random_resized_crop(_X, rng, ratio=(1, float("inf"))), ValueError, "ratio"),
+    (lambda rng: random_resized_crop(_X, rng, ratio=(0.0, 1.0)), ValueError, "ratio"),
+    (lambda rng: random_resized_crop(_X, rng, ratio=(1.0,)), ValueError, "ratio"),
+    (lambda rng: random_resized_crop(_X, rng, scale=(0.0, 1.0)), ValueError, "scale"),
+    (lambda rng: random_resized_crop(_X, rng, scale=(0.5, 0.6, 0.7)), ValueError, "scale"),
+    (lambda rng: random_resized_crop(_X, rng, scale=0.5), TypeError, "scale"),
+    (lambda rng: random_resized_crop(_X, rng, scale="ab"), TypeError, "scale"),
+    (lambda rng: random_translate(_X, float("inf"), rng), TypeError, "max_shift"),
+    (lambda rng: random_translate(_X, 1.5, rng), TypeError, "max_shift"),
+    (lambda rng: random_translate(_X, True, rng), TypeError, "max_shift"),
+    (lambda rng: random_translate(_X, "1", rng), TypeError, "max_shift"),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "name"), BAD_PARAMETERS)
+def test_bad_parameters_are_refused_before_drawing(call, error, name):
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    with pytest.raises(error, match=f"^{name}: expected"):
+        call(rng)
+    assert rng.bit_generator.state == state  # the generator was not used
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"noise": float("inf")}, ValueError, "noise"),
+        ({"noise": "0.1"}, TypeError, "noise"),
+        ({"intensity": (0.6,)}, ValueError, "intensity"),
+        ({"intensity": (0.6, 1.0, 1.4)}, ValueError, "intensity"),
+        ({"intensity": (0.6, float("inf"))}, ValueError, "intensity"),
+        ({"intensity": 0.6}, TypeError, "intensity"),
+        ({"intensity": ("a", "b")}, TypeError, "intensity"),
+        ({"translate": "a"}, TypeError, "translate"),
+        ({"translate": float("nan")}, ValueError, "translate"),
+        ({"translate": True}, TypeError, "translate"),
+    ],
+)
+def test_augment_refuses_bad_settings(kwargs, error, name):
+    with pytest.raises(error, match=f"^{name}: expected"):
+        Augment(**kwargs)
+
+
+def test_numpy_scalars_and_lists_are_accepted():
+    x = _images((3, 1, 5, 5), 0)
+    a = Augment(translate=np.float32(0.25), intensity=[0.5, 1.5], noise=np.float64(0.1))
+    b = Augment(translate=0.25, intensity=(0.5, 1.5), noise=0.1)
+    np.testing.assert_array_equal(a(x, np.random.default_rng(0)), b(x, np.random.default_rng(0)))
+    np.testing.assert_array_equal(random_translate(x, np.int64(1), np.random.default_rng(0)),
+                                  random_translate(x, 1, np.random.default_rng(0)))
+
+
 # ---------------------------------------------------------------- random_translate
 
 
