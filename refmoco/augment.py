@@ -240,8 +240,10 @@ class Augment:
         _check_finite(self.noise, "noise", 0.0)
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One random view of each image of ``x`` (N, C, H, W); same shape and dtype."""
-        x = _check_images(x)
+        """One random view of each image of ``x`` (N, C, H, W): a new array of the same shape
+        and dtype, even when every step is off (then a copy of ``x``)."""
+        x = original = _check_images(x)
+        _check_rng(rng)
         if self.crop:
             x = random_resized_crop(x, rng)
         max_shift = round(self.translate * x.shape[2])
@@ -251,7 +253,7 @@ class Augment:
             x = intensity_jitter(x, rng, *self.intensity)
         if self.noise > 0:
             x = gaussian_noise(x, rng, self.noise)
-        return x
+        return x.copy() if x is original else x
 
 
 def two_views(
@@ -269,6 +271,8 @@ def two_views(
     Returns
     -------
     view_q, view_k : ndarray of shape (N, C, H, W), dtype of ``x``
+        With an :class:`Augment`, two new arrays that share no memory with ``x`` or with each
+        other (also when every step is off).
 
     Examples
     --------

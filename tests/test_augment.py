@@ -307,6 +307,23 @@ def test_augment_with_everything_off_is_identity():
     np.testing.assert_array_equal(aug(x, np.random.default_rng(0)), x)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_views_with_everything_off_are_new_arrays(dtype):
+    x = _images((3, 1, 8, 8), 0, dtype)
+    x_before = x.copy()
+    aug = Augment(translate=0.0, crop=False, intensity=None, noise=0.0)
+    view = aug(x, np.random.default_rng(0))
+    q, k = two_views(x, aug, np.random.default_rng(0))
+    for v in (view, q, k):
+        assert v is not x and not np.shares_memory(v, x)
+        assert v.dtype == dtype
+        np.testing.assert_array_equal(v, x_before)
+    assert q is not k and not np.shares_memory(q, k)
+    q[0, 0, 0, 0] = 7.0  # writing into one view touches neither the data nor the other view
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(k, x_before)
+
+
 def test_augment_translation_only_shifts_by_an_eighth():
     x = np.zeros((300, 1, 16, 16))
     x[:, 0, 8, 8] = 1.0
