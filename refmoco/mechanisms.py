@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._checks import check_int, check_positive, check_unit_interval
 from .backend import (
     as_array,
     backend_of,
@@ -40,7 +41,7 @@ from .dictionary import MemoryBank, Queue, rng_from_array, rng_to_array
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
 from .nn.models import _placement
-from .optim import SGD
+from .optim import SGD, _hyper
 
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
 
@@ -92,17 +93,36 @@ def encode(encoder, params, buffers, x, *, train: bool, groups=None,
     ``groups`` (a list of index arrays partitioning the batch) emulates the per-GPU batch norm of
     MoCo's multi-GPU training on one process; ``None`` is one group, the whole batch. Host index
     arrays are copied to the device of ``x`` (nothing happens on the host).
+
+    With several groups in training, the running statistics are updated once per call, as one
+    batch norm over the whole batch would be: every group starts from the same running
+    statistics, and the result is the mean of the groups' updates, ``(1 - momentum) * old +
+    momentum * mean_g(stat_g)``, with the batch counter advanced by one. This is what the
+    ``SplitBatchNorm`` of MoCo's CIFAR-10 demo does; the groups' statistics are not applied one
+    after the other (that would compound the momentum to ``1 - (1 - momentum)^groups``).
     """
     xp = namespace_of(x)
     groups = [np.arange(len(x))] if groups is None else groups
     groups = [xp.asarray(rows) for rows in groups]
+    split = train and len(groups) > 1 and bool(buffers)
+    start = {k: v.copy() for k, v in buffers.items()} if split else None
+    total = {k: xp.zeros_like(v) for k, v in buffers.items() if v.dtype.kind == "f"} if split else None
     out, caches = None, []
-    for rows in groups:
+    for i, rows in enumerate(groups):
+        if split and i:
+            for k, v in buffers.items():
+                v[...] = start[k]
         z, cache = encoder.forward(params, buffers, x[rows], train=train, backend=backend)
+        if split:
+            for k, acc in total.items():
+                acc += buffers[k]
         if out is None:
             out = xp.empty((len(x), z.shape[1]), dtype=z.dtype)
         out[rows] = z
         caches.append(cache)
+    if split:  # the counters already hold start + 1, from the last group
+        for k, acc in total.items():
+            buffers[k][...] = acc / acc.dtype.type(len(groups))
     z, backward = l2_normalize(out, axis=1)
     return Branch(z, caches, groups, backward)
 
@@ -139,14 +159,28 @@ class Mechanism:
         self.buffers = buffers  # dict of BN running statistics
         self.grads = params.zeros_like()  # on the parameters' device
         self.optimizer = optimizer
-        self.temperature = float(temperature)
+        self.temperature = check_positive(temperature, "temperature")
 
-    def _views(self, x_q, x_k):
-        """The two views as arrays on this mechanism's device (else a TypeError naming them)."""
+    def _arguments(self, x_q, x_k, ids, lr):
+        """A step's arguments, checked before anything changes: the two views as arrays of one
+        shape on this mechanism's device, ``ids`` as host int64 (one per row), ``lr`` >= 0. A
+        rejected step leaves the mechanism as it was."""
         x_q, x_k = as_array(x_q, "x_q"), as_array(x_k, "x_k")
         check_device(x_q, "x_q", self.xp)
         check_device(x_k, "x_k", self.xp)
-        return x_q, x_k
+        if x_q.ndim < 1 or x_k.shape != x_q.shape:
+            raise ValueError(f"x_k: expected the shape of x_q {tuple(x_q.shape)} (two views of "
+                             f"the same samples), got {tuple(x_k.shape)}")
+        if ids is None:
+            raise TypeError("ids: expected the batch's sample ids (integers), got None")
+        ids = to_numpy(as_array(ids, "ids"))
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
+        if ids.shape != (len(x_q),):
+            raise ValueError(f"ids: expected shape ({len(x_q)},) (one per sample), got {ids.shape}")
+        if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise ValueError("ids: expected values that fit in int64, got larger unsigned ones")
+        return x_q, x_k, ids.astype(np.int64, copy=False), _hyper(lr, "lr")
 
     def _update(self, lr: float) -> None:
         self.optimizer.step(self.params.flat, self.grads.flat, lr=lr)
@@ -202,11 +236,19 @@ def _check_placement(params, buffers, backend) -> str:
     return _placement(params, buffers, None, backend)[0]
 
 
-def _check_store(store, name: str, backend: str) -> None:
-    """A queue or bank must live where the mechanism computes (``"numba"`` counts as host)."""
+def _check_store(store, name: str, backend: str, encoder, params) -> None:
+    """A queue or bank must live where the mechanism computes (``"numba"`` counts as host) and
+    hold rows of the encoder's output size and the parameters' dtype."""
     if (store.backend == "cupy") != (backend == "cupy"):
         raise TypeError(f"{name}: it lives on backend={store.backend!r}, the mechanism on "
                         f"backend={backend!r}: create it with backend={backend!r}")
+    out_dim = getattr(encoder, "out_dim", None)
+    if out_dim is not None and store.dim != out_dim:
+        raise ValueError(f"{name}: expected rows of the encoder's output size {out_dim}, got "
+                         f"dim={store.dim}")
+    if store.dtype != params.dtype:
+        raise TypeError(f"{name}: expected dtype {params.dtype} (the parameters'), got "
+                        f"{store.dtype}")
 
 
 def _load_buffers(buffers: dict, saved: dict) -> None:
@@ -229,17 +271,17 @@ class MoCo(Mechanism):
                  temperature: float, bn_groups: int = 1, seed: int = 0, backend=None):
         super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
                          backend=backend)
-        _check_store(queue, "queue", self.backend)
+        _check_store(queue, "queue", self.backend, encoder, params)
         self.queue = queue
-        self.momentum = float(momentum)
-        self.bn_groups = int(bn_groups)
+        self.momentum = check_unit_interval(momentum, "momentum")
+        self.bn_groups = check_int(bn_groups, "bn_groups", minimum=1)
         self.key_params = params.copy()  # the key encoder starts as a copy (MoCo: θk ← θq)
         self.key_buffers = {k: v.copy() for k, v in buffers.items()}
         self.rng = np.random.default_rng(seed)  # the shuffle of shuffle BN (host, every backend)
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
         xp = self.xp
-        x_q, x_k = self._views(x_q, x_k)
+        x_q, x_k, ids, lr = self._arguments(x_q, x_k, ids, lr)
         n = len(x_q)
         groups = split_groups(n, self.bn_groups)
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, groups=groups,
@@ -254,7 +296,7 @@ class MoCo(Mechanism):
         k[perm] = k_shuffled  # unshuffle: row i is again the key of sample i
         # logits against the queue as it was before this batch (no gradient into k or queue)
         negatives = self.queue.keys
-        own = float(np.mean(self.queue.ids[None, :] == to_numpy(ids)[:, None]))  # host ids
+        own = float(np.mean(self.queue.ids[None, :] == ids[:, None]))  # host ids
         out = info_nce_loss(q.z, k, negatives, temperature=self.temperature, wrt=("q",),
                             backend=self.backend)
         pending = xp.stack([out.loss, (q.z * k).sum(axis=1).mean(),  # before the queue moves
@@ -288,7 +330,7 @@ class EndToEnd(Mechanism):
     name = "end-to-end"
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
-        x_q, x_k = self._views(x_q, x_k)
+        x_q, x_k, ids, lr = self._arguments(x_q, x_k, ids, lr)
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
         k = encode(self.encoder, self.params, self.buffers, x_k, train=True, backend=self.backend)
         out = info_nce_loss(q.z, k.z, None, temperature=self.temperature, backend=self.backend)
@@ -312,14 +354,16 @@ class MemoryBankMechanism(Mechanism):
                  num_negatives: int, temperature: float, backend=None):
         super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
                          backend=backend)
-        _check_store(bank, "bank", self.backend)
+        _check_store(bank, "bank", self.backend, encoder, params)
         self.bank = bank
-        self.num_negatives = int(num_negatives)
+        self.num_negatives = check_int(num_negatives, "num_negatives", minimum=1)
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
         xp = self.xp
-        x_q, x_k = self._views(x_q, x_k)
-        ids = to_numpy(ids)  # host: the bank samples and checks them there
+        x_q, x_k, ids, lr = self._arguments(x_q, x_k, ids, lr)  # ids on the host: the bank
+        ids = self.bank._check_indices(ids, "ids")  # samples and checks them there
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids: expected distinct samples (the bank moves each row once)")
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
         negative_rows = self.bank.sample(ids, self.num_negatives)  # (N, M) from the bank's rng
         positives = self.bank.bank[xp.asarray(ids)]  # (N, C)

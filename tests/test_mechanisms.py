@@ -35,6 +35,33 @@ def build(kind, seed=0):
     return enc, params, buffers, shape
 
 
+def split_bn(net, x, grp):
+    """``net`` over each group of rows in training mode, its batch norms' running statistics
+    updated as the ``SplitBatchNorm`` of MoCo's CIFAR-10 demo does: every group from the same
+    running statistics, then their mean (and one more batch counted)."""
+    bns = [b for b in net.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+    start = [{k: v.clone() for k, v in b.named_buffers()} for b in bns]
+    means = [{k: torch.zeros_like(v) for k, v in s.items() if v.is_floating_point()} for s in start]
+    outs = []
+    for g in grp:
+        with torch.no_grad():
+            for b, s in zip(bns, start):
+                for k, v in b.named_buffers():  # .data: the graph saved these (unused) tensors
+                    v.data.copy_(s[k])
+        outs.append(net(x[g]))
+        with torch.no_grad():
+            for b, mean in zip(bns, means):
+                for k, v in b.named_buffers():
+                    if k in mean:
+                        mean[k] += v / len(grp)
+    with torch.no_grad():
+        for b, mean in zip(bns, means):
+            for k, v in b.named_buffers():
+                if k in mean:
+                    v.data.copy_(mean[k])
+    return torch.cat(outs)
+
+
 def views(shape, n, seed):
     rng = np.random.default_rng(seed)
     return rng.normal(size=(n, *shape)), rng.normal(size=(n, *shape))
@@ -69,12 +96,12 @@ def test_moco_steps_match_torch(kind, groups):
         stats = moco.step(xq, xk, ids, LR)
         # -- the recomputation, as in MoCo's builder.py ------------------------------------
         grp = np.array_split(np.arange(n), groups)
-        q = F.normalize(torch.cat([net_q(torch.tensor(xq[g])) for g in grp]), dim=1)
+        q = F.normalize(split_bn(net_q, torch.tensor(xq), grp), dim=1)
         with torch.no_grad():
             for pk, pq in zip(net_k.parameters(), net_q.parameters()):
                 pk.mul_(m).add_(pq.detach(), alpha=1 - m)
             perm = perm_rng.permutation(n)
-            ks = torch.cat([net_k(torch.tensor(xk[perm][g])) for g in grp])
+            ks = split_bn(net_k, torch.tensor(xk[perm]), grp)
             k = torch.empty_like(ks)
             k[torch.tensor(perm)] = F.normalize(ks, dim=1)
         l_pos = torch.einsum("nc,nc->n", q, k)[:, None]
@@ -232,3 +259,93 @@ def test_load_state_dict_is_all_or_nothing(mechanism):
     mech.load_state_dict(other.state_dict())  # a good state still loads
     for key, value in other.state_dict().items():
         np.testing.assert_array_equal(mech.state_dict()[key], value, err_msg=key)
+
+
+def _mechanism(kind, **options):
+    enc, params, buffers, shape = build("mlp")
+    opt = SGD(LR, momentum=SGD_M)
+    if kind == "moco":
+        args = dict(queue=Queue(13, 6, dtype="float64"), momentum=0.9, temperature=T, seed=3)
+        return MoCo(enc, params, buffers, opt, **{**args, **options}), shape
+    if kind == "end-to-end":
+        return EndToEnd(enc, params, buffers, opt, **{"temperature": T, **options}), shape
+    args = dict(bank=MemoryBank(20, 6, dtype="float64"), num_negatives=5, temperature=T)
+    return MemoryBankMechanism(enc, params, buffers, opt, **{**args, **options}), shape
+
+
+@pytest.mark.parametrize("kind, options, error, match", [
+    ("moco", dict(momentum=1.5), ValueError, "momentum"),
+    ("moco", dict(momentum="0.9"), TypeError, "momentum"),
+    ("moco", dict(temperature=-0.2), ValueError, "temperature"),
+    ("moco", dict(bn_groups=0), ValueError, "bn_groups"),
+    ("moco", dict(bn_groups=2.0), TypeError, "bn_groups"),
+    ("moco", dict(queue=Queue(13, 5, dtype="float64")), ValueError, "queue.*output size 6"),
+    ("moco", dict(queue=Queue(13, 6, dtype="float32")), TypeError, "queue.*float64"),
+    ("end-to-end", dict(temperature=0), ValueError, "temperature"),
+    ("memory-bank", dict(num_negatives=0), ValueError, "num_negatives"),
+    ("memory-bank", dict(bank=MemoryBank(20, 7, dtype="float64")), ValueError, "bank"),
+])
+def test_a_bad_option_is_refused_when_the_mechanism_is_made(kind, options, error, match):
+    with pytest.raises(error, match=match):
+        _mechanism(kind, **options)
+
+
+@pytest.mark.parametrize("kind", ["moco", "end-to-end", "memory-bank"])
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(x_k=np.zeros((10, 16))), ValueError, "x_k.*shape"),  # extra key rows
+    (dict(x_k=np.zeros((6, 16))), ValueError, "x_k.*shape"),
+    (dict(ids=np.arange(7)), ValueError, "ids.*shape"),
+    (dict(ids=None), TypeError, "ids"),
+    (dict(ids=np.arange(8.0)), TypeError, "ids.*integers"),
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+])
+def test_a_refused_step_leaves_the_mechanism_unchanged(kind, bad, error, match):
+    """Every argument is checked before the first forward pass: a rejected step has changed
+    no parameter, buffer, optimizer state, key encoder, queue, bank or random state."""
+    mech, shape = _mechanism(kind)
+    mech.step(*views(shape, 8, 0), np.arange(8), LR)  # a state with momentum buffers etc.
+    before = mech.state_dict()
+    xq, xk = views(shape, 8, 1)
+    args = {"x_q": xq, "x_k": xk, "ids": np.arange(8) + 8, "lr": LR, **bad}
+    with pytest.raises(error, match=match):
+        mech.step(args["x_q"], args["x_k"], args["ids"], args["lr"])
+    after = mech.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+
+
+def test_a_memory_bank_step_with_repeated_or_unknown_ids_changes_nothing():
+    for ids, match in ((np.array([0, 1, 2, 3, 4, 5, 6, 6]), "distinct"),
+                       (np.arange(8) + 15, r"ids.*\[0, 20\)")):
+        mech, shape = _mechanism("memory-bank")
+        before = mech.state_dict()
+        with pytest.raises(ValueError, match=match):
+            mech.step(*views(shape, 8, 0), ids, LR)
+        for key, value in mech.state_dict().items():
+            np.testing.assert_array_equal(value, before[key], err_msg=key)
+
+
+def test_shuffle_bn_counts_one_batch_and_averages_the_groups_statistics():
+    """With g groups, each running statistic moves once: ``(1 - 0.1) * old + 0.1 * mean over
+    the groups`` of the group's batch mean (or unbiased variance), recomputed here from the
+    rows with NumPy; a sequential update would move it to ``1 - 0.9^g`` of the way."""
+    enc, params, buffers, shape = build("mlp")
+    groups = 4
+    mech = MoCo(enc, params, buffers, SGD(LR), queue=Queue(13, 6, dtype="float64"),
+                momentum=0.9, temperature=T, bn_groups=groups, seed=3)
+    old = {k: v.copy() for k, v in mech.buffers.items()}
+    xq, xk = views(shape, 16, 0)
+    w, b = np.asarray(mech.params["backbone.1.weight"]), np.asarray(mech.params["backbone.1.bias"])
+    h = xq @ w.T + b  # the first Linear's output: what the first batch norm normalises
+    parts = np.array_split(h, groups)
+    mean = np.mean([p.mean(axis=0) for p in parts], axis=0)
+    var = np.mean([p.var(axis=0, ddof=1) for p in parts], axis=0)
+    mech.step(xq, xk, np.arange(16), LR)
+    prefix = "backbone.2."
+    np.testing.assert_allclose(mech.buffers[prefix + "running_mean"],
+                               0.9 * old[prefix + "running_mean"] + 0.1 * mean, rtol=1e-12)
+    np.testing.assert_allclose(mech.buffers[prefix + "running_var"],
+                               0.9 * old[prefix + "running_var"] + 0.1 * var, rtol=1e-12)
+    assert mech.buffers[prefix + "num_batches_tracked"] == old[prefix + "num_batches_tracked"] + 1
