@@ -16,7 +16,6 @@ import numpy as np
 
 from ._checks import check_int, check_unit_interval
 from .backend import array_module, as_array, check_available, float_array, is_cupy_array, to_numpy
-from .losses.normalize import l2_normalize
 
 _DTYPES = ("float32", "float64")
 
@@ -56,6 +55,19 @@ def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.d
     host in float64 so that every dtype and backend starts from the same rows."""
     rows = rng.standard_normal((size, dim))
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(dtype)
+
+
+def _unit_rows(x: Any, xp: Any) -> Any:
+    """Each row of ``x`` (b, C) divided by its L2 norm, computed as ``l2_normalize`` does
+    (scaled by the row's largest entry, so that it neither overflows nor underflows, and the same
+    bits wherever ``l2_normalize`` does not clamp) but never clamped: a nonzero row comes out of
+    unit norm however small it is. A zero row stays zero."""
+    a = xp.abs(x).max(axis=1, keepdims=True)  # (b, 1)
+    s = x / xp.where(a > 0, a, 1)  # (b, C): the largest entry of a nonzero row is +-1
+    r = xp.sqrt((s * s).sum(axis=1, keepdims=True))  # (b, 1): in [1, sqrt(C)], or 0
+    norm = a * r  # (b, 1) ||x||; inf, or a subnormal short of digits, at the dtype's two ends
+    usual = xp.isfinite(norm) & (norm >= float(np.finfo(x.dtype).tiny))
+    return xp.where(usual, x / xp.where(usual, norm, 1), s / xp.where(r > 0, r, 1))
 
 
 def _readonly(a):
@@ -298,7 +310,11 @@ class MemoryBank:
     Notes
     -----
     ``update(i, f)`` sets :math:`v_i \leftarrow \frac{m v_i + (1 - m) f}{\lVert m v_i + (1-m) f
-    \rVert}`. The negatives of a query are drawn uniformly, with replacement, from the other rows.
+    \rVert}`. Where that sum cancels to zero (a feature pointing opposite to its row, such as
+    :math:`f = -v_i` with :math:`m = 1/2`), it has no direction: the row becomes the new feature's
+    :math:`f / \lVert f \rVert` instead (the fresh observation), and stays as it was if
+    :math:`f = 0` too, so that every row stays of unit norm. The negatives of a query are drawn
+    uniformly, with replacement, from the other rows.
 
     Examples
     --------
@@ -340,6 +356,12 @@ class MemoryBank:
     def update(self, indices, feats) -> None:
         """Move rows ``indices`` towards ``feats`` and renormalise them.
 
+        Row ``i`` becomes ``normalize(m * bank[i] + (1 - m) * feat)`` with ``m`` the momentum.
+        A sum that cancels (to within its rounding error, about ``eps`` of the dtype times the
+        size of its two terms) has no direction left: such a row becomes ``feat / ||feat||``,
+        the fresh observation, or is left unchanged when ``feat`` is zero as well. Every row of
+        the bank keeps unit norm.
+
         Raises
         ------
         TypeError, ValueError
@@ -355,9 +377,21 @@ class MemoryBank:
         if is_cupy_array(feats) != (self.backend == "cupy"):
             raise TypeError(f"feats: this bank lives on backend={self.backend!r}")
         feats = _finite_in(feats, self.dtype, self.xp, "feats")
+        xp = self.xp
         m = self.dtype.type(self.momentum)
-        rows = m * self._bank[idx] + (1 - m) * feats  # (b, C)
-        self._bank[idx] = l2_normalize(rows, eps=1e-12)[0]  # a norm that does not overflow
+        old = self._bank[idx]  # (b, C)
+        rows = m * old + (1 - m) * feats  # (b, C)
+        # `rows` is exact to within about 2 eps * (|m old| + |(1 - m) feats|) per entry; a row no
+        # larger than (twice) that has no direction left, e.g. feats = -old with m = 0.5 gives 0
+        terms = xp.abs(m * old) + xp.abs((1 - m) * feats)  # (b, C)
+        top = terms.max(axis=1, keepdims=True)  # (b, 1)
+        top = xp.where(top > 0, top, 1)
+        bound = (4 * float(np.finfo(self.dtype).eps)) ** 2
+        lost = ((rows / top) ** 2).sum(axis=1, keepdims=True) <= bound * (
+            (terms / top) ** 2).sum(axis=1, keepdims=True)  # (b, 1)
+        fresh = xp.abs(feats).max(axis=1, keepdims=True) > 0  # (b, 1)
+        self._bank[idx] = xp.where(lost, xp.where(fresh, _unit_rows(feats, xp), old),
+                                   _unit_rows(rows, xp))
 
     def sample(self, indices, num_negatives, rng=None) -> np.ndarray:
         """(len(indices), num_negatives) row indices drawn uniformly, never the query's own.

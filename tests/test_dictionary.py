@@ -253,3 +253,75 @@ def test_memory_bank_save_and_load(tmp_path):
     np.testing.assert_array_equal(restored.bank, bank.bank)
     assert restored.momentum == 0.7
     np.testing.assert_array_equal(restored.sample([0, 1], 4), bank.sample([0, 1], 4))
+
+
+# -- MemoryBank.update: a sum that cancels -----------------------------------------------------
+
+
+def _bank_backends():
+    backends = ["numpy", "fake-cupy", pytest.param("cupy", marks=pytest.mark.gpu)]
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return backends
+    return ["numba", *backends]
+
+
+@pytest.mark.parametrize("backend", _bank_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_memory_bank_update_with_an_antipodal_feature_keeps_unit_rows(dtype, backend, monkeypatch):
+    """m v + (1 - m) f = 0 has no direction: the row becomes f / ||f|| (the fresh feature), or
+    stays as it was when f = 0 too; every other row follows the normalised moving average."""
+    from fake_cupy import device_module
+
+    from refmoco.backend import to_numpy
+
+    xp = None
+    if backend in ("fake-cupy", "cupy"):
+        xp = device_module("fake" if backend == "fake-cupy" else "cupy", monkeypatch)
+        backend = "cupy"
+    bank = MemoryBank(6, 4, momentum=0.5, dtype=dtype, seed=0, backend=backend)
+    old = to_numpy(bank.bank).copy()
+    rng = np.random.default_rng(1)
+    other = rng.standard_normal(4)
+    # rows 0 and 2 get their antipodes (0.5 v - 0.5 v = 0 exactly), row 5 an ordinary feature
+    feats = np.stack([-old[0], -old[2], other]).astype(dtype)
+    idx = np.array([0, 2, 5])
+    bank.update(idx if xp is None else xp.asarray(idx), feats if xp is None else xp.asarray(feats))
+    got = to_numpy(bank.bank)
+    assert got.dtype == np.dtype(dtype)
+    tol = 1e-6 if dtype == "float32" else 1e-14
+    np.testing.assert_allclose(np.linalg.norm(got.astype(np.float64), axis=1), 1.0, atol=tol)
+    # the cancelled rows hold the fresh feature's direction, computed here in float64
+    f = feats.astype(np.float64)
+    np.testing.assert_allclose(got[0], f[0] / np.linalg.norm(f[0]), atol=tol)
+    np.testing.assert_allclose(got[2], f[1] / np.linalg.norm(f[1]), atol=tol)
+    mixed = 0.5 * old[5].astype(np.float64) + 0.5 * f[2]
+    np.testing.assert_allclose(got[5], mixed / np.linalg.norm(mixed), atol=tol)
+    np.testing.assert_array_equal(got[[1, 3, 4]], old[[1, 3, 4]])
+
+    # momentum 0 and a zero feature: nothing to move to, the row stays as it was
+    bank = MemoryBank(3, 4, momentum=0.0, dtype=dtype, seed=0, backend=backend)
+    old = to_numpy(bank.bank).copy()
+    zero = np.zeros((1, 4), dtype)
+    bank.update(np.array([1]) if xp is None else xp.asarray(np.array([1])),
+                zero if xp is None else xp.asarray(zero))
+    np.testing.assert_array_equal(to_numpy(bank.bank), old)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_memory_bank_update_near_cancellation_takes_the_feature(dtype):
+    """A sum cancelled to within rounding (f = -v m / (1 - m), rounded) is noise: the fresh
+    feature's direction is kept, not the noise's; a tiny feature with momentum 0 is still used."""
+    bank = MemoryBank(4, 5, momentum=0.3, dtype=dtype, seed=2)
+    v = bank.bank[1].astype(np.float64)
+    f = (-v * 0.3 / 0.7).astype(dtype)[None]
+    bank.update(np.array([1]), f)
+    tol = 1e-6 if dtype == "float32" else 1e-14
+    f64 = f[0].astype(np.float64)
+    np.testing.assert_allclose(bank.bank[1], f64 / np.linalg.norm(f64), atol=tol)
+
+    bank = MemoryBank(4, 5, momentum=0.0, dtype=dtype, seed=2)
+    tiny = np.array([[3e-20, -4e-20, 0, 0, 0]], dtype)  # norm far below l2_normalize's 1e-12
+    bank.update(np.array([3]), tiny)
+    np.testing.assert_allclose(bank.bank[3], [0.6, -0.8, 0, 0, 0], atol=tol)
