@@ -143,6 +143,22 @@ def test_momentum_kernel_rounds_every_operation_like_numpy(kernels, dtype):
     assert {ins.split(".")[0] for ins in ops} == {"mul", "add"}  # t * m + w * s, nothing else
 
 
+@pytest.mark.parametrize("dtype, source", [(np.float32, np.float64), (np.float64, np.float32),
+                                           (np.float32, np.float32)])
+def test_momentum_kernel_keeps_subnormals_like_numpy(kernels, dtype, source):
+    """No flush-to-zero (``.ftz``) anywhere in the momentum kernel, the conversion of a source
+    of the other dtype included: NumPy keeps float32 subnormals (``np.float64(1e-45)`` is
+    1.4e-45 in float32), so the kernel must, to be bitwise the reference. CuPy compiles its
+    own kernels with ``-ftz=true``, which is why the conversion happens in this kernel."""
+    t, s, m, w = lerp_args(dtype)
+    ptx = ptx_of(kernels._lerp_kernel(dtype), t, s.astype(source), m, w)
+    flushing = [ins for ins in instructions(ptx) if ".ftz" in ins]
+    assert not flushing, flushing[:3]
+    if source != dtype:
+        dst, src = (f"f{8 * np.dtype(x).itemsize}" for x in (dtype, source))
+        assert any(ins.startswith("cvt.") and f".{dst}.{src}" in ins for ins in instructions(ptx))
+
+
 def test_the_ptx_reader_sees_a_fused_multiply_add(kernels):
     """The reader itself: the plain expression ``t * m + w * s`` compiles to an ``fma`` (what
     the momentum kernel avoids), so the check above is not vacuous."""

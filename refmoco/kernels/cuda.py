@@ -172,13 +172,17 @@ def _rounded_ops(dtype):
 @functools.cache
 def _lerp_kernel(dtype):
     """The momentum kernel for one float dtype: ``t = t * m + w * s``, each product and the sum
-    rounded as NumPy rounds them (bitwise the reference)."""
+    rounded as NumPy rounds them (bitwise the reference). A source of the other float dtype is
+    read in the target's here (``cvt.rn``, subnormals kept): CuPy's own conversion kernel is
+    compiled with ``-ftz=true`` and would flush float32 subnormals to zero, where NumPy's
+    ``astype`` keeps them."""
     add, mul = _rounded_ops(dtype)
+    cast = numba.from_dtype(np.dtype(dtype))
 
     def lerp(t, s, m, w):
         start = cuda.grid(1)
         for i in range(start, t.shape[0], cuda.gridsize(1)):
-            t[i] = add(mul(t[i], m), mul(w, s[i]))
+            t[i] = add(mul(t[i], m), mul(w, cast(s[i])))
 
     return cuda_jit(lerp)
 
@@ -189,7 +193,10 @@ def momentum_update(target, source, m):
     dtype = target.dtype
     _check_dtype(dtype)  # float16 is computed in float32 before this (refmoco.momentum_update)
     t = target if target.flags.c_contiguous else xp.ascontiguousarray(target)
-    s = xp.ascontiguousarray(source, dtype=dtype)
+    if source.dtype in (np.float32, np.float64):  # converted in the kernel, as NumPy converts
+        s = xp.ascontiguousarray(source)
+    else:  # float16: exact in float32 and float64, whoever converts it
+        s = xp.ascontiguousarray(source, dtype=dtype)
     if t.size:
         _launch(_lerp_kernel(dtype.type), _blocks(t.size), t.reshape(-1), s.reshape(-1),
                 dtype.type(m), dtype.type(1.0 - m))
