@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any
 
 import numpy as np
@@ -62,9 +63,15 @@ def check_unit_interval(value: Any, name: str) -> float:
 
 
 def check_int(value: Any, name: str, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not hasattr(value, "__index__"):
+    """A Python int >= ``minimum`` from an int or an integer NumPy scalar or 0-d array (through
+    ``operator.index``: a float, a bool or a 0-d float array such as ``np.array(2.5)`` is a
+    TypeError, never truncated)."""
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected an integer, got {value!r}")
-    v = int(value)
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {value!r}") from None
     if v < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {v}")
     return v

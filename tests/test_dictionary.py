@@ -325,3 +325,23 @@ def test_memory_bank_update_near_cancellation_takes_the_feature(dtype):
     tiny = np.array([[3e-20, -4e-20, 0, 0, 0]], dtype)  # norm far below l2_normalize's 1e-12
     bank.update(np.array([3]), tiny)
     np.testing.assert_allclose(bank.bank[3], [0.6, -0.8, 0, 0, 0], atol=tol)
+
+
+@pytest.mark.parametrize("value", [np.array(2.5), 2.0, np.float64(2.0), True, np.True_, "2",
+                                   np.array([2])])
+def test_an_integer_argument_is_never_truncated_from_a_float(value):
+    """``check_int`` goes through ``operator.index``: ``np.array(2.5)`` used to pass (it has an
+    ``__index__`` method that refuses it, but ``int()`` truncated it to 2)."""
+    bank = MemoryBank(10, 4)
+    state = bank.rng.bit_generator.state
+    with pytest.raises(TypeError, match="num_negatives: expected an integer"):
+        bank.sample(np.arange(3), value)
+    with pytest.raises(TypeError, match="size"):
+        Queue(value, 4)
+    assert bank.rng.bit_generator.state == state
+
+
+@pytest.mark.parametrize("value", [2, np.int64(2), np.uint8(2), np.array(2)])
+def test_integer_arguments_take_numpy_integers(value):
+    assert MemoryBank(10, 4, seed=0).sample(np.arange(3), value).shape == (3, 2)
+    assert Queue(value, 4).size == 2
