@@ -65,10 +65,12 @@ def xent_backward(dlosses, cache: XentCache, xp, *, overwrite=False):
     if cache.probs.size == 0:  # an empty batch: no row to pick a label from
         return cache.probs if overwrite else cache.probs.copy()
     dlogits = xp.multiply(cache.probs, dlosses[..., None], out=cache.probs if overwrite else None)
-    idx = cache.labels[..., None]
-    picked = xp.take_along_axis(dlogits, idx, axis=-1)
-    xp.put_along_axis(dlogits, idx, picked - dlosses[..., None], axis=-1)
-    return dlogits
+    shape = dlogits.shape
+    rows = dlogits.reshape(-1, shape[-1])  # one row per loss (a view: dlogits is contiguous)
+    # minus dloss at each row's label: one entry per row, so no two writes meet (CuPy 13 has
+    # no put_along_axis)
+    rows[xp.arange(rows.shape[0]), cache.labels.reshape(-1)] -= dlosses.reshape(-1)
+    return rows.reshape(shape)
 
 
 def _check_labels(labels, num_classes: int, n: int, xp):
