@@ -32,8 +32,11 @@ def keywords(obj):
     if match is None:
         return None
     names = []
-    for part in match.group("params").replace("\\*", "*").split(","):
-        name = part.split("=")[0].strip()
+    params = match.group("params").replace("\\*", "*").replace("[", ",").replace("]", ",")
+    params = re.sub(r"\([^()]*\)", "()", params)  # a default such as out=(None, None)
+    for part in params.split(","):  # "[, out2]": optional outputs; "int axis=-1": a C type
+        words = part.split("=")[0].split()
+        name = words[-1] if words else ""
         if name.startswith("**"):
             return None
         if name == "/":  # the names before it are positional only

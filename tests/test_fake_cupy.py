@@ -34,6 +34,19 @@ def test_keywords_cupy_lacks_are_refused(cp):
     np.testing.assert_array_equal(cp.asnumpy(x.sum(axis=1, keepdims=True)), [[3.0], [12.0]])
 
 
+def test_keywords_of_cython_methods_are_read_without_their_c_types(cp):
+    """CuPy's Cython signatures carry C types (``sort(self, int axis=-1, kind=None)``) and
+    bracketed optional outputs (``divmod(x1, x2[, out1, out2], / [, out=(None, None)], ...)``);
+    the record keeps the names alone, so the stand-in takes what CuPy takes."""
+    assert CUPY_API["ndarray"]["sort"] == ["axis", "kind"]
+    assert CUPY_API["cupy"]["divmod"] == ["casting", "dtype", "out"]
+    x = cp.asarray(np.array([[3.0, 1.0], [2.0, 0.0]]))
+    x.sort(axis=0)
+    out = cp.empty((2, 2))
+    x.dot(x, out=out)
+    np.testing.assert_array_equal(cp.asnumpy(out), np.array([[4.0, 0.0], [9.0, 1.0]]))
+
+
 def test_host_arrays_in_device_operations_are_refused(cp):
     x = cp.asarray(np.ones(3))
     with pytest.raises(TypeError, match="host array"):
