@@ -169,6 +169,14 @@ class FakeDeviceArray:
     def get(self, stream=None):
         return self._a.copy()
 
+    @property
+    def flags(self):
+        """CuPy's flags: ``c_contiguous``, ``f_contiguous``, ``owndata`` and no more (NumPy's
+        ``writeable`` or ``aligned`` would fail on a GPU)."""
+        f = self._a.flags
+        return types.SimpleNamespace(c_contiguous=f.c_contiguous, f_contiguous=f.f_contiguous,
+                                     owndata=f.owndata, fnc=f.fnc, forc=f.forc)
+
     def __getattr__(self, name):
         if name.startswith("__"):  # no __array_interface__ & co: no silent conversion
             raise AttributeError(name)

@@ -47,6 +47,13 @@ def test_keywords_of_cython_methods_are_read_without_their_c_types(cp):
     np.testing.assert_array_equal(cp.asnumpy(out), np.array([[4.0, 0.0], [9.0, 1.0]]))
 
 
+def test_flags_are_cupys(cp):
+    x = cp.asarray(np.ones((2, 3)))
+    assert x.flags.c_contiguous and not x.T.flags.c_contiguous and x.T.flags.f_contiguous
+    with pytest.raises(AttributeError):
+        getattr(x.flags, "writeable")  # noqa: B009  NumPy's flag; CuPy arrays have none
+
+
 def test_host_arrays_in_device_operations_are_refused(cp):
     x = cp.asarray(np.ones(3))
     with pytest.raises(TypeError, match="host array"):
