@@ -4,9 +4,15 @@
 Its arrays (:class:`FakeDeviceArray`) are NumPy arrays in a box whose type lives in a module named
 ``cupy``, so refmoco treats them as device arrays; :class:`FakeCupy` is the module ``cupy`` that
 computes on them (NumPy's functions, unboxed and boxed again). It refuses what CuPy refuses:
-``np.asarray`` of a device array, NumPy functions on it, host arrays inside device operations, a
-host array written into a device array. So the generic ``xp`` code, the placement checks and every
-host/device transfer run without a GPU; what it cannot exercise is CuPy's own numerics and kernels.
+``np.asarray`` of a device array, host arrays inside device operations, a host array written
+into a device array. It is stricter than CuPy in three places, so that device code stays
+explicit: a NumPy function called on a device array (CuPy's ``__array_function__`` would run
+CuPy's version), and a host array written through an integer-array index (CuPy copies it to the
+device) are refused, and a host array written through a slice is a TypeError here where CuPy
+raises a ValueError ("non-scalar numpy.ndarray cannot be used for fill"). So the generic ``xp``
+code, the placement checks and every host/device transfer run without a GPU; what it cannot
+exercise is CuPy's own numerics and kernels (CuPy compiles them with ``-ftz=true``: float32
+subnormals flush to zero there, not here).
 
 :func:`device_module` is the body of the ``xp`` fixtures: real CuPy for ``"cupy"`` (a GPU, else
 a skip, or a failure under ``REFMOCO_REQUIRE_GPU=1``), the stand-in installed as
