@@ -345,3 +345,75 @@ def test_without_numba_the_numba_backend_says_what_to_install(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
     assert "refmoco[numba]" in result.stderr  # the CLI's message
+
+
+def test_evaluation_protocol_and_random_init_are_those_of_the_api(tmp_path, small, monkeypatch):
+    """API.md: kNN on the L2-normalised head output, the linear probe on the backbone features
+    before the head, and ``random_init`` the same model untrained (same seed). The evaluators
+    are recorded where the trainer looks them up, and their inputs compared with the features
+    computed here from the encoder itself: the fresh model's for the first evaluation, the
+    checkpoint's for the last."""
+    import refmoco.train as train_module
+
+    real_knn = train_module.knn_accuracy
+    real_probe = train_module.linear_probe_accuracy
+    knn_calls, probe_calls = [], []
+
+    def knn(train_x, train_y, test_x, test_y, *args, **kwargs):
+        knn_calls.append((np.array(train_x), np.array(test_x)))
+        return real_knn(train_x, train_y, test_x, test_y, *args, **kwargs)
+
+    def probe(train_x, train_y, test_x, test_y, *args, **kwargs):
+        probe_calls.append((np.array(train_x), np.array(test_x), args, kwargs))
+        return real_probe(train_x, train_y, test_x, test_y, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "knn_accuracy", knn)
+    monkeypatch.setattr(train_module, "linear_probe_accuracy", probe)
+    c = config(epochs=1, out_dim=24, seed=3)  # out_dim 24 vs the MLP's 256 features
+    out = str(tmp_path / "run")
+    metrics = run(c, out, progress=False, dataset=small)
+
+    def own_features(trainer):
+        """(normalised z, h) for the train and test splits, from the encoder's forward pass."""
+        m = trainer.mechanism
+        feats = []
+        for x in (small.x_train, small.x_test):
+            z, h, _ = trainer.encoder.forward_features(m.params, m.buffers, x.astype(c.dtype),
+                                                       train=False)
+            z, h = np.asarray(z, np.float64), np.asarray(h)
+            feats.append((z / np.sqrt((z * z).sum(axis=1, keepdims=True)), h))
+        return feats
+
+    feature_dim = Trainer(c, small).encoder.feature_dim
+    assert (feature_dim, c.out_dim) == (256, 24)
+    # random_init and the one evaluation per epoch: kNN each time, the probe at start and end
+    assert len(knn_calls) == 1 + c.epochs + 1 and len(probe_calls) == 2
+    for z_train, z_test in knn_calls:
+        assert z_train.shape == (len(small.x_train), c.out_dim)
+        assert z_test.shape == (len(small.x_test), c.out_dim)
+        for z in (z_train, z_test):  # unit rows (float32 rounding of the division)
+            np.testing.assert_allclose(np.linalg.norm(z.astype(np.float64), axis=1), 1.0,
+                                       rtol=0, atol=4 * np.finfo(np.float32).eps)
+    for h_train, h_test, args, kwargs in probe_calls:
+        assert h_train.shape == (len(small.x_train), feature_dim)
+        assert h_test.shape == (len(small.x_test), feature_dim)
+        assert (list(args) + [kwargs.get("seed")])[0] == c.seed
+
+    fresh = Trainer(c, small)  # the same seed, never trained
+    finished = Trainer(c, small)
+    finished.load(out)  # the trained model, from the run's checkpoint
+    for name, trainer, knn_call, probe_call in (("random_init", fresh, knn_calls[0],
+                                                 probe_calls[0]),
+                                                ("final", finished, knn_calls[-1],
+                                                 probe_calls[-1])):
+        (z_train, h_train), (z_test, h_test) = own_features(trainer)
+        for got, expected in zip(knn_call, (z_train, z_test)):  # float32 normalisation
+            np.testing.assert_allclose(got, expected, rtol=0, atol=4 * np.finfo(np.float32).eps,
+                                       err_msg=name)
+        for got, expected in zip(probe_call[:2], (h_train, h_test)):  # the same forward pass
+            np.testing.assert_array_equal(got, expected, err_msg=name)
+        assert metrics[name]["linear_accuracy"] == real_probe(
+            h_train, small.y_train, h_test, small.y_test, seed=c.seed), name
+        assert metrics[name]["knn_accuracy"] == real_knn(  # on the inputs just checked
+            knn_call[0], small.y_train, knn_call[1], small.y_test), name
+    assert fresh.epoch == 0 and finished.epoch == c.epochs
