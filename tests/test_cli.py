@@ -96,6 +96,69 @@ def test_train_help_shows_every_default_that_a_run_uses(capsys, monkeypatch, tmp
         assert default_shown(entries[flag]) is None, flag
 
 
+# option: (its value on the command line, the TrainConfig field, the value the field must hold);
+# none of them the default
+TRAIN_OPTIONS = {
+    "--mechanism": ("memory-bank", "mechanism", "memory-bank"),
+    "--encoder": ("mlp", "encoder", "mlp"),
+    "--epochs": ("7", "epochs", 7),
+    "--batch-size": ("48", "batch_size", 48),
+    "--queue-size": ("80", "queue_size", 80),
+    "--temperature": ("0.23", "temperature", 0.23),
+    "--momentum": ("0.95", "momentum", 0.95),
+    "--lr": ("0.017", "lr", 0.017),
+    "--weight-decay": ("0.002", "weight_decay", 0.002),
+    "--bn-groups": ("3", "bn_groups", 3),
+    "--dataset": ("translated-digits", "data", "translated-digits"),
+    "--dtype": ("float64", "dtype", "float64"),
+    "--backend": ("numba", "backend", "numba"),
+    "--seed": ("17", "seed", 17),
+}
+
+
+@pytest.mark.parametrize("source", ["--dataset", "--data"])
+def test_every_train_option_reaches_the_trainers_config(capsys, monkeypatch, tmp_path, source):
+    """A non-default value for every option of ``refmoco train`` (--data and --dataset, which
+    exclude each other, in turn): each TrainConfig field holds it where the trainer is built
+    inside the real ``run``, and --out, --resume, --no-progress reach ``run``."""
+    options = dict(TRAIN_OPTIONS)
+    data = str(tmp_path / "mine.npz")  # never read: the trainer is stopped before
+    if source == "--data":
+        del options["--dataset"]
+        options["--data"] = (data, "data", data)
+    out = str(tmp_path / "run")
+    argv = ["train", *[a for option, (value, _, _) in options.items() for a in (option, value)],
+            "--out", out, "--resume", "--no-progress"]
+    for option, (_, field, expected) in options.items():
+        assert expected != getattr(TrainConfig(), field), option
+    assert 0.017 != TrainConfig(mechanism="memory-bank").lr  # not memory-bank's default either
+    help_options = set(help_entries(capsys, monkeypatch, "train")) - {"-h"}
+    assert help_options == set(TRAIN_OPTIONS) | {"--data", "--out", "--resume", "--no-progress"}
+
+    seen = {}
+
+    def trainer_built(config, dataset=None):
+        seen["config"] = config
+        raise _Stop
+
+    monkeypatch.setattr(refmoco.train, "Trainer", trainer_built)  # inside the real run
+    with pytest.raises(_Stop):
+        main(argv)
+    config = seen.pop("config")
+    for option, (_, field, expected) in options.items():
+        assert getattr(config, field) == expected, (option, field, getattr(config, field))
+    assert config == TrainConfig(**{field: expected for _, field, expected in options.values()})
+
+    def fake_run(config, out, **kwargs):
+        seen.update(config=config, out=out, **kwargs)
+        return {"final": {}, "random_init": {}, "raw_pixels": {}, "train_seconds_this_run": 0.0}
+
+    monkeypatch.setattr(refmoco.train, "run", fake_run)
+    assert main(argv) == 0
+    assert seen == {"config": config, "out": out, "resume": True, "progress": False}
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("mechanism", sorted(DEFAULT_LR))
 def test_train_help_gives_each_mechanisms_learning_rate(capsys, monkeypatch, tmp_path, mechanism):
     seen = {}
