@@ -195,13 +195,62 @@ def test_lightly_ntxent_with_its_memory_bank_matches_the_package(size, batch_siz
 
 
 # -- handing results back --------------------------------------------------------------------------
+def torch_info_nce(q, k, negatives, temperature):
+    """PyTorch's InfoNCE with a shared queue, and its gradients (q, k, negatives)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, negatives)]
+    qt, kt, nt = leaves
+    logits = torch.cat([(qt * kt).sum(1, keepdim=True), qt @ nt.T], dim=1) / temperature
+    loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(qt), dtype=torch.long))
+    loss.backward()
+    return loss.detach().numpy(), {n: t.grad.numpy() for n, t in zip(("q", "k", "negatives"),
+                                                                       leaves)}
+
+
 def test_like_returns_torch_tensors_of_the_callers_dtype(rng):
-    for dtype in (torch.float16, torch.float32, torch.float64):
-        q = torch.nn.functional.normalize(torch.randn(4, 3, dtype=torch.float64), dim=1)
-        q = q.to(dtype)
-        out = like(refmoco.info_nce_loss(q, q, q[:2], temperature=0.5), q)  # float16: in float32
+    """float16/bfloat16 (API.md; ``as_array``, ``float_array``): widened to float32, which is
+    exact, computed in float32 (a float32 result equal bit for bit to the float32 call's), and
+    handed back by ``like`` rounded once to the caller's dtype. The float32 call itself is
+    checked against PyTorch's float32 InfoNCE."""
+    base = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((4, 3))), dim=1)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        q = base.to(dtype)
+        raw = refmoco.info_nce_loss(q, q, q[:2], temperature=0.5)
+        out = like(raw, q)
         assert isinstance(out.loss, torch.Tensor) and out.loss.dtype == dtype
         assert out.grads["q"].dtype == dtype and out.grads["q"].shape == q.shape
+        if dtype not in (torch.float16, torch.bfloat16):
+            continue
+        wide = q.float()  # every float16 and bfloat16 value is a float32 value
+        assert torch.equal(wide.to(dtype), q)
+        expected = refmoco.info_nce_loss(wide, wide, wide[:2], temperature=0.5)
+        loss32, grads32 = torch_info_nce(wide, wide, wide[:2], 0.5)
+        check(expected.loss, loss32, np.float32, "float32 loss", 1 / 0.5)
+        for name in ("q", "k", "negatives"):
+            check(expected.grads[name], grads32[name], np.float32, name, term_scale(0.5, wide))
+        inputs = [q]
+        if dtype == torch.float16:  # the same values as NumPy arrays
+            inputs.append(q.numpy())
+        if dtype == torch.bfloat16 and importlib.util.find_spec("ml_dtypes"):
+            import ml_dtypes
+
+            inputs.append(wide.numpy().astype(ml_dtypes.bfloat16))  # JAX's bfloat16 arrays
+        for x in inputs:
+            got = refmoco.info_nce_loss(x, x, x[:2], temperature=0.5)
+            back = like(got, x)
+            for name, value, value32 in [("loss", got.loss, expected.loss),
+                                         *[(n, got.grads[n], expected.grads[n])
+                                           for n in expected.grads]]:
+                assert value.dtype == np.float32, (type(x), name)
+                np.testing.assert_array_equal(value, value32, err_msg=f"{type(x)} {name}")
+            for returned, value32 in [(back.loss, expected.loss),
+                                      *[(back.grads[n], expected.grads[n])
+                                        for n in expected.grads]]:
+                rounded = torch.from_numpy(np.asarray(value32)).to(dtype)  # rounded once
+                if isinstance(x, torch.Tensor):
+                    assert returned.dtype == dtype and torch.equal(returned, rounded)
+                else:
+                    assert returned.dtype == x.dtype
+                    assert np.array_equal(returned.astype(np.float32), rounded.float().numpy())
     queue = moco.MoCoQueue(3, 4, initial=np.zeros((3, 4)))
     back = like(queue.queue, torch.zeros(1, dtype=torch.float32))  # a read-only view: copied
     back += 1
