@@ -16,6 +16,7 @@ import numpy as np
 
 from ._checks import check_int, check_unit_interval
 from .backend import array_module, as_array, check_available, float_array, is_cupy_array, to_numpy
+from .losses.normalize import l2_normalize
 
 _DTYPES = ("float32", "float64")
 
@@ -55,19 +56,6 @@ def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.d
     host in float64 so that every dtype and backend starts from the same rows."""
     rows = rng.standard_normal((size, dim))
     return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(dtype)
-
-
-def _unit_rows(x: Any, xp: Any) -> Any:
-    """Each row of ``x`` (b, C) divided by its L2 norm, computed as ``l2_normalize`` does
-    (scaled by the row's largest entry, so that it neither overflows nor underflows, and the same
-    bits wherever ``l2_normalize`` does not clamp) but never clamped: a nonzero row comes out of
-    unit norm however small it is. A zero row stays zero."""
-    a = xp.abs(x).max(axis=1, keepdims=True)  # (b, 1)
-    s = x / xp.where(a > 0, a, 1)  # (b, C): the largest entry of a nonzero row is +-1
-    r = xp.sqrt((s * s).sum(axis=1, keepdims=True))  # (b, 1): in [1, sqrt(C)], or 0
-    norm = a * r  # (b, 1) ||x||; inf, or a subnormal short of digits, at the dtype's two ends
-    usual = xp.isfinite(norm) & (norm >= float(np.finfo(x.dtype).tiny))
-    return xp.where(usual, x / xp.where(usual, norm, 1), s / xp.where(r > 0, r, 1))
 
 
 def _readonly(a):
@@ -357,10 +345,10 @@ class MemoryBank:
         """Move rows ``indices`` towards ``feats`` and renormalise them.
 
         Row ``i`` becomes ``normalize(m * bank[i] + (1 - m) * feat)`` with ``m`` the momentum.
-        A sum that cancels (to within its rounding error, about ``eps`` of the dtype times the
-        size of its two terms) has no direction left: such a row becomes ``feat / ||feat||``,
-        the fresh observation, or is left unchanged when ``feat`` is zero as well. Every row of
-        the bank keeps unit norm.
+        A sum that cancels to zero has no direction: such a row becomes ``feat / ||feat||``, the
+        fresh observation, or is left unchanged when ``feat`` is zero as well. Every row of the
+        bank keeps unit norm (a sum that cancels only nearly is normalised like any other; its
+        direction is then mostly rounding).
 
         Raises
         ------
@@ -381,17 +369,12 @@ class MemoryBank:
         m = self.dtype.type(self.momentum)
         old = self._bank[idx]  # (b, C)
         rows = m * old + (1 - m) * feats  # (b, C)
-        # `rows` is exact to within about 2 eps * (|m old| + |(1 - m) feats|) per entry; a row no
-        # larger than (twice) that has no direction left, e.g. feats = -old with m = 0.5 gives 0
-        terms = xp.abs(m * old) + xp.abs((1 - m) * feats)  # (b, C)
-        top = terms.max(axis=1, keepdims=True)  # (b, 1)
-        top = xp.where(top > 0, top, 1)
-        bound = (4 * float(np.finfo(self.dtype).eps)) ** 2
-        lost = ((rows / top) ** 2).sum(axis=1, keepdims=True) <= bound * (
-            (terms / top) ** 2).sum(axis=1, keepdims=True)  # (b, 1)
-        fresh = xp.abs(feats).max(axis=1, keepdims=True) > 0  # (b, 1)
-        self._bank[idx] = xp.where(lost, xp.where(fresh, _unit_rows(feats, xp), old),
-                                   _unit_rows(rows, xp))
+        # a sum that cancels exactly (feats = -old with m = 1/2, or feats = 0 with m = 0) has no
+        # direction: the row takes the fresh feature's, or keeps its own if the feature is 0 too
+        gone = (rows == 0).all(axis=1, keepdims=True)  # (b, 1)
+        rows = xp.where(gone, xp.where((feats == 0).all(axis=1, keepdims=True), old, feats), rows)
+        # clamped only below the dtype's smallest normal number: every other row gets unit norm
+        self._bank[idx] = l2_normalize(rows, eps=float(np.finfo(self.dtype).tiny))[0]
 
     def sample(self, indices, num_negatives, rng=None) -> np.ndarray:
         """(len(indices), num_negatives) row indices drawn uniformly, never the query's own.
