@@ -24,7 +24,11 @@ from refmoco.nn import (
 )
 from refmoco.nn.functional import ReLUCache
 
-TOL = {np.dtype("float32"): 1e-5, np.dtype("float64"): 1e-10}  # relative, by dtype
+# relative (rel_err below), by dtype. float64 against PyTorch: measured at most 1.4e-15 for
+# the layers (1000 hypothesis examples; 2.9e-16 in the CI profile's) and 8.9e-16 for the
+# encoders (3 steps), 7e-17 for the convolution against loops: 1e-13 leaves 70x over the worst
+# for other BLAS and PyTorch kernels' summation orders.
+TOL = {np.dtype("float32"): 1e-5, np.dtype("float64"): 1e-13}
 H = 1e-4  # step of the 5-point stencil below: truncation O(H**4), rounding O(eps / H)
 FD_TOL = 1e-10  # relative error allowed on top of the stencil's rounding floor (check_directional)
 seeds = st.integers(0, 2**32 - 1)

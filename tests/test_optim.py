@@ -10,7 +10,10 @@ from hypothesis import strategies as st
 from refmoco.nn import FlatParams
 from refmoco.optim import SGD, cosine_lr
 
-TOL = {np.dtype("float32"): 1e-5, np.dtype("float64"): 1e-10}  # relative, by dtype
+# relative (rel_err below), by dtype. float64 against torch.optim.SGD, elementwise steps:
+# measured at most 2.5e-16 (1000 hypothesis examples of 5 steps; 2.4e-16 over 400 configs), about
+# one ulp: 1e-14 leaves 40x for fused multiply-adds and other kernels' rounding.
+TOL = {np.dtype("float32"): 1e-5, np.dtype("float64"): 1e-14}
 
 
 def rel_err(a, b):
