@@ -5,6 +5,7 @@ import doctest
 import functools
 import math
 
+import naive
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -429,7 +430,10 @@ def test_convention_gradients_match_finite_differences(rng):
     check_grad(functools.partial(cpc.cdck2_loss, t=1), {"z": z, "c": c, "W": W, "b": b})
     check_grad(cpc.cpc_audio_loss, {"z": z, "c": c, "W": W,
                                     "negatives": rng.normal(size=(3, 2, 3, 2))})
-    assert float(cpc.paper_loss(z, c, W).loss) == float(refmoco.cpc_loss(z, c, W).loss)
+    # the paper's loss: its value against the loop transcription of CPC eq. (4) (tests/naive.py),
+    # its gradients against finite differences, like the implementations above
+    assert_close(cpc.paper_loss(z, c, W).loss, np.float64(naive.cpc(z, c, W)), rtol=1e-12)
+    check_grad(cpc.paper_loss, {"z": z, "c": c, "W": W}, rtol=1e-6)
 
 
 @pytest.mark.parametrize("module", [cpc, info_nce_pytorch, lightly, margin, moco, pml])
