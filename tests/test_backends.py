@@ -311,32 +311,38 @@ def _r(*shape):
     return np.random.default_rng(5).standard_normal(shape)
 
 
-BAD_CALLS = [
-    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(2, 4), _r(5, 4), backend=b), ValueError),
-    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 3), backend=b), ValueError),
+BAD_CALLS = [  # (call, error, what the message must start with or say: the argument's name)
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(2, 4), _r(5, 4), backend=b), ValueError,
+     "^k: "),
+    (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 3), backend=b), ValueError,
+     "^negatives: "),
     (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4), temperature=0, backend=b),
-     ValueError),
+     ValueError, "^temperature: "),
     (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4), reduction="max", backend=b),
-     ValueError),
+     ValueError, "^reduction: "),
     (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4), wrt=("x",), backend=b),
-     ValueError),
+     ValueError, "^wrt: "),
     (lambda b: refmoco.info_nce_loss(np.ones((3, 4), int), _r(3, 4), _r(5, 4), backend=b),
-     TypeError),
+     TypeError, "^q: "),
     (lambda b: refmoco.info_nce_loss(_r(3, 4), _r(3, 4), _r(5, 4).astype(np.float32),
-                                     backend=b), TypeError),
-    (lambda b: refmoco.momentum_update(_r(3), _r(3), 1.5, backend=b), ValueError),
-    (lambda b: refmoco.momentum_update(_r(3), _r(4), 0.5, backend=b), ValueError),
-    (lambda b: refmoco.momentum_update(np.ones(3, int), _r(3), 0.5, backend=b), TypeError),
-    (lambda b: refmoco.momentum_update({"a": _r(3)}, {"b": _r(3)}, 0.5, backend=b), ValueError),
-    (lambda b: refmoco.momentum_update([_r(3)], [_r(3), _r(3)], 0.5, backend=b), ValueError),
-    (lambda b: refmoco.momentum_update([1.0, 2.0], [1.0, 2.0], 0.5, backend=b), TypeError),
+                                     backend=b), TypeError, "dtype.*negatives: float32"),
+    (lambda b: refmoco.momentum_update(_r(3), _r(3), 1.5, backend=b), ValueError, "^momentum: "),
+    (lambda b: refmoco.momentum_update(_r(3), _r(4), 0.5, backend=b), ValueError, "^source: "),
+    (lambda b: refmoco.momentum_update(np.ones(3, int), _r(3), 0.5, backend=b), TypeError,
+     "^target: "),
+    (lambda b: refmoco.momentum_update({"a": _r(3)}, {"b": _r(3)}, 0.5, backend=b), ValueError,
+     "^source: .*keys"),
+    (lambda b: refmoco.momentum_update([_r(3)], [_r(3), _r(3)], 0.5, backend=b), ValueError,
+     "^source: .*length"),
+    (lambda b: refmoco.momentum_update([1.0, 2.0], [1.0, 2.0], 0.5, backend=b), TypeError,
+     r"^target\[0\]: "),
 ]
 
 
-@pytest.mark.parametrize("call, error", BAD_CALLS)
-def test_bad_input_raises_the_same_error_on_every_backend(call, error):
+@pytest.mark.parametrize("call, error, words", BAD_CALLS)
+def test_bad_input_raises_the_same_error_on_every_backend(call, error, words):
     for backend in ("numpy", "numba"):
-        with pytest.raises(error):
+        with pytest.raises(error, match=words):
             call(backend)
 
 
