@@ -7,7 +7,7 @@ and agree with the references before device time is spent on them. What it canno
 kernels and numerics, the real launch path (streams, ``__cuda_array_interface__``) and any timing
 (the simulator is ~10^4 times slower than a GPU). PyTorch CUDA cases are left out without CUDA.
 
-    python scripts/gpu_dryrun.py tests      # the 49 GPU tests: about 4 minutes on 2 cores
+    python scripts/gpu_dryrun.py tests      # the 51 GPU tests: about 4 minutes on 2 cores
     python scripts/gpu_dryrun.py bench      # the GPU benchmark groups, once each: about 9 minutes
     python scripts/gpu_dryrun.py            # both
     python scripts/gpu_dryrun.py count      # device operations in one MoCo step (the bench's)
