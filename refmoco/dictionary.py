@@ -51,6 +51,20 @@ def _finite_in(a: Any, dtype: np.dtype, xp: Any, name: str) -> Any:
     return a
 
 
+def check_ids(ids: Any, n: int, per: str) -> np.ndarray:
+    """Sample ids as a host int64 array of shape ``(n,)``, one per ``per`` (key, sample): from
+    any integer array (NumPy, CuPy, a list), else a ``TypeError`` / ``ValueError`` naming
+    ``ids``; unsigned values beyond int64 are refused rather than wrapped."""
+    ids = to_numpy(as_array(ids, "ids"))
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
+    if ids.shape != (n,):
+        raise ValueError(f"ids: expected shape ({n},) (one per {per}), got {ids.shape}")
+    if ids.dtype.kind == "u" and n and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError("ids: expected values that fit in int64, got larger unsigned ones")
+    return ids.astype(np.int64, copy=False)
+
+
 def _random_unit_rows(rng: np.random.Generator, size: int, dim: int, dtype: np.dtype):
     """Standard normal rows, each L2-normalised (MoCo's queue initialisation), drawn on the
     host in float64 so that every dtype and backend starts from the same rows."""
@@ -176,17 +190,7 @@ class Queue:
             where = "CuPy" if self.backend == "cupy" else "NumPy"
             raise TypeError(f"keys: this queue lives on backend={self.backend!r}: pass {where} arrays")
         keys = _finite_in(keys, self.dtype, self.xp, "keys")
-        b = keys.shape[0]
-        if ids is None:
-            return keys, None
-        ids = to_numpy(as_array(ids, "ids"))
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
-        if ids.shape != (b,):
-            raise ValueError(f"ids: expected shape ({b},) (one per key), got {ids.shape}")
-        if ids.dtype.kind == "u" and b and ids.max() > np.iinfo(np.int64).max:
-            raise ValueError("ids: expected values that fit in int64, got larger unsigned ones")
-        return keys, ids.astype(np.int64, copy=False)
+        return keys, None if ids is None else check_ids(ids, keys.shape[0], "key")
 
     def enqueue(self, keys, ids=None) -> None:
         """Write a batch of keys (and their sample ids), oldest rows overwritten first.

@@ -37,7 +37,7 @@ from .backend import (
     to_backend,
     to_numpy,
 )
-from .dictionary import MemoryBank, Queue, rng_from_array, rng_to_array
+from .dictionary import MemoryBank, Queue, check_ids, rng_from_array, rng_to_array
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
 from .nn.models import _placement
@@ -173,14 +173,7 @@ class Mechanism:
                              f"the same samples), got {tuple(x_k.shape)}")
         if ids is None:
             raise TypeError("ids: expected the batch's sample ids (integers), got None")
-        ids = to_numpy(as_array(ids, "ids"))
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"ids: expected integers, got dtype {ids.dtype}")
-        if ids.shape != (len(x_q),):
-            raise ValueError(f"ids: expected shape ({len(x_q)},) (one per sample), got {ids.shape}")
-        if ids.dtype.kind == "u" and ids.size and ids.max() > np.iinfo(np.int64).max:
-            raise ValueError("ids: expected values that fit in int64, got larger unsigned ones")
-        return x_q, x_k, ids.astype(np.int64, copy=False), _hyper(lr, "lr")
+        return x_q, x_k, check_ids(ids, len(x_q), "sample"), _hyper(lr, "lr")
 
     def _update(self, lr: float) -> None:
         self.optimizer.step(self.params.flat, self.grads.flat, lr=lr)
