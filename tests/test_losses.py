@@ -677,3 +677,31 @@ def test_empty_batches_and_mi_lower_bound_on_the_device(xp):
     bound = refmoco.mi_lower_bound(xp.asarray(np.array(0.5, np.float32)), 4)
     assert isinstance(bound, xp.ndarray) and bound.shape == () and bound.dtype == np.float32
     assert float(bound) == pytest.approx(math.log(4) - 0.5, rel=1e-7)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("layout", ["c", "transposed"])
+def test_xent_backward_writes_the_label_term_in_place_whatever_the_strides(overwrite, layout):
+    """``dlogits = dloss * (softmax - onehot)`` for (T, B, C) logits (CPC's shape), C-contiguous
+    or a transposed view; with ``overwrite=True`` the result is the cache's own buffer."""
+    from refmoco.losses.softmax import xent_backward, xent_forward
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 3, 5))  # (T, B, C)
+    buffer = np.empty((3, 4, 5)).transpose(1, 0, 2) if layout == "transposed" else np.empty_like(logits)
+    buffer[...] = logits  # the layout under test; overwritten when overwrite=True
+    assert buffer.flags.c_contiguous == (layout == "c")
+    labels = rng.integers(0, 5, size=(4, 3))
+    dlosses = rng.normal(size=(4, 3))
+    _, cache = xent_forward(buffer, labels, np, overwrite=overwrite)
+    got = xent_backward(dlosses, cache, np, overwrite=overwrite)
+    # float64 re-derivation, row by row
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    expected = p * dlosses[..., None]
+    for t in range(4):
+        for b in range(3):
+            expected[t, b, labels[t, b]] -= dlosses[t, b]
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15)
+    if overwrite:
+        assert got is cache.probs

@@ -65,12 +65,12 @@ def xent_backward(dlosses, cache: XentCache, xp, *, overwrite=False):
     if cache.probs.size == 0:  # an empty batch: no row to pick a label from
         return cache.probs if overwrite else cache.probs.copy()
     dlogits = xp.multiply(cache.probs, dlosses[..., None], out=cache.probs if overwrite else None)
-    shape = dlogits.shape
-    rows = dlogits.reshape(-1, shape[-1])  # one row per loss (a view: dlogits is contiguous)
-    # minus dloss at each row's label: one entry per row, so no two writes meet (CuPy 13 has
-    # no put_along_axis)
-    rows[xp.arange(rows.shape[0]), cache.labels.reshape(-1)] -= dlosses.reshape(-1)
-    return rows.reshape(shape)
+    # minus dloss at each row's label, in place whatever the strides: one entry per row, so no
+    # two writes meet (CuPy 13 has no put_along_axis)
+    lead = dlogits.shape[:-1]  # the axes of the losses
+    rows = tuple(xp.arange(n).reshape((n,) + (1,) * (len(lead) - 1 - i)) for i, n in enumerate(lead))
+    dlogits[rows + (cache.labels,)] -= dlosses
+    return dlogits
 
 
 def _check_labels(labels, num_classes: int, n: int, xp):
