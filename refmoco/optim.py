@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import real_number
 from .backend import (
     backend_of,
     check_available,
@@ -54,11 +55,9 @@ def _state_to(buf: Any, p: Any) -> Any:
 
 
 def _hyper(value: Any, name: str, *, upper: float | None = None) -> float:
-    """A finite float >= 0 (and <= ``upper`` when given); else a ValueError naming it."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name}: expected a number, got {value!r}") from exc
+    """A finite float >= 0 (and <= ``upper`` when given), else a ValueError naming it; not a
+    real number at all (a string, a bool, None) is a TypeError (:func:`real_number`)."""
+    v = real_number(value, name)
     if not (math.isfinite(v) and v >= 0 and (upper is None or v <= upper)):
         bound = f"in [0, {upper}]" if upper is not None else ">= 0"
         raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")

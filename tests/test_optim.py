@@ -109,6 +109,10 @@ def test_sgd_validation_names_the_argument():
                          ({"lr": 0.1, "momentum": 0.9, "dampening": 0.1, "nesterov": True}, "nesterov")]:  # fmt: skip
         with pytest.raises(ValueError, match=name):
             SGD(**kwargs)
+    for kwargs, name in [({"lr": "0.1"}, "lr"), ({"lr": True}, "lr"), ({"lr": None}, "lr"),
+                         ({"lr": 0.1, "momentum": "0.9"}, "momentum")]:
+        with pytest.raises(TypeError, match=f"^{name}: expected a real number"):
+            SGD(**kwargs)  # float() would have parsed the string and taken True as 1
     opt, p = SGD(lr=0.1, momentum=0.9), np.ones(3)
     with pytest.raises(ValueError, match="grads"):
         opt.step(p, np.ones(4))
