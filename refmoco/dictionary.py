@@ -335,7 +335,10 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.size
 
-    def _check_indices(self, indices, name="indices") -> np.ndarray:
+    def check_rows(self, indices, name="indices", *, distinct=False) -> np.ndarray:
+        """``indices`` as host int64 row numbers of this bank: a 1-d integer array with values in
+        ``[0, size)`` (and no repeats if ``distinct``), else a TypeError / ValueError naming
+        ``name``. What :meth:`update` (distinct) and :meth:`sample` check."""
         idx = to_numpy(as_array(indices, name))
         if idx.dtype.kind not in "iu":
             raise TypeError(f"{name}: expected integers, got dtype {idx.dtype}")
@@ -343,6 +346,9 @@ class MemoryBank:
             raise ValueError(f"{name}: expected a 1-d array, got shape {idx.shape}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.size):
             raise ValueError(f"{name}: expected integers in [0, {self.size})")
+        if distinct and np.unique(idx).size != idx.size:
+            raise ValueError(f"{name}: expected distinct rows (a repeated row's update is "
+                             f"ambiguous)")
         return idx.astype(np.int64)
 
     def update(self, indices, feats) -> None:
@@ -360,9 +366,7 @@ class MemoryBank:
             Bad indices (out of range, repeated), feats of the wrong shape or non-finite. The
             bank is unchanged.
         """
-        idx = self._check_indices(indices)
-        if np.unique(idx).size != idx.size:
-            raise ValueError("indices: expected distinct rows (a repeated row's update is ambiguous)")
+        idx = self.check_rows(indices, distinct=True)
         feats = float_array(feats, "feats", ndim=2)
         if feats.shape != (idx.size, self.dim):
             raise ValueError(f"feats: expected shape ({idx.size}, {self.dim}), got {feats.shape}")
@@ -377,8 +381,9 @@ class MemoryBank:
         # direction: the row takes the fresh feature's, or keeps its own if the feature is 0 too
         gone = (rows == 0).all(axis=1, keepdims=True)  # (b, 1)
         rows = xp.where(gone, xp.where((feats == 0).all(axis=1, keepdims=True), old, feats), rows)
-        # clamped only below the dtype's smallest normal number: every other row gets unit norm
-        self._bank[idx] = l2_normalize(rows, eps=float(np.finfo(self.dtype).tiny))[0]
+        # clamped only at the smallest subnormal (l2_normalize's scaled norm does not underflow):
+        # every nonzero row gets unit norm, however small
+        self._bank[idx] = l2_normalize(rows, eps=float(np.finfo(self.dtype).smallest_subnormal))[0]
 
     def sample(self, indices, num_negatives, rng=None) -> np.ndarray:
         """(len(indices), num_negatives) row indices drawn uniformly, never the query's own.
@@ -390,7 +395,7 @@ class MemoryBank:
         rng : numpy.random.Generator, optional
             Defaults to the bank's own generator (saved with the bank).
         """
-        idx = self._check_indices(indices)
+        idx = self.check_rows(indices)
         m = check_int(num_negatives, "num_negatives", minimum=0)
         if self.size < 2:
             raise ValueError("size: sampling negatives needs a bank of at least 2 rows")

@@ -348,15 +348,16 @@ class MemoryBankMechanism(Mechanism):
         super().__init__(encoder, params, buffers, optimizer, temperature=temperature,
                          backend=backend)
         _check_store(bank, "bank", self.backend, encoder, params)
+        if bank.size < 2:
+            raise ValueError(f"bank: expected at least 2 rows (a sample's negatives are the other "
+                             f"rows), got size={bank.size}")
         self.bank = bank
         self.num_negatives = check_int(num_negatives, "num_negatives", minimum=1)
 
     def step(self, x_q, x_k, ids, lr: float) -> StepStats:
         xp = self.xp
         x_q, x_k, ids, lr = self._arguments(x_q, x_k, ids, lr)  # ids on the host: the bank
-        ids = self.bank._check_indices(ids, "ids")  # samples and checks them there
-        if np.unique(ids).size != ids.size:
-            raise ValueError("ids: expected distinct samples (the bank moves each row once)")
+        ids = self.bank.check_rows(ids, "ids", distinct=True)  # samples and checks them there
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, backend=self.backend)
         negative_rows = self.bank.sample(ids, self.num_negatives)  # (N, M) from the bank's rng
         positives = self.bank.bank[xp.asarray(ids)]  # (N, C)

@@ -321,6 +321,18 @@ def test_memory_bank_update_near_cancellation_keeps_unit_rows(dtype):
     tol = 1e-6 if dtype == "float32" else 1e-14
     assert abs(np.linalg.norm(bank.bank[1].astype(np.float64)) - 1) <= tol
 
+    # sums made of subnormals only (momentum 0: the rows are the features) are normalised too
+    tiny = np.finfo(dtype).tiny
+    feats = np.zeros((2, 5), dtype)
+    feats[0, 0] = tiny / 4
+    feats[1, :] = tiny / 16
+    bank = MemoryBank(4, 5, momentum=0.0, dtype=dtype, seed=2)
+    bank.update(np.array([0, 1]), feats)
+    # a norm of magnitude tiny/16 is subnormal: 4 fewer significant bits, so 16 eps, twice
+    np.testing.assert_allclose(np.linalg.norm(bank.bank[:2].astype(np.float64), axis=1), 1.0,
+                               rtol=32 * np.finfo(dtype).eps)
+    np.testing.assert_array_equal(bank.bank[0], [1, 0, 0, 0, 0])
+
     bank = MemoryBank(4, 5, momentum=0.0, dtype=dtype, seed=2)
     tiny = np.array([[3e-20, -4e-20, 0, 0, 0]], dtype)  # norm far below l2_normalize's 1e-12
     bank.update(np.array([3]), tiny)

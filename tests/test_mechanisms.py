@@ -301,6 +301,7 @@ def _mechanism(kind, **options):
     ("end-to-end", dict(temperature=0), ValueError, "temperature"),
     ("memory-bank", dict(num_negatives=0), ValueError, "num_negatives"),
     ("memory-bank", dict(bank=MemoryBank(20, 7, dtype="float64")), ValueError, "bank"),
+    ("memory-bank", dict(bank=MemoryBank(1, 6, dtype="float64")), ValueError, "bank.*2 rows"),
 ])
 def test_a_bad_option_is_refused_when_the_mechanism_is_made(kind, options, error, match):
     with pytest.raises(error, match=match):
@@ -316,6 +317,8 @@ def test_a_bad_option_is_refused_when_the_mechanism_is_made(kind, options, error
     (dict(ids=np.arange(8.0)), TypeError, "ids.*integers"),
     (dict(lr=-0.1), ValueError, "lr"),
     (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(lr=True), TypeError, "lr"),
 ])
 def test_a_refused_step_leaves_the_mechanism_unchanged(kind, bad, error, match):
     """Every argument is checked before the first forward pass: a rejected step has changed
