@@ -1,9 +1,12 @@
-"""Writes tests/cupy_api.json: the public functions of the module ``cupy`` and the attributes of
-``cupy.ndarray``, each with the keyword arguments it takes, as the installed CuPy has them.
-tests/fake_cupy.py refuses everything else, so device code that passes on the stand-in does not
-call what CuPy lacks. CuPy imports without a GPU; the file in the repository came from
+"""Writes tests/cupy_api_<major>.json: the public functions of the module ``cupy`` and the
+attributes of ``cupy.ndarray``, each with the keyword arguments it takes, as the installed CuPy
+has them. tests/fake_cupy.py allows only what every recorded version has (the names in all the
+files, each with the keywords all of them take), so device code that passes on the stand-in
+calls nothing that CuPy 13 or 14 lacks. CuPy imports without a GPU; the files in the
+repository came from
 
-    pip install cupy-cuda12x==14.2.0 && python scripts/cupy_api.py
+    pip install cupy-cuda12x==14.2.0 && python scripts/cupy_api.py   # tests/cupy_api_14.json
+    pip install cupy-cuda12x==13.6.0 && python scripts/cupy_api.py   # tests/cupy_api_13.json
 """
 
 import inspect
@@ -62,7 +65,8 @@ def main():
         "cupy": describe(cupy, [n for n in dir(cupy) if not n.startswith("_")]),
         "ndarray": describe(cupy.ndarray, [n for n in dir(cupy.ndarray) if not n.startswith("_")]),
     }
-    path = pathlib.Path(__file__).resolve().parents[1] / "tests" / "cupy_api.json"
+    major = cupy.__version__.split(".")[0]
+    path = pathlib.Path(__file__).resolve().parents[1] / "tests" / f"cupy_api_{major}.json"
     path.write_text(json.dumps(api, indent=1, sort_keys=True) + "\n")
     print(f"{path}: {len(api['cupy'])} functions and names, {len(api['ndarray'])} array attributes")
 

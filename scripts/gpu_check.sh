@@ -23,7 +23,7 @@ status=0
 timeout 210 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$out/gpu_tests.txt" \
     || status=1
 # this machine's numba-cuda compiling the kernels (PTX), the simulator, CuPy's API against the
-# stand-in's record (tests/cupy_api.json)
+# stand-in's record (tests/cupy_api_*.json)
 timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ptx.py tests/test_cuda_sim.py \
     tests/test_fake_cupy.py 2>&1 | tee "$out/gpu_kernel_tests.txt" || status=1
 timeout 190 python3 -m refmoco.bench --only gpu --repeats 5 --inherit-env 2>&1 \

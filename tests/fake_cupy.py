@@ -20,8 +20,9 @@ a skip, or a failure under ``REFMOCO_REQUIRE_GPU=1``), the stand-in installed as
 host reference (tolerances :data:`TOL`, relative to the scale of the reference).
 
 Functions and array methods are NumPy's, handed out by name, but only the names and keyword
-arguments that CuPy has (``cupy_api.json``, written from CuPy 14.2 by ``scripts/cupy_api.py``): a
-function or keyword that NumPy has and CuPy lacks fails here as it would on a GPU. Integer-array
+arguments that both CuPy 13.6 and 14.2 have (``cupy_api_13.json``, ``cupy_api_14.json``, written
+by ``scripts/cupy_api.py``): a function or keyword that NumPy has and CuPy lacks fails here as it
+would on a GPU. Integer-array
 indices follow CuPy too: one out of range wraps around instead of raising (so validation must not
 lean on ``IndexError``), and a write through repeated indices, whose winner CuPy leaves
 undetermined, is refused.
@@ -41,9 +42,25 @@ from refmoco.backend import to_numpy
 # device results against the host reference: relative to the scale of the compared array
 TOL = {np.dtype("float64"): 1e-10, np.dtype("float32"): 1e-5}
 
-# what CuPy has: {"cupy": {name: keywords}, "ndarray": {name: keywords}}; keywords is a list of
-# names, null where any are taken (or unreadable), "attribute" for a non-function
-CUPY_API = json.loads((pathlib.Path(__file__).with_name("cupy_api.json")).read_text())
+
+
+def _common(records):
+    """What every recorded CuPy has: the names in all the records, each with the keywords all of
+    them take (a list of names; null where any are taken; "attribute" for a non-function)."""
+    api = {"cupy_version": " and ".join(r["cupy_version"] for r in records)}
+    for where in ("cupy", "ndarray"):
+        names = set.intersection(*(set(r[where]) for r in records))
+        api[where] = {}
+        for name in sorted(names):
+            kinds = [r[where][name] for r in records]
+            lists = [k for k in kinds if isinstance(k, list)]
+            api[where][name] = sorted(set.intersection(*map(set, lists))) if lists else kinds[0]
+    return api
+
+
+# what CuPy 13 and 14 both have: {"cupy": {name: keywords}, "ndarray": {name: keywords}}
+CUPY_API = _common([json.loads(path.read_text())
+                    for path in sorted(pathlib.Path(__file__).parent.glob("cupy_api_*.json"))])
 
 
 def device_module(kind, monkeypatch):

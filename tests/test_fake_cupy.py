@@ -38,13 +38,27 @@ def test_keywords_of_cython_methods_are_read_without_their_c_types(cp):
     """CuPy's Cython signatures carry C types (``sort(self, int axis=-1, kind=None)``) and
     bracketed optional outputs (``divmod(x1, x2[, out1, out2], / [, out=(None, None)], ...)``);
     the record keeps the names alone, so the stand-in takes what CuPy takes."""
-    assert CUPY_API["ndarray"]["sort"] == ["axis", "kind"]
+    import json
+    import pathlib
+
+    v14 = json.loads((pathlib.Path(__file__).with_name("cupy_api_14.json")).read_text())
+    assert v14["ndarray"]["sort"] == ["axis", "kind"]
+    assert CUPY_API["ndarray"]["sort"] == ["axis"]  # CuPy 13's sort takes no kind=
     assert CUPY_API["cupy"]["divmod"] == ["casting", "dtype", "out"]
     x = cp.asarray(np.array([[3.0, 1.0], [2.0, 0.0]]))
     x.sort(axis=0)
     out = cp.empty((2, 2))
     x.dot(x, out=out)
     np.testing.assert_array_equal(cp.asnumpy(out), np.array([[4.0, 0.0], [9.0, 1.0]]))
+
+
+def test_only_what_cupy_13_and_14_both_have_is_allowed(cp):
+    """``put_along_axis`` is CuPy 14's, not 13's; the stand-in refuses it (refmoco used it until
+    an audit found that every softmax backward would fail on CuPy 13)."""
+    x = cp.asarray(np.zeros((2, 3)))
+    with pytest.raises(AttributeError, match="has no cupy.put_along_axis"):
+        cp.put_along_axis(x, cp.asarray(np.zeros((2, 1), np.int64)), 1.0, axis=1)
+    assert "take_along_axis" in CUPY_API["cupy"]
 
 
 def test_flags_are_cupys(cp):
@@ -100,7 +114,7 @@ def test_reductions_return_device_scalars(cp):
 
 def test_the_recorded_api_matches_an_installed_cupy():
     """Where CuPy is installed (it imports without a GPU), every name the stand-in allows exists
-    in it: a stale ``cupy_api.json`` cannot allow what the installed CuPy lacks."""
+    in it: a stale ``cupy_api_*.json`` cannot allow what the installed CuPy lacks."""
     cupy = pytest.importorskip("cupy")
     missing = [f"cupy.{n}" for n in CUPY_API["cupy"] if not hasattr(cupy, n)]
     missing += [f"ndarray.{n}" for n in CUPY_API["ndarray"] if not hasattr(cupy.ndarray, n)]
