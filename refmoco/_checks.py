@@ -54,6 +54,17 @@ def check_positive(value: Any, name: str) -> float:
     return v
 
 
+def check_finite(value: Any, name: str, *, lower: float = 0.0, upper: float = math.inf) -> float:
+    """A finite Python float in ``[lower, upper]`` (see :func:`real_number` for the types): the
+    rule of hyper-parameters (learning rates, momenta) and tolerances, where a NaN or an
+    infinity would pass every comparison."""
+    v = real_number(value, name)
+    if not (math.isfinite(v) and lower <= v <= upper):
+        bound = f"in [{lower:g}, {upper:g}]" if math.isfinite(upper) else f">= {lower:g}"
+        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+    return v
+
+
 def check_unit_interval(value: Any, name: str) -> float:
     """A Python float in [0, 1] (see :func:`real_number` for the types)."""
     v = real_number(value, name, "a number in [0, 1]")

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from refmoco._checks import check_finite
 from refmoco.backend import host_copy, namespace_of
-from refmoco.optim import _hyper, _state_to, _step_arguments
+from refmoco.optim import _state_to, _step_arguments
 
 _BUFFERS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -87,17 +88,17 @@ class Adam:
         weight_decay: float = 0.0,
         amsgrad: bool = False,
     ):
-        self.lr = _hyper(lr, "lr")
+        self.lr = check_finite(lr, "lr")
         try:
             b1, b2 = betas
         except (TypeError, ValueError) as exc:
             raise ValueError(f"betas: expected a pair of numbers, got {betas!r}") from exc
-        b1, b2 = _hyper(b1, "betas[0]", upper=1.0), _hyper(b2, "betas[1]", upper=1.0)
+        b1, b2 = check_finite(b1, "betas[0]", upper=1.0), check_finite(b2, "betas[1]", upper=1.0)
         if b1 >= 1 or b2 >= 1:
             raise ValueError(f"betas: expected each in [0, 1), got {betas!r}")
         self.betas = (b1, b2)
-        self.eps = _hyper(eps, "eps")
-        self.weight_decay = _hyper(weight_decay, "weight_decay")
+        self.eps = check_finite(eps, "eps")
+        self.weight_decay = check_finite(weight_decay, "weight_decay")
         self.amsgrad = bool(amsgrad)
         self.step_count = 0
         self.exp_avg: np.ndarray | None = None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from refmoco._checks import check_int, real_number
+from refmoco._checks import check_finite, check_int, real_number
 
 
 def _check_images(x: np.ndarray, name: str = "x") -> np.ndarray:
@@ -30,15 +30,6 @@ def _check_images(x: np.ndarray, name: str = "x") -> np.ndarray:
 def _check_rng(rng: np.random.Generator) -> None:
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng: expected a np.random.Generator, got {type(rng).__name__}")
-
-
-def _check_finite(value: Any, name: str, lower: float, upper: float = math.inf) -> float:
-    """``value`` as a Python float, a finite real number in [lower, upper]."""
-    v = real_number(value, name, "a finite real number")
-    if not (math.isfinite(v) and lower <= v <= upper):
-        bounds = f"in [{lower}, {upper}]" if math.isfinite(upper) else f">= {lower}"
-        raise ValueError(f"{name}: expected a finite number {bounds}, got {value!r}")
-    return v
 
 
 def _check_range(
@@ -202,7 +193,7 @@ def gaussian_noise(x: np.ndarray, rng: np.random.Generator, sigma: float = 0.05)
     """
     x = _check_images(x)
     _check_rng(rng)
-    sigma = _check_finite(sigma, "sigma", 0.0)
+    sigma = check_finite(sigma, "sigma")
     noise = sigma * rng.standard_normal(x.shape)  # (N, C, H, W), float64
     return (x + noise).astype(x.dtype)
 
@@ -234,10 +225,10 @@ class Augment:
     noise: float = 0.05
 
     def __post_init__(self) -> None:
-        _check_finite(self.translate, "translate", 0.0, 1.0)
+        check_finite(self.translate, "translate", upper=1.0)
         if self.intensity is not None:
             _check_range(self.intensity, "intensity", 0.0)
-        _check_finite(self.noise, "noise", 0.0)
+        check_finite(self.noise, "noise")
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One random view of each image of ``x`` (N, C, H, W): a new array of the same shape

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._checks import check_int, check_positive, check_unit_interval
+from ._checks import check_finite, check_int, check_positive, check_unit_interval
 from .backend import (
     as_array,
     backend_of,
@@ -41,7 +41,7 @@ from .dictionary import MemoryBank, Queue, check_ids, rng_from_array, rng_to_arr
 from .losses import info_nce_loss, l2_normalize
 from .momentum import momentum_update
 from .nn.models import _placement
-from .optim import SGD, _hyper
+from .optim import SGD
 
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
 
@@ -173,7 +173,7 @@ class Mechanism:
                              f"the same samples), got {tuple(x_k.shape)}")
         if ids is None:
             raise TypeError("ids: expected the batch's sample ids (integers), got None")
-        return x_q, x_k, check_ids(ids, len(x_q), "sample"), _hyper(lr, "lr")
+        return x_q, x_k, check_ids(ids, len(x_q), "sample"), check_finite(lr, "lr")
 
     def _update(self, lr: float) -> None:
         self.optimizer.step(self.params.flat, self.grads.flat, lr=lr)

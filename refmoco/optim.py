@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import real_number
+from ._checks import check_finite
 from .backend import (
     backend_of,
     check_available,
@@ -54,16 +54,6 @@ def _state_to(buf: Any, p: Any) -> Any:
     return to_backend(buf, backend_of(p))
 
 
-def _hyper(value: Any, name: str, *, upper: float | None = None) -> float:
-    """A finite float >= 0 (and <= ``upper`` when given), else a ValueError naming it; not a
-    real number at all (a string, a bool, None) is a TypeError (:func:`real_number`)."""
-    v = real_number(value, name)
-    if not (math.isfinite(v) and v >= 0 and (upper is None or v <= upper)):
-        bound = f"in [0, {upper}]" if upper is not None else ">= 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
-    return v
-
-
 def _step_arguments(params: Any, grads: Any, lr: Any) -> tuple[Any, Any, float]:
     """The flat arrays and learning rate of one optimizer step, checked: same shape, dtype and
     device (both NumPy or both CuPy arrays)."""
@@ -78,7 +68,7 @@ def _step_arguments(params: Any, grads: Any, lr: Any) -> tuple[Any, Any, float]:
         raise TypeError(f"grads: expected dtype {p.dtype} (as params), got {g.dtype}")
     if not getattr(getattr(p, "flags", None), "writeable", True):  # before any state changes
         raise ValueError("params: the array is read-only")
-    return p, g, _hyper(lr, "lr")
+    return p, g, check_finite(lr, "lr")
 
 
 class SGD:
@@ -150,10 +140,10 @@ class SGD:
                              f"{backend!r}")
         check_available(backend)  # a missing Numba or CuPy says what to install, here
         self.backend = backend
-        self.lr = _hyper(lr, "lr")
-        self.momentum = _hyper(momentum, "momentum")
-        self.weight_decay = _hyper(weight_decay, "weight_decay")
-        self.dampening = _hyper(dampening, "dampening", upper=1.0)
+        self.lr = check_finite(lr, "lr")
+        self.momentum = check_finite(momentum, "momentum")
+        self.weight_decay = check_finite(weight_decay, "weight_decay")
+        self.dampening = check_finite(dampening, "dampening", upper=1.0)
         self.nesterov = bool(nesterov)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov: Nesterov momentum requires momentum > 0 and dampening = 0")
@@ -321,5 +311,5 @@ def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0
         raise ValueError(f"total_steps: expected an integer > 0, got {total_steps!r}")
     if not (0 <= step <= total_steps):
         raise ValueError(f"step: expected a number in [0, total_steps={total_steps}], got {step!r}")
-    base_lr, final_lr = _hyper(base_lr, "base_lr"), _hyper(final_lr, "final_lr")
+    base_lr, final_lr = check_finite(base_lr, "base_lr"), check_finite(final_lr, "final_lr")
     return final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._checks import check_finite
 from ..backend import to_numpy
 from ..conventions.references import queue_reference, resolve_reference
 from ..losses import LossOutput, info_nce_loss
 from ..momentum import momentum_update
-from .gradcheck import _tolerance_arg, assert_close
+from .gradcheck import assert_close
 
 FRAMEWORKS = ("numpy", "torch", "jax")
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
@@ -182,7 +183,7 @@ def _differs(what, actual, expected, dtype, rtol) -> Difference | None:
 def _rtol(rtol, dtype):
     if rtol is None:
         return 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
-    return _tolerance_arg(rtol, "rtol")  # assert_close's rule: NaN or inf would accept anything
+    return check_finite(rtol, "rtol")  # assert_close's rule: NaN or inf would accept anything
 
 
 def _check_wrt(wrt, ref) -> tuple | None:

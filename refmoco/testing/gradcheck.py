@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .._checks import check_int, check_positive, real_number
+from .._checks import check_finite, check_int, check_positive
 from ..backend import to_numpy
 
 
@@ -93,15 +93,6 @@ def _real_array(x, arg: str) -> tuple[np.ndarray, str]:
     return a, name if name is not None else a.dtype.name
 
 
-def _tolerance_arg(value, arg: str) -> float:
-    """``value`` as a finite float ``>= 0``, else an error naming ``arg``: a NaN or infinite
-    tolerance would accept every error."""
-    v = real_number(value, arg, "a number")  # the library's rule: no str, bool or complex
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{arg}: expected a finite number >= 0, got {value!r}")
-    return v
-
-
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float = 0.0,
                  check_dtype: bool = True, name: str = "value") -> None:
     """Assert two arrays agree within a tolerance chosen by their dtype.
@@ -124,14 +115,14 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float = 0
     """
     a, a_dtype = _real_array(actual, "actual")
     e, e_dtype = _real_array(expected, "expected")
-    atol = _tolerance_arg(atol, "atol")
+    atol = check_finite(atol, "atol")
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
     if check_dtype and a_dtype != e_dtype:
         raise AssertionError(f"{name}: dtype {a_dtype} != expected {e_dtype}")
     if rtol is None:
         rtol = default_tolerance(a.dtype if _eps(a.dtype) > _eps(e.dtype) else e.dtype)
-    rtol = _tolerance_arg(rtol, "rtol")
+    rtol = check_finite(rtol, "rtol")
     if a.dtype.kind in "iub" and e.dtype.kind in "iub":
         bad, err, scale, shown = _integer_errors(a, e, atol, rtol)
     else:
