@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 BACKENDS = ("numpy", "numba", "cupy")
+# the dtypes the Numba and CUDA kernels compute in; anything else runs the NumPy reference code
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class BackendUnavailableError(RuntimeError):

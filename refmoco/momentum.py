@@ -9,9 +9,15 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_int, check_unit_interval
-from .backend import _CUDA_DEVICES, _cupy, _is_torch_tensor, as_array, is_cupy_array, resolve
-
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # longdouble: the reference
+from .backend import (
+    _CUDA_DEVICES,
+    KERNEL_DTYPES,
+    _cupy,
+    _is_torch_tensor,
+    as_array,
+    is_cupy_array,
+    resolve,
+)
 
 
 def _in_place(x: Any, name: str) -> Any:
@@ -186,7 +192,7 @@ def momentum_update(target, source, momentum, *, backend=None):
         if t.dtype.itemsize == 2:  # float16 or bfloat16: in float32, rounded once into t
             m32, w32 = np.float32(m), np.float32(1.0 - m)
             t[...] = (t.astype(np.float32) * m32 + w32 * s.astype(np.float32)).astype(t.dtype)
-        elif be.kernels is not None and t.dtype in _KERNEL_DTYPES:
+        elif be.kernels is not None and t.dtype in KERNEL_DTYPES:
             be.kernels.momentum_update(t, s, m)  # one fused pass over memory
         else:
             t *= t.dtype.type(m)

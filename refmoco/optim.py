@@ -21,6 +21,7 @@ import numpy as np
 
 from ._checks import check_finite
 from .backend import (
+    KERNEL_DTYPES,
     backend_of,
     check_available,
     host_copy,
@@ -163,7 +164,7 @@ class SGD:
         kernel on its value in ``p``'s dtype (float32(1e-50) == 0): where the two disagree, or
         for float16 and longdouble, the reference runs. (Read-only ``p`` never gets here.)"""
         dtype = p.dtype
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        if dtype not in KERNEL_DTYPES:
             return False
         return all(bool(v) == bool(dtype.type(v)) for v in (self.momentum, self.weight_decay))
 

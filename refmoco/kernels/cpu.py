@@ -34,6 +34,7 @@ import math
 
 import numpy as np
 
+from ..backend import KERNEL_DTYPES
 from ._jit import bits_to_float, fma, jit, run_parts
 
 # -- exp(x) for x <= 0 (softmax weights): Cody-Waite range reduction and a polynomial -------------
@@ -259,7 +260,7 @@ def _lerp(t, s, m, w):
 def momentum_update(target, source, m):
     """In place, ``target = m * target + (1 - m) * source`` (the reference's rounding)."""
     dtype = target.dtype
-    if dtype not in (np.float32, np.float64):  # refmoco.momentum_update runs the reference
+    if dtype not in KERNEL_DTYPES:  # refmoco.momentum_update runs the reference
         raise TypeError(f"target: the momentum kernel computes in float32 or float64, got "
                         f"dtype {dtype}")
     t = target if target.flags.c_contiguous else np.ascontiguousarray(target)
@@ -294,7 +295,7 @@ def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_s
     Rounding follows :class:`refmoco.optim.SGD` operation for operation.
     """
     dtype = p.dtype
-    if dtype not in (np.float32, np.float64):
+    if dtype not in KERNEL_DTYPES:
         raise TypeError(f"p: the SGD kernel computes in float32 or float64, got dtype {dtype}")
     for name, a in (("p", p), ("g", g), ("buf", buf)):
         if a is not None and not (a.flags.c_contiguous and a.dtype == dtype and a.shape == p.shape):

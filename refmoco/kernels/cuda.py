@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..backend import is_cupy_array, namespace_of
+from ..backend import KERNEL_DTYPES, is_cupy_array, namespace_of
 from ._jit import cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -59,7 +59,7 @@ def _blocks(size):
 
 
 def _check_dtype(dtype):
-    if dtype not in (np.float32, np.float64):
+    if dtype not in KERNEL_DTYPES:
         raise TypeError(f"backend='cupy' computes in float32 or float64, got dtype {dtype}")
 
 
@@ -193,7 +193,7 @@ def momentum_update(target, source, m):
     dtype = target.dtype
     _check_dtype(dtype)  # float16 is computed in float32 before this (refmoco.momentum_update)
     t = target if target.flags.c_contiguous else xp.ascontiguousarray(target)
-    if source.dtype in (np.float32, np.float64):  # converted in the kernel, as NumPy converts
+    if source.dtype in KERNEL_DTYPES:  # converted in the kernel, as NumPy converts
         s = xp.ascontiguousarray(source)
     else:  # float16: exact in float32 and float64, whoever converts it
         s = xp.ascontiguousarray(source, dtype=dtype)

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import KERNEL_DTYPES
 from ..nn import functional as F
 from ..nn.functional import BatchNormCache, ReLUCache, update_running_stats
 from ._jit import jit, run_parts
-
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _fits(*arrays):
@@ -42,7 +41,7 @@ def _fits(*arrays):
     dtype, float32 or float64 (native byte order). Otherwise the reference runs (its own result
     dtypes, promotion and errors)."""
     dtype = getattr(arrays[0], "dtype", None)
-    return dtype in _KERNEL_DTYPES and all(
+    return dtype in KERNEL_DTYPES and all(
         isinstance(a, np.ndarray) and a.dtype == dtype for a in arrays)
 
 # -- convolution ----------------------------------------------------------------------------------
