@@ -241,6 +241,32 @@ def test_contrastive_dissimilar_pair_at_zero_distance_has_zero_gradient():
     assert not out.grads["x1"].any() and not out.grads["x2"].any()
 
 
+@given(st.data(), st.sampled_from([0, 1]), st.sampled_from([np.float32, np.float64]),
+       st.floats(0.1, 3.0))
+def test_contrastive_at_distances_whose_square_overflows_or_underflows(data, y, dtype, margin):
+    """d = 5 * 10**e for every e whose entries are normal numbers: d**2 overflows (d > 1.8e19 in
+    float32) or underflows (d < 1e-19) where d does not. Against math.hypot on the same values:
+    a far dissimilar pair has loss and gradient 0 (not 0 * inf = nan), a near one is pushed with
+    size (m - d) along the unit vector (not a zero gradient from d**2 = 0)."""
+    info = np.finfo(dtype)
+    exponent = data.draw(st.integers(int(np.log10(info.tiny)) + 1, int(np.log10(info.max)) - 1))
+    x1 = (np.array([[3.0, -4.0]]) * 10.0**exponent).astype(dtype)
+    x2 = np.zeros_like(x1)
+    d = math.hypot(*map(float, x1[0]))
+    if y == 0:
+        loss, dx1 = 0.5 * d * d, x1.astype(np.float64)
+        assume(loss < float(info.max))  # beyond, the loss overflows: inf is the right answer
+    else:
+        hinge = max(0.0, margin - d)
+        loss, dx1 = 0.5 * hinge**2, -hinge * x1.astype(np.float64) / d
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # underflow is right here
+        out = refmoco.contrastive_loss(x1, x2, np.array([y]), margin=margin)
+    tol = 8 * float(info.eps)
+    assert_close(out.loss, np.array(loss, dtype), rtol=tol, atol=0, check_dtype=True)
+    assert_close(out.grads["x1"], dx1.astype(dtype), rtol=tol, atol=tol * np.abs(dx1).max())
+    assert_close(out.grads["x2"], -out.grads["x1"], rtol=0, atol=0)
+
+
 @given(st.floats(0.0, 20.0), st.integers(1, 100_000))
 def test_mi_lower_bound(loss, n):
     assert refmoco.mi_lower_bound(loss, n) == math.log(n) - loss
@@ -254,6 +280,22 @@ def test_l2_normalize_known_values_and_zero_rows():
     dx = backward(np.array([[1.0, 0.0], [1.0, 2.0]]))
     np.testing.assert_allclose(dx[0], [0.64 / 5, -0.48 / 5], rtol=1e-15)
     np.testing.assert_array_equal(dx[1], [1e12, 2e12])  # clamped norm: dy / eps
+
+
+def test_l2_normalize_at_a_norm_of_exactly_eps_passes_the_gradient_like_torch():
+    """torch's clamp_min(norm, eps) passes the gradient where norm >= eps: at norm == eps the
+    backward is that of x / ||x|| (the tangent part of dy), not dy / eps."""
+    x = np.array([[6e-13, 8e-13]])  # ||x|| = 1e-12 exactly in float64
+    assert math.hypot(*x[0]) == 1e-12
+    y, backward = refmoco.l2_normalize(x, eps=1e-12)
+    dy = np.array([[1.0, 0.0]])
+    np.testing.assert_allclose(backward(dy), (dy - y * (y @ dy.T)) / 1e-12, rtol=1e-15)
+
+
+def test_l2_normalize_backward_refuses_a_dy_of_another_dtype():
+    _, backward = refmoco.l2_normalize(np.ones((2, 3), np.float32))
+    with pytest.raises(TypeError, match="dy: float64"):
+        backward(np.ones((2, 3)))
 
 
 @pytest.mark.parametrize("shape, axis", [((3, 0), -1), ((0, 3), -1), ((3, 0), 0), ((0, 3), 0)])

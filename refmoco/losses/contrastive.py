@@ -12,6 +12,7 @@ from .._checks import (
     check_wrt,
 )
 from ..backend import as_array, float_array, resolve
+from .normalize import l2_norm
 from .softmax import LossOutput, _reduce
 
 
@@ -24,23 +25,27 @@ class ContrastiveCache(NamedTuple):
 
 def contrastive_forward(x1, x2, y, margin, xp):
     diff = x1 - x2  # (N, D)
-    dist = xp.sqrt((diff * diff).sum(axis=1))  # (N,)
+    dist = l2_norm(diff, 1, xp)[:, 0]  # (N,) scaled: d**2 may overflow where d does not
     hinge = xp.maximum(margin - dist, 0)  # (N,)
-    losses = 0.5 * (1 - y) * dist**2 + 0.5 * y * hinge**2  # (N,)
+    # each pair has one of the two terms (y is 0 or 1): d**2 of a far dissimilar pair, which
+    # may overflow, is never formed, nor multiplied by 1 - y = 0
+    losses = 0.5 * xp.where(y == 0, dist, hinge) ** 2  # (N,)
     return losses, ContrastiveCache(diff, dist, y, margin)
 
 
 def contrastive_backward(dlosses, cache: ContrastiveCache, xp):
-    """``dx1 = [(1 - y) - y * max(0, m - d) / d] * (x1 - x2) * dloss``; ``dx2 = -dx1``.
+    """``dx1 = [(1 - y) (x1 - x2) - y max(0, m - d) (x1 - x2) / d] * dloss``; ``dx2 = -dx1``.
 
-    A dissimilar pair at ``d = 0`` has no direction to be pushed in: its gradient is 0.
+    A dissimilar pair at ``d = 0`` has no direction to be pushed in: its gradient is 0. The unit
+    vector ``(x1 - x2) / d`` is formed before the hinge multiplies it, so a tiny ``d`` gives a
+    push of size ``m``, not ``inf * 0``.
     """
     diff, dist, y, margin = cache
     hinge = xp.maximum(margin - dist, 0)  # (N,)
-    safe = xp.where(dist > 0, dist, 1)  # (N,) avoids 0/0; masked below
-    push = xp.where(dist > 0, hinge / safe, 0)  # (N,)
-    coef = ((1 - y) - y * push) * dlosses  # (N,)
-    dx1 = coef[:, None] * diff  # (N, D)
+    safe = xp.where(dist > 0, dist, 1)[:, None]  # (N, 1) avoids 0/0; diff is 0 there
+    pull = ((1 - y) * dlosses)[:, None] * diff  # (N, D) similar pairs
+    push = (y * hinge * dlosses)[:, None] * (diff / safe)  # (N, D) dissimilar pairs
+    dx1 = pull - push
     return dx1, -dx1
 
 

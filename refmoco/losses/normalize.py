@@ -5,8 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .._checks import check_positive, check_same_device
+from .._checks import check_positive, check_same_device, check_same_dtype
 from ..backend import float_array, resolve
+
+
+def l2_norm(x, axis, xp):
+    """``||x||`` along ``axis`` (kept as a length-1 axis), computed as ``a * ||x / a||`` with
+    ``a = max |x|``: squaring neither overflows for huge entries nor underflows for tiny ones.
+    An empty axis has norm 0."""
+    if x.size == 0:  # no entries to take a maximum of
+        return xp.zeros_like(x.sum(axis=axis, keepdims=True))
+    a = xp.abs(x).max(axis=axis, keepdims=True)  # the largest entry along the axis
+    safe_a = xp.where(a > 0, a, 1)
+    return a * xp.sqrt(((x / safe_a) ** 2).sum(axis=axis, keepdims=True))
 
 
 def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
@@ -24,7 +35,8 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     -------
     y : ndarray, same shape and dtype as ``x``
     backward : callable
-        ``backward(dy) -> dx``. ``dy`` lives where ``x`` does: a host ``dy`` for a CuPy ``x``
+        ``backward(dy) -> dx``. ``dy`` has the dtype of ``x`` (else a ``TypeError``) and lives
+        where ``x`` does: a host ``dy`` for a CuPy ``x``
         (or a CuPy ``dy`` for a host ``x``) is a ``TypeError``, as any mix of NumPy and CuPy
         arrays.
 
@@ -35,7 +47,7 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
 
     .. math:: \frac{\partial L}{\partial x} = \frac{g - y\,(y\cdot g)}{\lVert x\rVert},
 
-    and where the norm is clamped, :math:`\partial L/\partial x = g / \epsilon`.
+    and where the norm is clamped (:math:`\lVert x\rVert < \epsilon`), :math:`\partial L/\partial x = g / \epsilon`.
 
     Examples
     --------
@@ -50,19 +62,15 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     xp = be.xp
     x = float_array(x, "x")
     eps = check_positive(eps, "eps")
-    if x.size == 0:  # no entries to take a maximum of (an empty axis: ||x|| = 0, clamped)
-        a = xp.zeros_like(x.sum(axis=axis, keepdims=True))
-    else:
-        a = xp.abs(x).max(axis=axis, keepdims=True)  # the largest entry along the axis
-    safe_a = xp.where(a > 0, a, 1)
-    norm = a * xp.sqrt(((x / safe_a) ** 2).sum(axis=axis, keepdims=True))  # ||x||
-    clamped = norm <= eps
+    norm = l2_norm(x, axis, xp)  # ||x||, keepdims
+    clamped = norm < eps  # torch's clamp_min passes the gradient through at norm == eps
     denom = xp.where(clamped, x.dtype.type(eps), norm)
     y = x / denom
 
     def backward(dy):
         check_same_device(dy, "dy", be.name == "cupy", "x")
         dy = float_array(dy, "dy")
+        check_same_dtype({"x": x, "dy": dy})
         if dy.shape != y.shape:
             raise ValueError(f"dy: expected shape {tuple(y.shape)}, got {tuple(dy.shape)}")
         radial = (y * dy).sum(axis=axis, keepdims=True)
