@@ -126,6 +126,11 @@ def contrastive_loss(embeddings, labels=None, *, pos_margin=0.0, neg_margin=1.0,
     :math:`\tfrac12`, unlike :func:`refmoco.contrastive_loss`. When every index array of the pairs
     has at most one entry pml returns 0 (``GenericPairLoss.compute_loss``); so does this.
 
+    The distances are exact. pml's ``torch.cdist`` is exact up to 25 rows on both sides; beyond
+    that it goes through a matrix product, and coincident rows come out 0 or about 3e-4 (float32)
+    apart by its rounding, so with ``pos_margin=0`` pml may count such a pair as a non-zero term
+    where this does not (docs/conventions-reproduced.md).
+
     Examples
     --------
     >>> import numpy as np
