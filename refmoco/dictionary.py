@@ -7,6 +7,7 @@ restored exactly (rows, ids, pointer, random state), so a resumed run loses noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -92,12 +93,34 @@ def rng_from_array(state: Any) -> np.random.Generator:
     return rng
 
 
-def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
-    """Write an ``.npz`` file atomically: a crash mid-write leaves any old file intact."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+def _new_file_mode(path: str) -> int:
+    """The permissions ``path`` gets: those it has, or a new file's under the umask (what
+    ``open`` would give; ``mkstemp`` makes its file private to its owner)."""
     try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
+    """Write an ``.npz`` file atomically: a crash mid-write leaves any old file intact.
+
+    The data goes to ``.NAME.partial-XXXX`` beside ``NAME`` and is then renamed over it. A
+    partial file that a killed process left (nothing else can remove it) is removed by the next
+    save of the same ``NAME``. The file keeps the permissions it had, or gets a new file's.
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.partial-"
+    for left in os.listdir(folder):
+        if left.startswith(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, left))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
+    try:
+        os.chmod(tmp, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
@@ -250,7 +273,7 @@ class Queue:
             raise ValueError(f"state: missing entries {sorted(missing)}")
         keys = np.asarray(state["keys"])
         ids = np.asarray(state["ids"])
-        ptr = int(state["ptr"])
+        ptr = check_int(state["ptr"], "state['ptr']", minimum=0)  # a float is refused, not cut
         if keys.shape != (self.size, self.dim):
             raise ValueError(
                 f"state['keys']: expected shape ({self.size}, {self.dim}), got {keys.shape}"
@@ -261,6 +284,8 @@ class Queue:
             raise ValueError(f"state['ids']: expected ({self.size},) integers, got {ids.shape}")
         if not 0 <= ptr < self.size:
             raise ValueError(f"state['ptr']: expected an integer in [0, {self.size}), got {ptr}")
+        if not np.isfinite(keys).all():  # what enqueue refuses, a restore refuses too
+            raise ValueError("state['keys']: expected finite values, got NaN or inf")
         rng = rng_from_array(state["rng_state"])
         self._keys = self.xp.asarray(keys.copy())
         self._ids = ids.astype(np.int64).copy()
@@ -422,6 +447,11 @@ class MemoryBank:
                 f"state['bank']: expected ({self.size}, {self.dim}) {self.dtype}, "
                 f"got {bank.shape} {bank.dtype}"
             )
+        # every row a bank can hold has unit norm (its rows start so and update renormalises);
+        # rounding leaves them within a few eps of 1
+        norms = np.linalg.norm(bank.astype(np.float64), axis=1)
+        if not np.all(np.abs(norms - 1) <= 64 * np.finfo(self.dtype).eps):  # False for nan too
+            raise ValueError("state['bank']: expected finite rows of unit norm")
         momentum = check_unit_interval(state["momentum"], "state['momentum']")
         rng = rng_from_array(state["rng_state"])
         self._bank = self.xp.asarray(bank.copy())

@@ -157,6 +157,80 @@ def test_load_state_dict_rejects_a_mismatched_state_and_changes_nothing():
     np.testing.assert_array_equal(queue.keys, before["keys"])
 
 
+@pytest.mark.parametrize("change, error, words", [
+    (lambda st: st["keys"].__setitem__((0, 0), np.nan), ValueError, "state\\['keys'\\].*finite"),
+    (lambda st: st["keys"].__setitem__((1, 1), np.inf), ValueError, "state\\['keys'\\].*finite"),
+    (lambda st: st.__setitem__("ptr", np.float64(1.9)), TypeError, "state\\['ptr'\\]"),
+    (lambda st: st.__setitem__("ptr", np.array(2.0)), TypeError, "state\\['ptr'\\]"),
+])
+def test_load_state_dict_refuses_what_enqueue_refuses(change, error, words):
+    """A restore takes no state the queue could not reach itself: non-finite keys (refused by
+    enqueue), a pointer that is not an integer (it was cut: 1.9 became 1)."""
+    queue = Queue(5, 2, seed=0)
+    queue.enqueue(np.ones((2, 2), np.float32), ids=[7, 8])
+    before = queue.state_dict()
+    bad = Queue(5, 2, seed=3).state_dict()
+    change(bad)
+    with pytest.raises(error, match=words):
+        queue.load_state_dict(bad)
+    after = queue.state_dict()
+    for name in ("keys", "ids", "ptr", "rng_state"):
+        np.testing.assert_array_equal(after[name], before[name])
+
+
+@pytest.mark.parametrize("row", [[np.nan, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+def test_memory_bank_load_refuses_rows_a_bank_cannot_hold(row):
+    bank = MemoryBank(4, 3, seed=0)
+    before = bank.bank.copy()
+    bad = MemoryBank(4, 3, seed=1).state_dict()
+    bad["bank"][2] = row
+    with pytest.raises(ValueError, match="state\\['bank'\\].*unit norm"):
+        bank.load_state_dict(bad)
+    np.testing.assert_array_equal(bank.bank, before)
+
+
+@settings(max_examples=25)
+@given(st.sampled_from(["float32", "float64"]), st.integers(1, 64), st.integers(0, 2**32 - 1),
+       st.floats(0.0, 1.0))
+def test_memory_bank_rows_after_updates_load_back(dtype, dim, seed, momentum):
+    """The unit-norm check of a restore accepts every bank that updates produce: rows moved by
+    features of any scale, including the exact cancellation of a row by its antipode."""
+    rng = np.random.default_rng(seed)
+    bank = MemoryBank(6, dim, momentum=momentum, dtype=dtype, seed=seed)
+    for _ in range(5):
+        idx = rng.choice(6, size=3, replace=False)
+        feats = rng.standard_normal((3, dim)) * 10.0 ** rng.integers(-30, 30)
+        bank.update(idx, feats.astype(dtype))
+    bank.update([0], -bank.bank[:1] * momentum / (1 - momentum) if momentum < 1 else bank.bank[:1])
+    clone = MemoryBank(6, dim, dtype=dtype)
+    clone.load_state_dict(bank.state_dict())
+    np.testing.assert_array_equal(clone.bank, bank.bank)
+
+
+def test_a_save_removes_the_partial_file_a_killed_save_left_and_keeps_permissions(tmp_path):
+    """A process killed mid-write leaves its partial file (nothing in it can remove it): the
+    next save of the same file removes it, and no other file. A new file gets the permissions
+    the umask gives (mkstemp's are owner-only); an existing one keeps its own."""
+    import os
+
+    path = tmp_path / "queue.npz"
+    left = tmp_path / ".queue.npz.partial-abc123"
+    left.write_bytes(b"half a file")
+    other = tmp_path / ".other.npz.partial-abc123"
+    other.write_bytes(b"someone else's")
+    mask = os.umask(0o022)
+    try:
+        Queue(4, 2, seed=1).save(path)
+        assert (path.stat().st_mode & 0o777) == 0o644
+        os.chmod(path, 0o640)
+        Queue(4, 2, seed=2).save(path)
+    finally:
+        os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.npz.partial-abc123", "queue.npz"]
+    np.testing.assert_array_equal(Queue.load(path).keys, Queue(4, 2, seed=2).keys)
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(size=0, dim=2), "size"), (dict(size=2, dim=0), "dim"),
     (dict(size=2, dim=2, dtype="int32"), "dtype"), (dict(size=2.5, dim=2), "size"),
