@@ -34,14 +34,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+SEED_MAX = 2**32 - 1  # the largest random_state scikit-learn takes (the linear probes' seed)
+
+
 def non_negative_int(text: str) -> int:
-    """``type=`` of ``--seed``: an integer >= 0 (argparse names the option in its error)."""
+    """``type=`` of ``--seed``: an integer from 0 to ``SEED_MAX`` (argparse names the option in
+    its error). A larger seed would only fail at the first linear probe, after a run started."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if value > SEED_MAX:
+        raise argparse.ArgumentTypeError(f"expected an integer <= {SEED_MAX} (2**32 - 1), "
+                                         f"got {text!r}")
     return value
 
 
@@ -120,7 +127,8 @@ def add_cpc_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype,
                    help="floating-point type of the parameters and data")
     p.add_argument("--seed", type=non_negative_int, default=d.seed,
-                   help="seed of the split, the weights and the sequences (an integer >= 0)")
+                   help="seed of the split, the weights and the sequences (an integer from 0 "
+                        "to 2**32 - 1)")
     p.add_argument("--out", default="runs/cpc",
                    help="folder for cpc.json and cpc.png; refused if it already holds either")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -204,7 +212,7 @@ def add_mi_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps-per-level", type=int, default=d.steps_per_level,
                    help="Adam steps at each level of the staircase")
     p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="N, samples per batch (the staircase's ceiling is ln N)")
+                   help="N, samples per batch, at least 2 (the staircase's ceiling is ln N)")
     p.add_argument("--dim", type=int, default=d.dim, help="d, the dimension of x and y")
     p.add_argument("--hidden", type=int, default=d.hidden, help="critic MLPs' hidden width")
     p.add_argument("--embed-dim", type=int, default=d.embed_dim, help="critic output size")
@@ -220,11 +228,12 @@ def add_mi_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--moco-momentum", type=float, default=d.moco_momentum,
                    help="the key encoder's EMA momentum in MoCo's analogue")
     p.add_argument("--temperature", type=float, default=0.05,
-                   help="MoCo's temperature (run_moco_queue's default)")
+                   help="MoCo's temperature, > 0 (run_moco_queue's default)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype,
                    help="floating-point type of the critics and samples")
     p.add_argument("--seed", type=non_negative_int, default=d.seed,
-                   help="seed of the samples and the critics' weights (an integer >= 0)")
+                   help="seed of the samples and the critics' weights (an integer from 0 to "
+                        "2**32 - 1)")
     p.add_argument("--out", default="runs/mi-bound",
                    help="folder for the JSON and the plots; refused if it already holds a file "
                         "this run would write")
@@ -249,9 +258,10 @@ def run_mi_command(args) -> int:
     The staircase (skipped by ``--levels`` with no values) writes ``mi_bound.json`` and
     ``mi_bound.png``; MoCo's queue sizes (skipped by ``--queue-sizes`` with no values) write
     ``moco_queue.json`` and ``moco_queue.png``. Refuses (``FileExistsError``) before any
-    experiment runs when one of the files it would write is already in ``--out``.
+    experiment runs when one of the files it would write is already in ``--out``, and every
+    option (``--temperature`` too, even when MoCo's queues are skipped) is checked before that.
     """
-    from .mi import config_from, run_infonce_staircase, run_moco_queue
+    from .mi import check_temperature, config_from, run_infonce_staircase, run_moco_queue
 
     config = config_from(mis=args.levels, steps_per_level=args.steps_per_level,
                          batch_size=args.batch_size, dim=args.dim, hidden=args.hidden,
@@ -259,6 +269,7 @@ def run_mi_command(args) -> int:
                          queue_sizes=args.queue_sizes, moco_mi=args.moco_mi,
                          moco_steps=args.moco_steps, moco_momentum=args.moco_momentum,
                          seed=args.seed, dtype=args.dtype)  # fmt: skip
+    temperature = check_temperature(args.temperature, config.dtype)
     files = (list(MI_FILES) if config.mis else []) + (list(MOCO_FILES) if config.queue_sizes else [])
     refuse_existing(args.out, files)  # before any file is made or any step is run
     os.makedirs(args.out, exist_ok=True)
@@ -273,8 +284,8 @@ def run_mi_command(args) -> int:
                                          for lv in m["levels"]]}  # fmt: skip
     if config.queue_sizes:
         m = _timed(run_moco_queue, len(config.queue_sizes) * config.moco_steps,
-                   not args.no_progress, config=config, temperature=args.temperature)  # fmt: skip
-        _write_json({"config": {**config.to_json(), "temperature": args.temperature}, **m},
+                   not args.no_progress, config=config, temperature=temperature)  # fmt: skip
+        _write_json({"config": {**config.to_json(), "temperature": temperature}, **m},
                     os.path.join(args.out, MOCO_FILES[0]))  # fmt: skip
         _plot_moco(m, os.path.join(args.out, MOCO_FILES[1]))
         summary["moco"] = {"true_mi": m["true_mi"], "seconds": round(m["seconds"], 1),

@@ -39,8 +39,12 @@ from refmoco.nn.layers import check_dtype
 from refmoco.nn.sequential import Scoped
 
 
-def rho_for_mi(mi: float, dim: int = 20) -> float:
+def rho_for_mi(mi: float, dim: int = 20, *, name: str = "mi") -> float:
     r"""The correlation :math:`\rho = \sqrt{1 - e^{-2 I / d}}` that gives ``mi`` nats in ``dim`` dims.
+
+    ``mi`` must be finite, >= 0 and at most about 18.7 nats per dimension: beyond, :math:`\rho`
+    rounds to 1 in double precision (an infinite MI, and ``1 - rho**2 == 0`` in the samples and
+    the best critic). A ``ValueError`` names ``name``, the argument ``mi`` came from.
 
     Examples
     --------
@@ -48,8 +52,12 @@ def rho_for_mi(mi: float, dim: int = 20) -> float:
     (0.4258, 2.0)
     """
     if not (math.isfinite(mi) and mi >= 0):
-        raise ValueError(f"mi: expected a finite number >= 0, got {mi!r}")
-    return math.sqrt(-math.expm1(-2.0 * mi / dim))
+        raise ValueError(f"{name}: expected a finite number >= 0, got {mi!r}")
+    rho = math.sqrt(-math.expm1(-2.0 * mi / dim))
+    if 1.0 - rho * rho <= 0.0:  # rho == 1.0
+        raise ValueError(f"{name}: expected at most about {18.7 * dim:g} nats (18.7 per dimension, "
+                         f"dim = {dim}; beyond, the correlation rounds to 1), got {mi!r}")
+    return rho
 
 
 def gaussian_mi(rho: float, dim: int = 20) -> float:
@@ -178,21 +186,40 @@ class MIConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        for name in ("dim", "batch_size", "hidden", "embed_dim"):
+        for name in ("dim", "hidden", "embed_dim"):
             check_int(getattr(self, name), name, minimum=1)
+        check_int(self.batch_size, "batch_size", minimum=2)  # ln 1 = 0: in-batch, no negative
         for name in ("steps_per_level", "moco_steps"):  # the drift compares two quarters
             check_int(getattr(self, name), name, minimum=2)
         check_int(self.eval_batches, "eval_batches", minimum=2)
         check_positive(self.lr, "lr")
         check_unit_interval(self.moco_momentum, "moco_momentum")
-        for mi in (*self.mis, self.moco_mi):
-            rho_for_mi(mi, self.dim)  # a finite number >= 0
+        for mi in self.mis:  # the CLI's --levels
+            rho_for_mi(mi, self.dim, name="mis (--levels)")
+        rho_for_mi(self.moco_mi, self.dim, name="moco_mi")
         for k in self.queue_sizes:
             check_int(k, "queue_sizes", minimum=1)
         check_dtype(self.dtype)
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def check_temperature(temperature: Any, dtype: str = "float32") -> float:
+    """MoCo's temperature as a float: finite, > 0, and with ``1 / temperature`` (the logits'
+    scale) finite in ``dtype``; a ``ValueError`` or ``TypeError`` naming ``temperature``.
+
+    :func:`run_moco_queue` and ``refmoco mi-bound`` check it before any step is run.
+    """
+    t = check_positive(temperature, "temperature")
+    dt = check_dtype(dtype)
+    with np.errstate(over="ignore"):
+        scale = dt.type(1.0 / t)
+    if not np.isfinite(scale):
+        smallest = 1.0 / float(np.finfo(dt).max)
+        raise ValueError(f"temperature: expected a number > {smallest:.3g} (1 / temperature must "
+                         f"be finite in {dtype}), got {temperature!r}")
+    return t
 
 
 def _window_means(values: list[float], window: int) -> list[float]:
@@ -310,7 +337,7 @@ def run_moco_queue(config: MIConfig = MIConfig(), on_step: Callable | None = Non
     x and y are exchangeable (both :math:`N(0, I_d)`, correlation :math:`\rho`), so, as in MoCo,
     one architecture encodes both: the query encoder sees x and is trained; the key encoder,
     its exponential moving average (momentum ``moco_momentum``), sees y. The true MI is
-    ``moco_mi``.
+    ``moco_mi``. ``temperature`` is checked (:func:`check_temperature`) before any step.
 
     Returns
     -------
@@ -322,6 +349,7 @@ def run_moco_queue(config: MIConfig = MIConfig(), on_step: Callable | None = Non
         against its positive and ``K`` fresh independent negatives (a proper lower bound:
         fixed critic, negatives drawn from :math:`p(y)`); ``curve`` of 50-step window means.
     """
+    temperature = check_temperature(temperature, config.dtype)  # before any step
     net = critic_mlp(config.dim, config.hidden, config.embed_dim)
     model = Model(net)
     rho = rho_for_mi(config.moco_mi, config.dim)

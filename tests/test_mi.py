@@ -2,13 +2,18 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import refmoco.cpc
+import refmoco.mi
+from refmoco.cli_extra import SEED_MAX
 from refmoco.mi import (
+    check_temperature,
     config_from,
     critic_mlp,
     gaussian_mi,
@@ -195,14 +200,125 @@ def test_cli_runs_one_experiment_alone(tmp_path):
 
 @pytest.mark.parametrize(
     ("overrides", "name"),
-    [({"batch_size": 0}, "batch_size"), ({"lr": -1.0}, "lr"), ({"mis": [2.0, -1.0]}, "mi"),
+    [({"batch_size": 0}, "batch_size"), ({"batch_size": 1}, "batch_size"), ({"lr": -1.0}, "lr"),
+     ({"mis": [2.0, -1.0]}, "mis (--levels)"), ({"mis": [1e4]}, "mis (--levels)"),
+     ({"moco_mi": -1.0}, "moco_mi"), ({"moco_mi": math.nan}, "moco_mi"),
+     ({"moco_mi": 1e4}, "moco_mi"),
      ({"queue_sizes": [0]}, "queue_sizes"), ({"moco_momentum": 1.5}, "moco_momentum"),
      ({"eval_batches": 1}, "eval_batches"), ({"dtype": "int32"}, "dtype"),
      ({"steps_per_level": 1}, "steps_per_level"), ({"moco_steps": 1}, "moco_steps")],
 )  # fmt: skip
 def test_bad_config_names_the_argument(overrides, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{re.escape(name)}: "):
         config_from(**overrides)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 20])
+def test_rho_for_mi_refuses_an_mi_whose_correlation_rounds_to_one(dim):
+    """Beyond about 18.7 nats per dimension rho is 1.0 in double precision: the best critic's
+    1 / (1 - rho^2) was a ZeroDivisionError after a level's training."""
+    rho = rho_for_mi(18.7 * dim, dim)
+    assert 1.0 - rho * rho > 0
+    with pytest.raises(ValueError, match=r"^levels: expected at most about"):
+        rho_for_mi(18.8 * dim, dim, name="levels")
+    with pytest.raises(ValueError, match=r"^mi: expected a finite number >= 0"):
+        rho_for_mi(-1.0, dim)
+
+
+def test_temperature_is_positive_with_a_finite_reciprocal_in_the_dtype():
+    assert check_temperature(0.05) == 0.05
+    assert check_temperature(1e-40, "float64") == 1e-40  # 1e40 is finite in float64 only
+    for bad, dtype in ((0.0, "float32"), (-0.1, "float32"), (math.nan, "float32"),
+                       (math.inf, "float32"), (1e-40, "float32"), (1e-310, "float64")):  # fmt: skip
+        with pytest.raises(ValueError, match="^temperature: "):
+            check_temperature(bad, dtype)
+    for bad in ("0.05", True):
+        with pytest.raises(TypeError, match="^temperature: "):
+            check_temperature(bad)
+
+
+@pytest.mark.parametrize("temperature", [0.0, math.nan, 1e-40])
+def test_run_moco_queue_checks_the_temperature_before_building_anything(monkeypatch, temperature):
+    monkeypatch.setattr(refmoco.mi, "critic_mlp", lambda *a, **k: pytest.fail("built a critic"))
+    cfg = config_from(queue_sizes=[3], moco_steps=2, **TINY)
+    with pytest.raises(ValueError, match="^temperature: "):
+        run_moco_queue(cfg, temperature=temperature)
+
+
+# ------------------------------------------- the CLI: a bad option is refused before anything
+
+TINY_CLI = ["--steps-per-level", "2", "--batch-size", "4", "--dim", "2", "--hidden", "4",
+            "--embed-dim", "2", "--eval-batches", "2", "--moco-steps", "2", "--queue-sizes", "3",
+            "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture
+def nothing_may_run(monkeypatch):
+    """The experiments and CPC's training, each failing the test if it is called."""
+    for module, name in ((refmoco.mi, "run_infonce_staircase"), (refmoco.mi, "run_moco_queue"),
+                         (refmoco.cpc, "train_cpc")):  # fmt: skip
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--temperature", "0"], "temperature: expected a finite number > 0"),
+     (["--temperature", "nan"], "temperature: expected a finite number > 0"),
+     (["--temperature", "-0.1"], "temperature: expected a finite number > 0"),
+     (["--temperature", "inf"], "temperature: expected a finite number > 0"),
+     (["--temperature", "1e-40"], "temperature: expected a number > 2.94e-39"),  # 1/T: inf
+     (["--temperature", "0", "--levels"], "temperature: "),  # MoCo's queues alone
+     (["--temperature", "0", "--queue-sizes"], "temperature: "),  # the staircase alone
+     (["--levels", "1", "-1"], "mis (--levels): expected a finite number >= 0"),
+     (["--levels", "nan"], "mis (--levels): expected a finite number >= 0"),
+     (["--levels", "1", "40"], "mis (--levels): expected at most about 37.4 nats"),  # dim 2
+     (["--moco-mi", "-1"], "moco_mi: expected a finite number >= 0"),
+     (["--moco-mi", "40"], "moco_mi: expected at most about 37.4 nats"),
+     (["--batch-size", "1"], "batch_size: expected an integer >= 2"),
+     (["--batch-size", "1", "--levels"], "batch_size: expected an integer >= 2")],
+)  # fmt: skip
+def test_cli_refuses_a_bad_option_before_any_file_or_step(tmp_path, capsys, nothing_may_run,
+                                                          options, message):  # fmt: skip
+    from refmoco.cli_extra import main
+
+    out = tmp_path / "run"
+    assert main(["mi-bound", *TINY_CLI, *options, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"refmoco mi-bound: error: {message}")
+    assert not out.exists()  # no folder, so no mi_bound.json / moco_queue.json either
+
+
+@pytest.mark.parametrize("command", ["mi-bound", "cpc"])
+def test_a_seed_beyond_scikit_learns_range_is_refused_before_anything(tmp_path, capsys,
+                                                                      nothing_may_run, command):
+    """cpc's linear probe (LogisticRegression's random_state) takes seeds below 2**32 only; a
+    larger one failed after the folder was made. Every command takes the same seeds."""
+    from refmoco.cli_extra import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        main([command, "--seed", str(SEED_MAX + 1), "--no-progress", "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"refmoco {command}: error: argument --seed: expected an integer <= {SEED_MAX}" in err
+    assert not out.exists()
+
+
+def test_the_largest_seed_is_taken(tmp_path, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def stand_in(config, on_step=None, **kwargs):
+        seen["seed"] = config.seed
+        raise Stop
+
+    monkeypatch.setattr(refmoco.mi, "run_infonce_staircase", stand_in)
+    from refmoco.cli_extra import main
+
+    with pytest.raises(Stop):
+        main(["mi-bound", *TINY_CLI, "--seed", str(SEED_MAX), "--out", str(tmp_path)])
+    assert seen["seed"] == SEED_MAX == 2**32 - 1
 
 
 @pytest.mark.parametrize(
