@@ -18,6 +18,7 @@ References
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -174,14 +175,23 @@ def key_encoder_drift(key_params, query_params) -> DriftReport:
 
     Parameters
     ----------
-    key_params, query_params : dict or list of arrays
-        The two encoders' parameters, with the same names (dicts, matched by name in any order)
-        or the same length (lists, matched by position) and shapes; PyTorch tensors are read
-        through DLPack.
+    key_params, query_params : mapping or sequence of arrays
+        The two encoders' parameters, with the same names (mappings, such as dicts, a
+        :class:`~refmoco.nn.FlatParams` or a PyTorch ``state_dict()``: matched by name in any
+        order) or the same length (lists, matched by position) and shapes; PyTorch tensors are
+        read through DLPack.
 
     Returns
     -------
     DriftReport
+
+    Raises
+    ------
+    TypeError
+        One argument a mapping and the other not.
+    ValueError
+        Names (or lengths) that differ, or shapes that differ; the message names
+        ``query_params``.
 
     Notes
     -----
@@ -198,11 +208,26 @@ def key_encoder_drift(key_params, query_params) -> DriftReport:
     >>> key_encoder_drift({"w": np.ones(4)}, {"w": 2 * np.ones(4)}).relative
     0.5
     """
-    names = list(key_params) if isinstance(key_params, dict) else list(range(len(key_params)))
-    other = list(query_params) if isinstance(query_params, dict) else list(range(len(
-        query_params)))
-    if (set(names) != set(other)) if isinstance(key_params, dict) else names != other:
-        raise ValueError("query_params: expected the names (or length) of key_params")
+    by_name = isinstance(key_params, Mapping)
+    if isinstance(query_params, Mapping) != by_name:
+        raise TypeError(
+            f"query_params: expected {'a mapping' if by_name else 'a sequence'} of arrays, as "
+            f"key_params is, got {type(query_params).__name__}"
+        )
+    if by_name:  # a dict, a FlatParams, a PyTorch state_dict: matched by name, in any order
+        names = list(key_params)
+        missing = [n for n in names if n not in query_params]
+        unexpected = [n for n in query_params if n not in key_params]
+        if missing or unexpected:
+            raise ValueError(
+                f"query_params: expected the names of key_params; missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+    else:
+        names = list(range(len(key_params)))
+        if len(query_params) != len(names):
+            raise ValueError(f"query_params: expected the length of key_params ({len(names)}), "
+                             f"got {len(query_params)}")
     num = den = 0.0
     per_param = {}
     for name in names:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import refmoco
 import refmoco.diagnostics
+import refmoco.mechanisms
 import refmoco.testing.compare
 import refmoco.testing.strategies
 from refmoco.diagnostics import (
@@ -19,6 +20,8 @@ from refmoco.diagnostics import (
     key_encoder_drift,
     same_sample_negatives,
 )
+from refmoco.nn import FlatParams, mlp_encoder
+from refmoco.optim import SGD
 from refmoco.testing import (
     compare_loss,
     compare_loss_and_grad,
@@ -350,6 +353,43 @@ def test_key_encoder_drift_is_the_relative_distance():
         key_encoder_drift(key, {"a": query["a"]})
     reordered = key_encoder_drift(key, {"b": query["b"], "a": query["a"]})  # matched by name
     assert reordered.relative == report.relative and reordered.per_param == report.per_param
+
+
+def test_key_encoder_drift_of_a_moco_run_matches_its_flat_params_by_name(rng):
+    """``key_encoder_drift(moco.key_params, moco.params)``: two FlatParams (Mappings, not
+    dicts) are matched by name, as the dicts of the same arrays are."""
+    model = mlp_encoder(4, 3, 3, 2)
+    params, buffers = model.init(np.random.default_rng(0), "float64")
+    moco = refmoco.mechanisms.MoCo(model, params, buffers, SGD(0.5), momentum=0.9,
+                                   queue=refmoco.Queue(16, 2, dtype="float64"), temperature=0.2)
+    for step in range(2):
+        x = rng.standard_normal((4, 4))
+        moco.step(x, x + 0.1 * rng.standard_normal(x.shape), np.arange(4) + 4 * step, lr=0.5)
+    key, query = moco.key_params, moco.params
+    report = key_encoder_drift(key, query)
+    # ||θk - θq|| / ||θq||, over all parameters and per parameter
+    flat_k, flat_q = np.asarray(key.flat, np.float64), np.asarray(query.flat, np.float64)
+    assert 0 < report.relative and math.isclose(
+        report.relative, np.linalg.norm(flat_k - flat_q) / np.linalg.norm(flat_q), rel_tol=1e-12)
+    assert list(report.per_param) == list(key)
+    for name in key:
+        expected = np.linalg.norm(key[name] - query[name]) / np.linalg.norm(query[name])
+        assert math.isclose(report.per_param[name], expected, rel_tol=1e-12), name
+    as_dicts = key_encoder_drift({k: v.copy() for k, v in key.items()},
+                                 {k: query[k].copy() for k in reversed(list(query))})
+    assert as_dicts == report
+
+    renamed = FlatParams({("x" + k if k == next(iter(query)) else k): s
+                          for k, s in query.shapes.items()}, query.dtype, flat=query.flat)
+    with pytest.raises(ValueError, match=r"query_params: expected the names of key_params; "
+                                         r"missing \['.+'\], unexpected \['x.+'\]"):
+        key_encoder_drift(key, renamed)
+    with pytest.raises(TypeError, match="query_params: expected a mapping"):
+        key_encoder_drift(key, list(query.values()))
+    with pytest.raises(TypeError, match="query_params: expected a sequence"):
+        key_encoder_drift(list(key.values()), query)
+    with pytest.raises(ValueError, match=r"query_params: expected the length of key_params \(2\)"):
+        key_encoder_drift([key.flat, key.flat], [query.flat])
 
 
 @pytest.mark.parametrize("module", [refmoco.testing.compare, refmoco.testing.strategies,

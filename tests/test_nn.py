@@ -1,5 +1,7 @@
 """refmoco.nn: gradients against finite differences, PyTorch equivalence, FlatParams, models."""
 
+import copy
+import pickle
 from collections import OrderedDict
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import refmoco
 from refmoco.losses import l2_normalize
 from refmoco.nn import (
     BatchNorm1d,
@@ -23,6 +26,7 @@ from refmoco.nn import (
     mlp_encoder,
 )
 from refmoco.nn.functional import ReLUCache
+from refmoco.optim import SGD
 
 # relative (rel_err below), by dtype. float64 against PyTorch: measured at most 1.4e-15 for
 # the layers (1000 hypothesis examples; 2.9e-16 in the CI profile's) and 8.9e-16 for the
@@ -371,6 +375,95 @@ def test_flat_params_load_state_dict_validates_before_writing():
         np.testing.assert_array_equal(p.flat, before)
     p.load_state_dict({"w": np.ones((2, 2)), "b": np.ones(2), "x": 0}, strict=False)
     np.testing.assert_array_equal(p.flat, 1.0)
+
+
+WHOLE_COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda p: pickle.loads(pickle.dumps(p))}
+
+
+@pytest.mark.parametrize("how", sorted(WHOLE_COPIES))
+def test_flat_params_copied_whole_are_views_of_the_new_buffer(how):
+    model = mlp_encoder(4, 3, 3, 2)
+    params, buffers = model.init(np.random.default_rng(0), "float64")
+    dup = WHOLE_COPIES[how](params)
+    assert type(dup) is FlatParams and dup.same_layout(params) and list(dup) == list(params)
+    assert not np.shares_memory(dup.flat, params.flat)
+    for k in params:
+        assert np.shares_memory(dup[k], dup.flat) and not np.shares_memory(dup[k], params.flat)
+        np.testing.assert_array_equal(dup[k], params[k])
+    before = params.flat.copy()
+    dup.flat += 1.0  # reaches the copy's named arrays, not the original
+    np.testing.assert_array_equal(params.flat, before)
+    assert all(np.array_equal(dup[k], params[k] + 1.0) for k in params)
+
+
+@pytest.mark.parametrize("how", sorted(WHOLE_COPIES))
+def test_a_copied_key_encoder_trains_through_its_named_arrays(how, rng):
+    """The PyTorch way to make a key encoder (``copy.deepcopy``), or a pickled one: the SGD step
+    and the momentum update write ``.flat``, and the forward pass must read what they wrote."""
+    model = mlp_encoder(4, 3, 3, 2)
+    params, buffers = model.init(np.random.default_rng(0), "float64")
+    x = rng.standard_normal((5, 4))
+
+    def forward(p):
+        return model.forward(p, {k: b.copy() for k, b in buffers.items()}, x, train=False)[0]
+
+    def rebuilt(p):  # named arrays that are views of p.flat by construction
+        return FlatParams(p.shapes, p.dtype, flat=p.flat.copy())
+
+    query = WHOLE_COPIES[how](params)
+    grads = query.zeros_like()
+    grads.flat[:] = rng.standard_normal(grads.size)
+    z_before = forward(query)
+    SGD(0.5).step(query, grads)
+    np.testing.assert_allclose(query.flat, params.flat - 0.5 * grads.flat, rtol=1e-15)
+    for k in query:
+        np.testing.assert_array_equal(query[k], rebuilt(query)[k])
+    z_after = forward(query)
+    assert not np.allclose(z_after, z_before)
+    np.testing.assert_array_equal(z_after, forward(rebuilt(query)))
+
+    key = WHOLE_COPIES[how](params)  # the key encoder starts as a copy, then follows the query
+    refmoco.momentum_update(key.flat, query.flat, 0.5)  # as MoCo.step does
+    np.testing.assert_allclose(key.flat, 0.5 * params.flat + 0.5 * query.flat, rtol=1e-15)
+    for k in key:
+        np.testing.assert_array_equal(key[k], rebuilt(key)[k])
+    np.testing.assert_array_equal(forward(key), forward(rebuilt(key)))
+    assert not np.allclose(forward(key), forward(params))
+
+
+def test_flat_params_deepcopy_keeps_what_shares_its_buffer():
+    p = FlatParams({"w": (2, 2), "b": (2,)}, "float64")
+    p.flat[:] = np.arange(6.0)
+    held = copy.deepcopy({"params": p, "flat": p.flat, "w": p["w"], "again": p})
+    new = held["params"]
+    assert held["again"] is new and held["flat"] is new.flat
+    assert np.shares_memory(held["w"], new.flat)
+    new.flat[:] = -1.0
+    assert (held["w"] == -1.0).all() and (p.flat == np.arange(6.0)).all()
+    flat_first = copy.deepcopy([p.flat, p])  # the buffer copied before the FlatParams
+    assert flat_first[1].flat is flat_first[0]
+
+
+def test_flat_params_shallow_copy_shares_the_buffer():
+    p = FlatParams({"w": (2, 2), "b": (2,)}, "float64")
+    same = copy.copy(p)
+    assert same is not p and same.flat is p.flat and list(same) == list(p)
+    assert all(np.shares_memory(same[k], p.flat) for k in p)
+    same.flat[:] = 3.0
+    assert all((p[k] == 3.0).all() for k in p)
+
+
+def test_flat_params_unpickle_the_state_saved_before_getstate():
+    """A FlatParams pickled by an older refmoco stored its ``__dict__``, named arrays and all:
+    those load as views of the buffer too."""
+    p = FlatParams({"w": (2, 2), "b": (2,)}, "float64")
+    p.flat[:] = np.arange(6.0)
+    old_state = copy.deepcopy(dict(vars(p)))  # as pickled: the named arrays separate arrays
+    assert not np.shares_memory(old_state["_views"]["w"], old_state["flat"])
+    q = FlatParams.__new__(FlatParams)
+    q.__setstate__(old_state)
+    assert all(np.shares_memory(q[k], q.flat) for k in q)
+    np.testing.assert_array_equal(q.flat, p.flat)
 
 
 def test_model_load_state_dict_is_all_or_nothing():

@@ -8,6 +8,10 @@ then one vectorised pass over ``flat``, while the layers read their own named ar
 Gradients and optimizer state use the same layout (:meth:`FlatParams.zeros_like`), so that
 ``params.flat``, ``grads.flat`` and a momentum buffer line up entry for entry.
 
+``p.copy()``, ``copy.deepcopy(p)`` (PyTorch's way to make a key encoder) and a pickle round trip
+all give a FlatParams whose named arrays are views of its own new buffer, so an update written
+to the copy's ``flat`` is what its layers read; ``copy.copy(p)`` shares ``p``'s buffer.
+
 Batch-norm running statistics are buffers, not parameters: they are kept apart, in a plain dict
 (see :mod:`refmoco.nn.models`), so no momentum update or optimizer step ever touches them.
 
@@ -21,6 +25,7 @@ lives: a checkpoint saved on one backend loads on any other.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from copy import deepcopy
 from typing import Any
 
 import numpy as np
@@ -169,6 +174,28 @@ class FlatParams(Mapping):
     def copy(self) -> FlatParams:
         """A new FlatParams with a copy of the buffer (on the same device)."""
         return FlatParams(self.shapes, self.dtype, flat=self.flat.copy())
+
+    # --- copy, deepcopy, pickle ------------------------------------------------------------
+    # The state is the layout and the one buffer, never the named arrays: rebuilding from it
+    # (``__init__``, as ``copy`` does) makes the named arrays views of the restored buffer. A
+    # pickled or deep-copied FlatParams whose named arrays were separate copies would let an
+    # optimizer step or momentum update (which write ``.flat``) leave the arrays a forward pass
+    # reads unchanged. ``copy.copy`` gives a FlatParams sharing this buffer (new views of it).
+    def __getstate__(self) -> dict:
+        return {"shapes": self.shapes, "dtype": self.dtype, "flat": self.flat}
+
+    def __setstate__(self, state: dict) -> None:
+        # Also reads the __dict__ pickled before this method existed (its extra keys ignored).
+        FlatParams.__init__(self, state["shapes"], state["dtype"], flat=state["flat"])
+
+    def __deepcopy__(self, memo: dict) -> FlatParams:
+        new = FlatParams.__new__(type(self))
+        memo[id(self)] = new
+        flat = deepcopy(self.flat, memo)  # the memo's copy if ``.flat`` was copied already
+        new.__setstate__({"shapes": self.shapes, "dtype": self.dtype, "flat": flat})
+        for name, view in self._views.items():  # a named array copied later, alongside, is
+            memo.setdefault(id(view), new._views[name])  # the view of the new buffer
+        return new
 
     def same_layout(self, other: Any) -> bool:
         """True when ``other`` is a FlatParams with the same names, shapes and dtype, in order
