@@ -39,14 +39,14 @@ def kernels():
         x[0] = 1.0
 
     try:
+        from refmoco.kernels import cuda as kernels  # first: its NumPy 2.5 shim (np.row_stack)
+
         cuda.compile_ptx(probe, (numba.float32[::1],), cc=CC)
     except Exception as exc:  # no numba-cuda, no NVVM or libdevice: the install is incomplete
         message = f"needs numba-cuda with NVVM (pip install 'numba-cuda[cu12]'): {exc!r}"
         if os.environ.get("REFMOCO_REQUIRE_NVVM") == "1":
             pytest.fail(message)
         pytest.skip(message)
-    from refmoco.kernels import cuda as kernels
-
     return kernels
 
 
@@ -172,3 +172,28 @@ def test_the_ptx_reader_sees_a_fused_multiply_add(kernels):
 
     ops = float_arithmetic(ptx_of(plain, *lerp_args(np.float32)), 32)
     assert any(ins.startswith("fma") for ins in ops), ops
+
+
+def test_kernels_compile_with_a_numpy_that_has_no_row_stack(kernels):
+    """NumPy 2.5 removed ``np.row_stack``, and numba-cuda (0.30 and older) registers an overload
+    of it at its first compile: every kernel raised AttributeError (seen on the GPU machine's
+    NumPy 2.5.2). Importing refmoco's kernels restores the alias first. Here, in a fresh
+    interpreter, NumPy is made to lack it, as 2.5 does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "if hasattr(np, 'row_stack'):\n"
+        "    del np.row_stack\n"
+        "from refmoco.kernels import cuda as kernels\n"
+        "import numba\n"
+        "t = np.zeros(8, np.float32)\n"
+        "ptx, _ = numba.cuda.compile_ptx(kernels._lerp_kernel(np.float32).py_func,\n"
+        "    (numba.float32[::1], numba.float32[::1], numba.float32, numba.float32), cc=(8, 0))\n"
+        "assert '.entry' in ptx\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

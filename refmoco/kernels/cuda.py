@@ -31,7 +31,14 @@ import operator
 
 import numba
 import numpy as np
-from numba import cuda
+
+if not hasattr(np, "row_stack"):
+    # numba-cuda (0.30 and older) registers an overload of np.row_stack when it compiles its
+    # first kernel; NumPy 2.5 removed that alias of np.vstack, so every compile raised
+    # AttributeError. Restore the alias (nothing in refmoco uses it) before Numba looks for it.
+    setattr(np, "row_stack", np.vstack)  # noqa: B010 - an attribute NumPy 2.5 lacks
+
+from numba import cuda  # noqa: E402
 
 from ..backend import KERNEL_DTYPES, is_cupy_array, namespace_of
 from ._jit import cuda_jit
