@@ -73,6 +73,9 @@ def check_unit_interval(value: Any, name: str) -> float:
     return v
 
 
+SEED_MAX = 2**32 - 1  # the largest random_state scikit-learn takes (the linear probes' seed)
+
+
 def check_int(value: Any, name: str, *, minimum: int) -> int:
     """A Python int >= ``minimum`` from an int or an integer NumPy scalar or 0-d array (through
     ``operator.index``: a float, a bool or a 0-d float array such as ``np.array(2.5)`` is a

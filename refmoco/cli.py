@@ -56,7 +56,7 @@ def _train_parser(sub) -> None:
                         "(a GPU: refmoco[gpu])")
     p.add_argument("--seed", type=non_negative_int, default=d.seed,
                    help="seed of the split, the weights, the views and the batch order "
-                        "(an integer >= 0)")
+                        "(an integer from 0 to 2**32 - 1)")
     p.add_argument("--out", default="runs/latest",
                    help="folder for metrics.json, curves.png and checkpoint.npz")
     p.add_argument("--resume", action="store_true",

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 
+from ._checks import SEED_MAX
 from .train import refuse_existing  # the rule refmoco train follows too
 
 
@@ -34,7 +35,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-SEED_MAX = 2**32 - 1  # the largest random_state scikit-learn takes (the linear probes' seed)
 
 
 def non_negative_int(text: str) -> int:

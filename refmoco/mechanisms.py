@@ -220,6 +220,13 @@ class Mechanism:
                 if np.shape(v) != tuple(expected[k].shape):
                     raise ValueError(f"checkpoint: {prefix}/{k} has shape {np.shape(v)}, "
                                      f"expected {tuple(expected[k].shape)}")
+        # the optimizer's momentum buffer (empty before the first step) follows the flat
+        # parameters; a mismatch would otherwise surface only at the next step
+        buf = np.asarray(state.get("optimizer/momentum_buffer", np.zeros(0)))
+        if buf.size and (buf.shape != self.params.flat.shape or buf.dtype != self.params.dtype):
+            raise ValueError(f"checkpoint: optimizer/momentum_buffer is {buf.shape} {buf.dtype}, "
+                             f"expected {self.params.flat.shape} {self.params.dtype} (the flat "
+                             f"parameters)")
 
 
 def _check_placement(params, buffers, backend) -> str:

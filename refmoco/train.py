@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import SEED_MAX, check_int
 from .augment import Augment, two_views
 from .backend import to_backend, to_numpy
 from .data import Dataset, load_dataset
@@ -69,21 +70,28 @@ class TrainConfig:
     def __post_init__(self):
         if self.mechanism in MECHANISMS and self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.mechanism])
+        for name in ("epochs", "batch_size", "queue_size", "bn_groups", "out_dim"):
+            value = getattr(self, name)  # a count: 1.5 epochs or bn_groups=True is refused
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name}: expected an integer, got {value!r}")
         checks = [
             (self.mechanism in MECHANISMS, "mechanism", f"one of {MECHANISMS}"),
             (self.encoder in ("mlp", "cnn"), "encoder", "'mlp' or 'cnn'"),
             (self.epochs >= 1, "epochs", "an integer >= 1"),
             (self.batch_size >= 2, "batch_size", "an integer >= 2"),
             (self.queue_size >= 1, "queue_size", "an integer >= 1"),
-            (self.temperature > 0, "temperature", "a number > 0"),
+            (math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+             "a finite number > 0"),
             (0 <= self.momentum <= 1, "momentum", "a number in [0, 1]"),
             (0 <= self.bank_momentum <= 1, "bank_momentum", "a number in [0, 1]"),
-            (self.lr is not None and self.lr > 0, "lr", "a number > 0"),
+            (self.lr is not None and math.isfinite(self.lr) and self.lr > 0, "lr",
+             "a finite number > 0"),
             (self.bn_groups >= 1, "bn_groups", "an integer >= 1"),
+            (self.out_dim >= 1, "out_dim", "an integer >= 1"),
             (self.dtype in ("float32", "float64"), "dtype", "'float32' or 'float64'"),
             (self.backend in ("numpy", "numba", "cupy"), "backend", "numpy, numba or cupy"),
             (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
-             and self.seed >= 0, "seed", "an integer >= 0"),
+             and 0 <= self.seed <= SEED_MAX, "seed", f"an integer in [0, {SEED_MAX}]"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -292,8 +300,10 @@ class Trainer:
                 state = {k: f[k] for k in f.files}
             saved = json.loads(str(state["trainer/config"]))
             rng = rng_from_array(state["trainer/rng_state"])
-            epoch = int(state["trainer/epoch"])
+            epoch = check_int(state["trainer/epoch"], "trainer/epoch", minimum=0)
             history = json.loads(str(state["trainer/history"]))
+            if not isinstance(history, list):
+                raise TypeError(f"trainer/history: expected a list, got {type(history).__name__}")
             random_init = json.loads(str(state["trainer/random_init"]))
             digest = str(state["trainer/data_digest"]) if "trainer/data_digest" in state else None
         except FileNotFoundError:
@@ -322,12 +332,32 @@ class Trainer:
         self.rng, self.epoch, self.history, self.random_init = rng, epoch, history, random_init
 
 
+def _check_out(out: str) -> None:
+    """``out`` must be a folder, or a path a folder can be made at: checked before the data is
+    loaded or a model built, naming the option."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):  # the nearest part of the path that exists
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "is a file" if path == os.path.abspath(out) else f"is below the file {path}"
+        raise ValueError(f"out: expected a folder (or a path where one can be made), but {out} "
+                         f"{where}")
+
+
 def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
         dataset: Dataset | None = None) -> dict:
-    """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot."""
+    """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot.
+
+    Resuming a run that has finished (its checkpoint at ``config.epochs``, its metrics.json
+    written) changes nothing and returns the metrics it wrote."""
+    _check_out(out)
     trainer = Trainer(config, dataset)  # first: a missing backend fails before any file is made
     if resume:
         trainer.load(out)  # a missing or refused checkpoint: nothing is made or changed
+        done = os.path.join(out, "metrics.json")
+        if trainer.epoch == config.epochs and os.path.exists(done):
+            with open(done) as f:
+                return json.load(f)
     else:
         refuse_existing(out, RUN_FILES, "pass --resume to continue it, or choose another --out")
     os.makedirs(out, exist_ok=True)
@@ -347,7 +377,8 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
     bar.close()
     final = trainer.evaluate(linear=True)
     metrics = {
-        "config": config.to_json(),
+        # every option: the run's (--dataset and --data both as "data") and the command's own
+        "config": {**config.to_json(), "out": out, "resume": resume, "progress": progress},
         "dataset": {"name": trainer.dataset.name, "train": len(trainer.x_train),
                     "test": len(trainer.x_test), "shape": list(trainer.x_train.shape[1:])},
         "epochs": trainer.history,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import refmoco.cpc
 import refmoco.mi
-from refmoco.cli_extra import SEED_MAX
+from refmoco._checks import SEED_MAX
 from refmoco.mi import (
     check_temperature,
     config_from,

@@ -76,7 +76,8 @@ def test_metrics_json_and_plot(tmp_path, small):
     out = str(tmp_path / "run")
     metrics = run(config(), out, progress=False, dataset=small)
     saved = json.load(open(os.path.join(out, "metrics.json")))
-    assert saved["config"] == config().to_json()
+    assert saved["config"] == {**config().to_json(), "out": out, "resume": False,
+                               "progress": False}  # every option (API.md), the command's too
     assert len(saved["epochs"]) == 2
     for row in saved["epochs"]:
         assert {"loss", "knn_accuracy", "alignment", "uniformity", "pos_sim", "neg_sim",
@@ -130,9 +131,34 @@ def test_a_refused_resume_changes_nothing(tmp_path, small):
     with pytest.raises(ValueError, match="other data"):
         run(config(epochs=3), out, resume=True, progress=False, dataset=other)
     assert folder_bytes(out) == before
-    moved = config(epochs=2, data=str(tmp_path / "elsewhere.npz"))  # another path, same data
+    moved = config(epochs=3, data=str(tmp_path / "elsewhere.npz"))  # another path, same data
     assert run(moved, out, resume=True, progress=False, dataset=small)["config"]["data"] == \
         moved.data
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, small):
+    """Its metrics.json (with the run's own training time) stays byte for byte, and is what the
+    call returns; nothing is trained or evaluated again."""
+    out = str(tmp_path / "run")
+    first = run(config(epochs=1), out, progress=False, dataset=small)
+    before = folder_bytes(out)
+    again = run(config(epochs=1), out, resume=True, progress=False, dataset=small)
+    assert folder_bytes(out) == before
+    assert again == json.loads(json.dumps(first))
+
+
+@pytest.mark.parametrize("where", ["file", "below a file"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_data_is_loaded(tmp_path, where,
+                                                                              monkeypatch):
+    import refmoco.train as train_module
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    out = afile if where == "file" else afile / "sub"
+    monkeypatch.setattr(train_module, "Trainer", None)  # building one would fail differently
+    with pytest.raises(ValueError, match=f"out: .*{where.replace('below a', 'below the')}"):
+        run(config(), str(out), progress=False)
+    assert afile.read_text() == "mine"
 
 
 def test_resuming_a_missing_run_makes_no_folder(tmp_path, small):
@@ -164,7 +190,23 @@ def test_data_that_cannot_train_or_evaluate_is_refused_before_anything_runs(
     assert not out.exists()
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, True])
+@pytest.mark.parametrize("name, value", [("epochs", 1.5), ("batch_size", 8.0),
+                                         ("queue_size", np.float64(16)), ("bn_groups", True),
+                                         ("out_dim", 2.0)])
+def test_a_count_that_is_not_an_integer_is_refused(name, value):
+    """1.5 epochs trained one epoch, checkpointed it and then failed; bn_groups=True was 1."""
+    with pytest.raises(TypeError, match=f"{name}: expected an integer"):
+        config(**{name: value})
+
+
+@pytest.mark.parametrize("name, value", [("temperature", float("inf")), ("lr", float("inf")),
+                                         ("temperature", float("nan")), ("lr", float("nan"))])
+def test_a_rate_that_is_not_finite_is_refused(name, value):
+    with pytest.raises(ValueError, match=f"{name}: expected a finite number > 0"):
+        config(**{name: value})
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, 2**32])  # 2**32: scikit-learn's probes refuse it
 def test_a_bad_seed_is_named(seed):
     with pytest.raises(ValueError, match="seed"):
         config(seed=seed)
@@ -200,9 +242,22 @@ def _negative_step_count(state):
     state["mechanism/optimizer/step_count"] = np.array(-3)
 
 
+def _short_momentum_buffer(state):
+    state["mechanism/optimizer/momentum_buffer"] = np.zeros(10, np.float32)
+
+
+def _set_epoch(value):
+    def spoil(state):
+        state["trainer/epoch"] = np.array(value)
+    return spoil
+
+
 @pytest.mark.parametrize("spoil, words", [
     (_drop_key_bias, "head.2.bias"),  # refused before anything is loaded
     (_negative_step_count, "step_count"),  # refused by the optimizer, after the parameters
+    (_short_momentum_buffer, "momentum_buffer"),  # was accepted, to fail at the first step
+    (_set_epoch(-2), "trainer/epoch"),  # was accepted: the schedule's step went negative
+    (_set_epoch(1.5), "trainer/epoch"),  # was cut to 1
 ])
 def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(tmp_path, small, spoil,
                                                                       words):
