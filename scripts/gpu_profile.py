@@ -16,6 +16,7 @@ the benchmark, so that one device call also says what to speed up next.
     python scripts/gpu_profile.py          # needs CuPy, numba-cuda and a CUDA GPU
 """
 
+import io
 import statistics
 import sys
 import time
@@ -47,8 +48,14 @@ def launches(cupy):
     kernel = kernels._lerp_kernel(np.float32)
     stream = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
     dx, dy = cuda.as_cuda_array(x, sync=False), cuda.as_cuda_array(y, sync=False)
+    def wrapped():  # refmoco's launch before it passed CuPy arrays as they are
+        s = cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+        kernel[1, kernels.THREADS, s](cuda.as_cuda_array(x, sync=False),
+                                      cuda.as_cuda_array(y, sync=False), m, w)
+
     cases = {
         "refmoco _launch (numba-cuda, CuPy arrays)": lambda: kernels._launch(kernel, 1, x, y, m, w),
+        "as_cuda_array each array, a new stream wrapper": wrapped,
         "numba-cuda, stream and arrays made once": lambda: kernel[1, kernels.THREADS, stream](
             dx, dy, m, w),
         "refmoco.momentum_update (checks included)": lambda: refmoco.momentum_update(
@@ -121,6 +128,30 @@ def steps(cupy):
             print(line, flush=True)
             if label == "refmoco cupy" and table:
                 print(table, flush=True)
+            if label == "refmoco cupy":
+                host_profile(step, sync)
+
+
+def host_profile(step, sync, steps=5):
+    """Where the host's time goes in refmoco's step (cProfile; its own overhead inflates the
+    many small calls, so read the ranking, not the absolute times)."""
+    import cProfile
+    import pstats
+
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).strip_dirs()
+    stats.sort_stats("tottime").print_stats(22)
+    stats.sort_stats("cumulative").print_stats("refmoco", 22)
+    print(f"    host profile of {steps} steps:")
+    print("\n".join("      " + line for line in out.getvalue().splitlines() if line.strip()),
+          flush=True)
 
 
 def main():
