@@ -301,6 +301,163 @@ def test_jax_implementations_can_be_compared():
     if not jax.config.jax_enable_x64:
         with pytest.raises(ValueError, match="jax_enable_x64"):
             refmoco.testing.to_framework(np.zeros(2), "jax")
+        with pytest.raises(ValueError, match="^framework='jax' with dtype='float64' needs "
+                                             "jax.config.update"):  # raised, not a difference
+            compare_loss_and_grad(jax_moco, "moco", framework="jax", temperature=T, **BUDGET)
+
+
+# -- code that writes to its inputs, or to the wrong arrays --------------------------------------
+def test_a_numpy_loss_that_normalises_its_inputs_in_place_is_caught():
+    def normalises_in_place(x1, x2, y):
+        x1 /= np.maximum(np.linalg.norm(x1, axis=1, keepdims=True), 1e-12)
+        x2 /= np.maximum(np.linalg.norm(x2, axis=1, keepdims=True), 1e-12)
+        out = refmoco.contrastive_loss(x1, x2, y)
+        return out.loss, out.grads
+
+    report = compare_loss_and_grad(normalises_in_place, "contrastive", framework="numpy",
+                                   **BUDGET)
+    assert report.difference.what in ("input 'x1'", "input 'x2'")
+    assert "modified it in place" in report.difference.detail
+    assert np.linalg.norm(report.inputs["x1"]) != 1 or np.linalg.norm(report.inputs["x2"]) != 1
+
+
+def test_a_torch_loss_that_writes_to_an_input_is_caught():
+    def scales_the_queue(q, k, queue):
+        queue.mul_(0.5)  # the queue needs no gradient, so PyTorch lets this through
+        return moco_loss(q, k, queue * 2)
+
+    report = compare_loss(scales_the_queue, "moco", framework="torch", temperature=T, **BUDGET)
+    assert report.difference.what == "input 'queue'"
+
+
+class NumpyStep:
+    """A correct NumPy MoCo step; ``in_place`` renormalises the keys over the wrong axis, in
+    place, before enqueueing them."""
+
+    def __init__(self, initial, in_place=False):
+        self.queue, self.ptr, self.in_place = np.array(initial), 0, in_place
+
+    def __call__(self, q, k):
+        out = refmoco.info_nce_loss(q, k, self.queue, temperature=0.07, wrt=("q",))
+        if self.in_place:
+            k /= np.linalg.norm(k, axis=0, keepdims=True) + 1e-12
+        n = len(k)
+        self.queue[self.ptr:self.ptr + n] = k
+        self.ptr = (self.ptr + n) % len(self.queue)
+        return out.loss, {"q": out.grads["q"], "k": None}
+
+
+def test_a_numpy_step_that_corrupts_its_keys_in_place_is_caught():
+    assert compare_moco_step(NumpyStep, framework="numpy", **BUDGET).ok
+    report = compare_moco_step(lambda initial: NumpyStep(initial, in_place=True),
+                               framework="numpy", **BUDGET)
+    assert report.difference.what == "call 1: input 'k'"
+
+
+def test_a_step_whose_loss_ignores_q_says_the_gradient_is_missing():
+    class DetachedQ(MoCoStep):
+        def __call__(self, q, k):
+            return super().__call__(q.detach(), k)
+
+    report = compare_moco_step(DetachedQ, **BUDGET)
+    assert report.difference.what == "call 1: gradient w.r.t. 'q'"
+    assert report.difference.detail.startswith("none reaches it")
+
+
+def ema_rebinds(target, source, m):
+    """The common mistake: the dict entries are rebound, the model's tensors never change."""
+    with torch.no_grad():
+        for name in target:
+            target[name] = target[name] * m + source[name] * (1 - m)
+
+
+def test_a_momentum_update_that_rebinds_the_dict_entries_is_caught():
+    for returned in (None, "target"):
+        def update(target, source, m, returned=returned):
+            ema_rebinds(target, source, m)
+            return target if returned else None
+
+        report = compare_momentum(update, **BUDGET)
+        assert report.difference.what.startswith("parameter 'layer0.weight' after the update")
+        assert "was rebound to a new array" in report.difference.detail
+
+
+def test_a_momentum_update_may_return_new_parameters_but_not_write_the_source():
+    assert compare_momentum(lambda t, s, m: {n: t[n] * m + s[n] * (1 - m) for n in t},
+                            **BUDGET).ok  # the functional (JAX) style
+
+    def zeroes_the_source(target, source, m):
+        ema(target, source, m)
+        for p in source.values():
+            p.zero_()
+
+    report = compare_momentum(zeroes_the_source, **BUDGET)
+    assert report.difference.what == "source parameter 'layer0.weight'"
+    report = compare_momentum(lambda t, s, m: [t[n] for n in t], **BUDGET)
+    assert report.difference.what == "the returned value"
+
+
+def test_a_result_that_holds_only_once_is_not_a_pass():
+    calls = [0]
+
+    def flaky(q, k, queue):  # wrong on its first call only
+        calls[0] += 1
+        return moco_loss(q, k, queue) * (2 if calls[0] == 1 else 1)
+
+    report = compare_loss(flaky, "moco", framework="torch", temperature=T, **BUDGET)
+    assert report.difference.what == "the call"
+    assert report.difference.detail.startswith("not reproducible: loss differed")
+
+
+# -- wrong arguments of compare_*: raised to the caller, naming the argument --------------------
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"framework": "pytorch"}, ValueError, r"^framework: expected one of"),
+    ({"dtype": "float16"}, ValueError, r"^dtype: expected 'float32' or 'float64'"),
+    ({"dtype": "int32"}, ValueError, r"^dtype: expected 'float32' or 'float64'"),
+    ({"dtype": "bfloat16"}, ValueError, r"^dtype: expected 'float32' or 'float64'"),
+    ({"tempreature": T}, TypeError, r"^tempreature: not a hyper-parameter of the reference "
+                                    r"'moco' \(it takes \['temperature'\]\)"),
+    ({"temperature": -0.2}, ValueError, r"^temperature: expected a finite number > 0"),
+    ({"q": np.ones((1, 1))}, TypeError, r"^q: an input the comparison draws"),
+])
+def test_a_wrong_argument_is_raised_not_reported_as_a_difference(kwargs, error, match):
+    kwargs = {"temperature": T, **kwargs}
+    with pytest.raises(error, match=match):
+        compare_loss_and_grad(moco_loss, "moco", **kwargs, **BUDGET)
+
+
+def test_wrong_arguments_of_the_stateful_comparisons_are_raised():
+    with pytest.raises(ValueError, match=r"^max_examples: expected an integer >= 1"):
+        compare_loss(moco_loss, "moco", framework="torch", temperature=T, max_examples=0)
+    with pytest.raises(ValueError, match=r"^layout: expected one of \('rows', 'columns'\)"):
+        compare_queue(RingBuffer, layout="column", **BUDGET)
+    with pytest.raises(ValueError, match=r"^semantics: expected one of"):
+        compare_queue(RingBuffer, semantics="MoCo", **BUDGET)
+    with pytest.raises(ValueError, match=r"^framework: expected one of"):
+        compare_momentum(ema, framework="pytorch", **BUDGET)
+    with pytest.raises(ValueError, match=r"^framework: expected one of \('torch', 'numpy'\)"):
+        compare_moco_step(MoCoStep, framework="jax", **BUDGET)
+    with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0"):
+        compare_moco_step(MoCoStep, temperature=0.0, **BUDGET)
+    with pytest.raises(ValueError, match=r"^layout: expected one of"):
+        compare_moco_step(MoCoStep, layout="cols", **BUDGET)
+
+
+def test_a_reference_that_raises_is_the_caller_s_error():
+    strategy = info_nce_inputs("queue").map(lambda d: {"q": d["q"], "k": d["k"]})
+
+    def broken_reference(q, k):
+        raise KeyError("the reference's own bug")
+
+    with pytest.raises(KeyError, match="the reference's own bug"):
+        compare_loss(lambda q, k: 0.0, broken_reference, inputs=strategy, args=("q", "k"),
+                     **BUDGET)
+
+
+def test_like_needs_an_array_to_take_the_type_of():
+    for reference in ([1.0], 3.0, None):
+        with pytest.raises(TypeError, match="^reference: expected an array"):
+            refmoco.testing.like(np.array([1.0]), reference)
 
 
 # -- strategies ---------------------------------------------------------------------------------
