@@ -202,6 +202,15 @@ def test_a_float16_tensor_is_float16_for_check_dtype():
         assert_close(torch.tensor([1j]), np.array([1.0]), check_dtype=False)
 
 
+def test_a_float16_tensor_has_float16_s_tolerance_as_a_float16_array_does():
+    torch = pytest.importorskip("torch")
+    expected = np.float32(2.279052257537842)  # a float32 reference; the result rounded to float16
+    for actual in (torch.tensor(float(expected)).half(), np.float16(expected)):
+        assert_close(actual, expected, check_dtype=False)
+    with differs(r"rtol=0.0976"):  # float16's tolerance, as the array's: a real error still fails
+        assert_close(torch.tensor(3.0).half(), expected, check_dtype=False)
+
+
 def test_a_bfloat16_jax_array_is_bfloat16_for_check_dtype():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
@@ -216,6 +225,59 @@ def test_a_bfloat16_jax_array_is_bfloat16_for_check_dtype():
         assert_close(bf16, np.asarray(bf16 * 1.0078125))
     with differs(r"worst at \(1,\)"):
         assert_close(bf16, np.asarray(jnp.array([1.0, 3.0], dtype=jnp.bfloat16)))
+
+
+# -- assert_close: results smaller than the terms they come from ---------------------------------
+def aligned_moco_step(torch, dtype, seed, T=0.05, N=8, C=32, K=256, temperature=None):
+    """MoCo's loss at a small temperature with every key equal to its query (a trained encoder):
+    the loss and its gradients are near 0, differences of terms of size 1/T and 1/(N T)."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(N, C, dtype=dtype, generator=g), dim=1).requires_grad_()
+    k = q.detach().clone().requires_grad_()
+    queue = F.normalize(torch.randn(K, C, dtype=dtype, generator=g), dim=1).requires_grad_()
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / (temperature or T)
+    loss = F.cross_entropy(logits, torch.zeros(N, dtype=torch.long))
+    loss.backward()
+    return loss.detach(), {"q": q.grad, "k": k.grad, "negatives": queue.grad}, (q, k, queue)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_documented_scales_pass_correct_code_and_fail_a_small_bug(torch, dtype):
+    """docs/check-your-implementation.md compares a loss with ``scale=1/T`` and its gradients
+    with ``scale=1/(N*T)``. At T = 0.05 with aligned keys the loss is ~1e-4 and the default
+    (relative to the result) fails correct float64 code; with the scales it passes, while a
+    temperature off by one part in a million still fails."""
+    import refmoco
+
+    T, N = 0.05, 8
+    dt = getattr(torch, dtype)
+    for seed in range(3):
+        loss, grads, (q, k, queue) = aligned_moco_step(torch, dt, seed, T=T, N=N)
+        ref = refmoco.info_nce_loss(q, k, queue, temperature=T)
+        assert_close(loss, ref.loss, scale=1 / T, name="loss")
+        for name, g in grads.items():
+            assert_close(g, ref.grads[name], scale=1 / (N * T), name=name)
+        if dtype == "float64":
+            bug_loss, bug_grads, _ = aligned_moco_step(torch, dt, seed, T=T, N=N,
+                                                       temperature=T * (1 + 1e-6))
+            with differs("^loss: 1 of 1 entries differ"):
+                assert_close(bug_loss, ref.loss, scale=1 / T, name="loss")
+            with differs("^dq: "):
+                assert_close(bug_grads["q"], ref.grads["q"], scale=1 / (N * T), name="dq")
+    with differs("^loss: 1 of 1 entries differ"):  # without the scale: relative to the loss
+        assert_close(loss, ref.loss, name="loss")
+
+
+def test_the_scale_is_a_floor_of_the_largest_expected_entry():
+    assert_close(np.array([1e-4 + 1e-12]), np.array([1e-4]), scale=1.0)
+    with differs(r"scale=0.0001\)"):
+        assert_close(np.array([1e-4 + 1e-12]), np.array([1e-4]), scale=1e-4 / 10)
+    with differs(r"scale=3.0\)"):  # never below max|expected|: no loosening of large results
+        assert_close(np.array([3.0 + 1e-10]), np.array([3.0]), scale=1e-3)
+    for bad in (-1.0, np.nan, INF):
+        with pytest.raises(ValueError, match="^scale: expected a finite number >= 0"):
+            assert_close(np.array([1.0]), np.array([1.0]), scale=bad)
 
 
 # -- check_grad ----------------------------------------------------------------------------------
@@ -307,3 +369,28 @@ def test_wrt_must_name_a_float_array_of_the_inputs():
         check_grad(with_t, {"x": X["x"], "t": 0.5})
     with pytest.raises(ValueError, match=r"^wrt: fun returned no gradient for 'y'"):
         check_grad(square, X, wrt=("y",))
+
+
+@pytest.mark.parametrize("rtol", [1.0, 2.0, 1e6])
+def test_an_rtol_that_accepts_any_gradient_is_refused(rtol):
+    with pytest.raises(ValueError, match=r"^rtol: expected a number < 1"):
+        check_grad(with_grad(lambda x: -50 * x), X, rtol=rtol)
+
+
+@pytest.mark.parametrize("tiny", [1e300, 1e7])
+def test_a_tiny_that_accepts_errors_of_the_loss_s_size_is_refused(tiny):
+    with pytest.raises(ValueError, match=r"^tiny: .* as large as the loss"):
+        check_grad(with_grad(lambda x: -50 * x), X, tiny=tiny)
+    check_grad(square, X, tiny=1e-3)  # a floor below the derivatives' size is accepted
+
+
+def test_what_fun_returns_is_named_when_it_cannot_be_checked():
+    with differs(r"^grads\['x'\]: None, no gradient"):
+        check_grad(lambda x: (float(np.sum(x**2)), {"x": None}), X)
+    with pytest.raises(TypeError, match=r"^fun: returned a loss of shape \(3,\); the gradient "
+                                        r"check needs a scalar"):
+        check_grad(lambda x: (x**2, {"x": 2 * x}), X)
+    with pytest.raises(TypeError, match=r"^fun: expected it to return \(loss, grads\)"):
+        check_grad(lambda x: float(np.sum(x**2)), X)
+    with pytest.raises(TypeError, match=r"^fun: expected grads .* to be a dict"):
+        check_grad(lambda x: (float(np.sum(x**2)), 2 * x), X)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,8 +20,8 @@ class GradCheck(NamedTuple):
 
 
 def default_tolerance(dtype) -> float:
-    """Relative tolerance for results computed in ``dtype``: ``1e-12`` for float64 (a few
-    hundred ulps), ``100 * eps`` (about 1.2e-5) for float32, and ``0.0`` for integer and
+    """Relative tolerance for results computed in ``dtype``: ``1e-12`` for float64 (about 4500
+    ulps), ``100 * eps`` (about 1.2e-5) for float32, and ``0.0`` for integer and
     boolean dtypes (they are compared exactly). Other dtypes (complex, object, strings) are a
     ``TypeError``, and so are ml_dtypes' bfloat16 and float8 types: ``assert_close`` compares
     them in float32, with float32's tolerance."""
@@ -94,21 +94,30 @@ def _real_array(x, arg: str) -> tuple[np.ndarray, str]:
 
 
 def assert_close(actual, expected, *, rtol: float | None = None, atol: float = 0.0,
-                 check_dtype: bool = True, name: str = "value") -> None:
+                 scale: float | None = None, check_dtype: bool = True,
+                 name: str = "value") -> None:
     """Assert two arrays agree within a tolerance chosen by their dtype.
 
-    The comparison is ``|a - e| <= atol + rtol * max|e|`` elementwise, where the scale is the
-    largest magnitude of the **finite** entries of ``expected`` (errors of sums and products are
-    relative to the size of the terms, not of each entry). ``rtol`` defaults to
-    ``default_tolerance`` of the less precise dtype. Shapes must match, and dtypes too when
-    ``check_dtype``: the dtypes the arrays came in (a float16 tensor is float16 there, although
-    it is compared in float32, its default tolerance too).
+    The comparison is ``|a - e| <= atol + rtol * max(max|e|, scale)`` elementwise, where
+    ``max|e|`` is the largest magnitude of the **finite** entries of ``expected`` (errors of sums
+    and products are relative to the size of the terms, not of each entry). ``rtol`` defaults
+    to ``default_tolerance`` of the less precise dtype, as the arrays came in (a float16 tensor,
+    compared in float32, has float16's tolerance). Shapes must match, and dtypes too when
+    ``check_dtype`` (a float16 tensor is float16 there too).
+
+    ``scale`` is for results that are **smaller than the terms they were computed from** (a
+    cancellation), whose round-off follows the terms, not the result: an InfoNCE loss near 0 is
+    a difference of logits of size up to ``1/T``, and a gradient entry ``(p - 1) / (N T)`` near
+    0 comes from terms of size ``1/(N T)`` (unit rows, mean over ``N``). Pass the size of those
+    terms (``scale=1/T`` for the loss, ``scale=1/(N*T)`` for its gradients): ``rtol`` then holds
+    relative to them. It never loosens a comparison of results as large as their terms.
 
     Non-finite entries must match exactly: NaN where ``expected`` has NaN (two NaNs agree),
     ``inf`` and ``-inf`` where it has the same infinity; any other entry facing a non-finite one
     differs. Integer and boolean arrays are compared exactly (in integer arithmetic) unless
     ``rtol`` or ``atol`` are given. Complex and other non-real arrays are a ``TypeError``
-    naming the argument; a negative or non-finite ``rtol`` / ``atol`` a ``ValueError``.
+    naming the argument; a negative or non-finite ``rtol`` / ``atol`` / ``scale`` a
+    ``ValueError``.
 
     A difference is an ``AssertionError`` saying how many entries differ and showing the worst
     (the first non-finite mismatch, if any).
@@ -116,17 +125,19 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float = 0
     a, a_dtype = _real_array(actual, "actual")
     e, e_dtype = _real_array(expected, "expected")
     atol = check_finite(atol, "atol")
+    floor = 0.0 if scale is None else check_finite(scale, "scale")
     if a.shape != e.shape:
         raise AssertionError(f"{name}: shape {a.shape} != expected {e.shape}")
     if check_dtype and a_dtype != e_dtype:
         raise AssertionError(f"{name}: dtype {a_dtype} != expected {e_dtype}")
     if rtol is None:
-        rtol = default_tolerance(a.dtype if _eps(a.dtype) > _eps(e.dtype) else e.dtype)
+        a_tol, e_tol = _tolerance_dtype(a, a_dtype), _tolerance_dtype(e, e_dtype)
+        rtol = default_tolerance(a_tol if _eps(a_tol) > _eps(e_tol) else e_tol)
     rtol = check_finite(rtol, "rtol")
     if a.dtype.kind in "iub" and e.dtype.kind in "iub":
-        bad, err, scale, shown = _integer_errors(a, e, atol, rtol)
+        bad, err, scale, shown = _integer_errors(a, e, atol, rtol, floor)
     else:
-        bad, err, scale, shown = _float_errors(a, e, atol, rtol)
+        bad, err, scale, shown = _float_errors(a, e, atol, rtol, floor)
     if bad.any():
         where = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(bad, err, -1))),
                                                        a.shape))
@@ -137,11 +148,17 @@ def assert_close(actual, expected, *, rtol: float | None = None, atol: float = 0
         )
 
 
-def _float_errors(a, e, atol, rtol):
+def _tolerance_dtype(a: np.ndarray, came_in: str) -> np.dtype:
+    """The dtype whose default tolerance applies: float16 as it came in (a float16 tensor
+    arrives widened to float32), else the dtype compared (bfloat16 and float8: float32)."""
+    return np.dtype(np.float16) if came_in == "float16" else a.dtype
+
+
+def _float_errors(a, e, atol, rtol, floor=0.0):
     """(differs, error (inf for a non-finite mismatch), scale, the arrays to show) in float64."""
     a64, e64 = a.astype(np.float64), e.astype(np.float64)
     finite = np.isfinite(a64) & np.isfinite(e64)
-    scale = float(np.max(np.abs(e64), initial=0.0, where=np.isfinite(e64)))
+    scale = max(float(np.max(np.abs(e64), initial=0.0, where=np.isfinite(e64))), floor)
     with np.errstate(over="ignore", invalid="ignore"):
         err = np.where(finite, np.abs(np.where(finite, a64, 0.0) - np.where(finite, e64, 0.0)),
                        0.0)
@@ -151,11 +168,12 @@ def _float_errors(a, e, atol, rtol):
     return bad, np.where(nonfinite, np.inf, err), scale, (a64, e64)
 
 
-def _integer_errors(a, e, atol, rtol):
+def _integer_errors(a, e, atol, rtol, floor=0.0):
     """The same for two integer/boolean arrays, in exact integer arithmetic (Python ints)."""
     bad = np.asarray(a != e)
     err = np.zeros(a.shape)
     scale = max(int(e.max()), -int(e.min())) if e.size else 0  # max|e|, exact (no abs overflow)
+    scale = scale if scale >= floor else floor
     if bad.any():
         idx = np.nonzero(bad)
         diff = [abs(int(x) - int(y)) for x, y in zip(a[idx], e[idx])]
@@ -167,8 +185,17 @@ def _integer_errors(a, e, atol, rtol):
 
 def _call(fun: Callable, inputs: dict):
     out = fun(**inputs)
+    if not (isinstance(out, (tuple, list)) and len(out) >= 2):
+        raise TypeError(f"fun: expected it to return (loss, grads), got {type(out).__name__}")
     loss, grads = out[0], out[1]
-    return float(to_numpy(loss)), grads
+    if not isinstance(grads, Mapping):
+        raise TypeError("fun: expected grads (the second value it returns) to be a dict by "
+                        f"argument name, got {type(grads).__name__}")
+    value = np.asarray(to_numpy(loss))
+    if value.size != 1:
+        raise TypeError(f"fun: returned a loss of shape {value.shape}; the gradient check "
+                        "needs a scalar (reduce it, e.g. .sum() or .mean())")
+    return float(value.reshape(())), grads
 
 
 def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directional",
@@ -196,8 +223,9 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     eps : float
         The finite-difference step.
     rtol : float
-        The largest relative error accepted (> 0), measured as
-        ``|analytic - numeric| / max(|analytic| + |numeric|, tiny)``. A NaN or infinite
+        The largest relative error accepted, in (0, 1), measured as
+        ``|analytic - numeric| / max(|analytic| + |numeric|, tiny)``. That error never exceeds
+        1, so ``rtol >= 1`` would accept any gradient and is refused. A NaN or infinite
         gradient or finite difference counts as an infinite error, and a loss that is not
         finite at ``inputs`` fails the check (``max_rel_error`` is ``inf``).
     num_directions : int
@@ -209,7 +237,8 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
         the round-off of a central difference divided by ``rtol``:
         ``10 * eps_float64 * max(|f(x)|, 1) / eps / rtol``. A derivative smaller than this is
         thus checked to an absolute error of ``rtol * tiny``, the precision finite differences
-        can give it.
+        can give it. A ``tiny`` with ``rtol * tiny >= max(|f(x)|, 1)`` would accept errors as
+        large as the loss itself in every derivative, and is refused.
     raise_on_failure : bool
         Raise ``AssertionError`` naming the argument whose gradient is wrong.
 
@@ -221,8 +250,14 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     Raises
     ------
     ValueError
-        ``eps``, ``rtol`` or ``tiny`` not finite and positive, ``num_directions`` below 1 (a
-        zero or infinite one would make every error vanish), or nothing to check.
+        ``eps``, ``rtol`` or ``tiny`` not finite and positive, ``rtol >= 1``, a ``tiny`` that
+        accepts errors of the loss's size, ``num_directions`` below 1 (a zero or infinite one
+        would make every error vanish), or nothing to check.
+    TypeError
+        ``fun`` does not return ``(loss, grads)`` with a scalar ``loss`` and a dict ``grads``.
+    AssertionError
+        A gradient is wrong, None, or of the wrong shape (None and shape: whatever
+        ``raise_on_failure``).
 
     Examples
     --------
@@ -237,6 +272,9 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
     if mode not in ("directional", "elementwise"):
         raise ValueError(f"mode: expected 'directional' or 'elementwise', got {mode!r}")
     eps, rtol = check_positive(eps, "eps"), check_positive(rtol, "rtol")
+    if rtol >= 1:
+        raise ValueError(f"rtol: expected a number < 1, got {rtol!r}: the relative error never "
+                         "exceeds 1, so this accepts any gradient")
     if tiny is not None:
         tiny = check_positive(tiny, "tiny")
     if mode == "directional":
@@ -263,9 +301,16 @@ def check_grad(fun: Callable, inputs: dict, *, wrt=None, mode: str = "directiona
         return GradCheck(math.inf, dict.fromkeys(names, math.inf))
     if tiny is None:
         tiny = 10 * float(np.finfo(np.float64).eps) * max(abs(f0), 1.0) / eps / rtol
+    elif rtol * tiny >= max(abs(f0), 1.0):
+        raise ValueError(f"tiny: {tiny!r} accepts any derivative error up to rtol * tiny = "
+                         f"{rtol * tiny:.3g}, as large as the loss (|f| = {abs(f0):.3g}): "
+                         "expected rtol * tiny < max(|f(x)|, 1)")
     rng = np.random.default_rng(seed)
     errors = {}
     for name in names:
+        if grads[name] is None:
+            raise AssertionError(f"grads[{name!r}]: None, no gradient (is the loss computed "
+                                 f"from {name!r}?)")
         g = np.asarray(to_numpy(grads[name]), dtype=np.float64)
         if g.shape != x[name].shape:
             raise AssertionError(f"grads[{name!r}]: shape {g.shape} != input {x[name].shape}")
