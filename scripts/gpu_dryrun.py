@@ -4,8 +4,10 @@ arrays that refuse what CuPy refuses) with the Numba CUDA kernels in Numba's CUD
 
 What it proves: the GPU tests, the bench's GPU groups and every ``backend="cupy"`` dispatch run
 and agree with the references before device time is spent on them. What it cannot: CuPy's own
-kernels and numerics, the real launch path (streams, ``__cuda_array_interface__``) and any timing
+kernels and numerics, the real launch path (streams, DLPack views of CuPy arrays) and any timing
 (the simulator is ~10^4 times slower than a GPU). PyTorch CUDA cases are left out without CUDA.
+For ``tests`` and ``bench`` batch norm's kernels are replaced by the reference on the host (in
+the simulator they would take hours at those sizes; tests/test_cuda_sim.py runs them).
 
     python scripts/gpu_dryrun.py tests      # the 51 GPU tests: about 4 minutes on 2 cores
     python scripts/gpu_dryrun.py bench      # the GPU benchmark groups, once each: about 9 minutes
@@ -82,6 +84,16 @@ def install():
     kernels._launch = launch_on_payloads
 
 
+def batch_norm_on_host():
+    """Batch norm's kernels loop over every row of a channel in each simulated thread: at the
+    sizes of the GPU tests and the bench, an hour and more in the simulator. For those, the
+    reference runs on the payloads instead (tests/test_cuda_sim.py runs the kernels themselves;
+    ``count`` runs them, once)."""
+    kernels.batch_norm_forward = fake_cupy.on_host_batch_norm_forward
+    kernels.batch_norm_backward = fake_cupy.on_host_batch_norm_backward
+
+
+
 def count_step_ops():
     """Device operations in the second MoCo step of each bench encoder, by name."""
     import numpy as np
@@ -117,7 +129,8 @@ def count_step_ops():
     for name in ("get", "__float__", "__int__", "__bool__"):
         setattr(fake_cupy.FakeDeviceArray, name, counted_sync(name))
     kernels._launch = counted_launch
-    views = ("reshape", "transpose", "ascontiguousarray", "T", "may_share_memory")  # no launch
+    views = ("reshape", "transpose", "moveaxis", "ascontiguousarray", "T",  # no launch
+             "may_share_memory")
     for name, encoder, shape in _step_specs():
         rng, n = np.random.default_rng(0), 256
         xq, xk = (FAKE.asarray(rng.random((n, *shape), dtype=np.float32)) for _ in range(2))
@@ -141,6 +154,7 @@ def main(argv):
     what = argv or ["tests", "bench"]
     if "count" in what:
         return count_step_ops()
+    batch_norm_on_host()
     status = 0
     if "tests" in what:
         status |= pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests")])

@@ -334,3 +334,24 @@ def on_host_col2im(dcols, h, w, s, p):
     from refmoco.nn import functional as F
 
     return FakeDeviceArray(np.ascontiguousarray(F._col2im(dcols._a, h, w, s, p)))
+
+
+def on_host_batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
+                               eps=1e-5):
+    """The CUDA batch-norm forward on the fake: the reference on the payloads (the running
+    statistics updated in place, as the kernel does), its cache boxed for the device."""
+    from refmoco.nn import functional as F
+
+    y, cache = F.batch_norm_forward(x._a, gamma._a, beta._a, running_mean._a, running_var._a,
+                                    train=train, momentum=momentum, eps=eps, backend="numpy")
+    return _wrap(y), cache._replace(x_hat=_wrap(cache.x_hat), inv_std=_wrap(cache.inv_std),
+                                    gamma=_wrap(cache.gamma), backend="cupy")
+
+
+def on_host_batch_norm_backward(dy, cache):
+    """The CUDA batch-norm backward on the fake: the reference on the payloads."""
+    from refmoco.nn import functional as F
+
+    host = cache._replace(x_hat=cache.x_hat._a, inv_std=cache.inv_std._a, gamma=cache.gamma._a,
+                          backend="numpy")
+    return tuple(_wrap(g) for g in F.batch_norm_backward(dy._a, host))

@@ -88,6 +88,21 @@ def col2im_args(dtype):
     return np.zeros((2, 3, 3, 3, 3, 3), dtype), np.zeros((2, 5, 5, 3), dtype), 2, 1
 
 
+def bn_forward_args(dtype, m=6, c=3):
+    """What ``batch_norm_forward`` passes: x as (rows, C), gamma, beta, the running mean and
+    variance, inv_std, x_hat, y, train, eps, 1 - momentum, momentum, m / (m - 1)."""
+    t = np.dtype(dtype).type
+    rows, vec = np.zeros((m, c), dtype), np.zeros(c, dtype)
+    return (rows, vec, vec, vec, vec, vec, rows, rows, True, t(1e-5), t(0.9), t(0.1), t(1.2))
+
+
+def bn_backward_args(dtype, m=6, c=3):
+    """What ``batch_norm_backward`` passes: dy, x_hat (rows, C), gamma, inv_std, dx, dgamma,
+    dbeta, train."""
+    rows, vec = np.zeros((m, c), dtype), np.zeros(c, dtype)
+    return rows, rows, vec, vec, rows, vec, vec, True
+
+
 def all_kernels(kernels, dtype):
     """(name, PTX) of every kernel for one dtype."""
     return [("xent", ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))),
@@ -116,6 +131,17 @@ def test_kernels_compile_for_the_gpu(kernels, dtype):
     width = 32 if dtype == np.float32 else 64
     for name in ("xent", "lerp", "col2im"):  # im2col only copies
         assert float_arithmetic(ptx[name], width), name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batch_norm_kernels_compile_and_sum_in_float64(kernels, dtype):
+    """Both kernels compile for the argument types their launches pass, reduce across the block
+    (``bar.sync``), and accumulate in float64 whatever the dtype (as the Numba CPU kernels)."""
+    for kernel, args in ((kernels._bn_forward_kernel(dtype), bn_forward_args(dtype)),
+                         (kernels._bn_backward_kernel(dtype), bn_backward_args(dtype))):
+        ptx = ptx_of(kernel, *args)
+        assert ".entry" in ptx and "bar.sync" in ptx
+        assert [ins for ins in float_arithmetic(ptx, 64) if ins.startswith("add")]
 
 
 def test_float32_kernels_compute_in_float32(kernels):

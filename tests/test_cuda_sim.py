@@ -80,6 +80,57 @@ def child() -> None:
             report(f"momentum {dtype} size={size} layout={layout}", "target", target, ref, 0.0,
                    target.dtype == dtype)
         conv_cases(rng, dtype)
+        bn_cases(rng, dtype)
+
+
+# (shape, channels-last memory): 2-d (BatchNorm1d), 3-d and 4-d; rows and channels beyond 4
+# threads and 3 blocks, so that the reductions, the grid-stride loops and the channel loop run
+BN_SHAPES = [((5, 3), False), ((9, 7), False), ((4, 5, 3, 2), False), ((4, 5, 3, 2), True),
+             ((3, 4, 5), False), ((2, 1, 1, 1), False)]
+BN_TOL = {"float64": 1e-12, "float32": 1e-5}  # relative to the size of each result's terms
+
+
+def bn_cases(rng, dtype) -> None:
+    """Batch norm's kernels against the reference, within a tolerance relative to the size of
+    the terms each result is a sum of (as tests/test_nn_kernels.py bounds the Numba kernels):
+    the kernels sum in float64, NumPy pairwise in the dtype. The running statistics too."""
+    from refmoco.kernels import cuda as kernels
+    from refmoco.nn import functional as F
+
+    for shape, last in BN_SHAPES:
+        for train in (True, False):
+            c = shape[1]
+            x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+            if last:
+                x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+            gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
+            stats = rng.standard_normal(c).astype(dtype), (rng.random(c) + 0.5).astype(dtype)
+            ref_stats, our_stats = [s.copy() for s in stats], [s.copy() for s in stats]
+            y_ref, c_ref = F.batch_norm_forward(x, gamma, beta, *ref_stats, train=train)
+            y, cache = kernels.batch_norm_forward(x, gamma, beta, *our_stats, train=train,
+                                                  momentum=0.1, eps=1e-5)
+            dy = rng.standard_normal(shape).astype(dtype)
+            s_x = float(np.max(np.abs(x)) * np.max(c_ref.inv_std))
+            d_max, m = float(np.max(np.abs(dy))), x.size // c
+            scales = {"y": float(np.max(np.abs(gamma))) * s_x + float(np.max(np.abs(beta))),
+                      "x_hat": s_x, "inv_std": float(np.max(c_ref.inv_std)),
+                      "running_mean": float(np.max(np.abs(ref_stats[0]))),
+                      "running_var": float(np.max(ref_stats[1])),
+                      "dx": float(np.max(np.abs(gamma * c_ref.inv_std.reshape(-1)))) * d_max
+                      * (1 + s_x * s_x),
+                      "dgamma": m * d_max * s_x, "dbeta": m * d_max}
+            results = {"y": (y, y_ref), "x_hat": (cache.x_hat, c_ref.x_hat),
+                       "inv_std": (cache.inv_std, c_ref.inv_std),
+                       "running_mean": (our_stats[0], ref_stats[0]),
+                       "running_var": (our_stats[1], ref_stats[1])}
+            grads = kernels.batch_norm_backward(dy, cache)
+            for name, got, want in zip(("dx", "dgamma", "dbeta"), grads,
+                                       F.batch_norm_backward(dy, c_ref), strict=True):
+                results[name] = (got, want)
+            case = f"batch_norm {dtype} x={shape} last={last} train={train}"
+            for name, (got, want) in results.items():
+                report(case, name, got, want, BN_TOL[dtype] * scales[name],
+                       got.dtype == dtype and got.shape == want.shape)
 
 
 def conv_cases(rng, dtype) -> None:
@@ -143,6 +194,14 @@ def test_conv_kernels_are_bitwise_the_reference(results):
     conv = [r for r in results if r["case"].startswith("conv")]
     assert len(conv) == 2 * 2 * len(CONV_SHAPES)  # im2col and col2im, two dtypes
     bad = [r for r in conv if not (r["ok"] and r["err"] == 0)]
+    assert not bad, bad[:5]
+
+
+def test_batch_norm_kernels_match_the_reference(results):
+    bn = [r for r in results if r["case"].startswith("batch_norm")]
+    assert len({r["case"] for r in bn}) == 2 * 2 * len(BN_SHAPES)  # two dtypes, train and eval
+    assert len(bn) == 8 * 2 * 2 * len(BN_SHAPES)  # y, x_hat, inv_std, running stats, 3 grads
+    bad = [r for r in bn if not (r["ok"] and r["over"] <= 0)]
     assert not bad, bad[:5]
 
 

@@ -28,6 +28,8 @@ from fake_cupy import (
     FakeCupy,
     assert_same,
     device_module,
+    on_host_batch_norm_backward,
+    on_host_batch_norm_forward,
     on_host_col2im,
     on_host_im2col,
     on_host_info_nce,
@@ -68,6 +70,8 @@ def fake_device(monkeypatch):
                         functools.partial(on_host_momentum_update, mechanisms.momentum_update))
     monkeypatch.setattr(kernels, "im2col", on_host_im2col)
     monkeypatch.setattr(kernels, "col2im", on_host_col2im)
+    monkeypatch.setattr(kernels, "batch_norm_forward", on_host_batch_norm_forward)
+    monkeypatch.setattr(kernels, "batch_norm_backward", on_host_batch_norm_backward)
     return module
 
 

@@ -16,9 +16,15 @@ r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
   gathers, one thread per input pixel, the entries that the reference adds into it, in the
   reference's order (kernel offsets (a, e) ascending, starting from zero), so no atomics are
   needed and the sums round alike. The products stay cuBLAS's.
+- :func:`batch_norm_forward` / :func:`batch_norm_backward`: one launch each per layer, one block
+  per channel of the array seen as ``(rows, C)`` (a view for the channels-last activations the
+  convolutions make): the statistics in two passes summed in float64 (as the Numba CPU kernels),
+  the running averages, ``x_hat`` and ``y``; backward ``dgamma``, ``dbeta`` and ``dx``. The
+  reference's CuPy code is a dozen or so launches per layer and pass, and on a GPU the step is
+  bound by its launches (docs/benchmarks.md). Equal to the reference to rounding, not bitwise.
 
-Kernels take CuPy arrays through ``__cuda_array_interface__`` and are launched on CuPy's current
-stream. Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported)
+Kernels take CuPy arrays as they are (numba-cuda views them through DLPack) and are launched on
+CuPy's current stream. Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported)
 the same functions run on NumPy arrays, with tiny blocks so that several blocks and the
 grid-stride loops are exercised; ``tests/test_cuda_sim.py`` runs them that way.
 """
@@ -291,3 +297,160 @@ def col2im(dcols, h, w, s, p):
     if dx.size:
         _launch(_col2im_kernel, _blocks(dx.size), dcols, dx, s, p)
     return dx
+
+
+# -- batch norm ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _bn_forward_kernel(dtype):
+    """Batch norm's forward for one float dtype, one block per channel of a (rows, C) array:
+    the statistics (train: two passes, summed in float64 as the Numba CPU kernel does), the
+    running averages (PyTorch's update, the reference's order), then ``x_hat`` and ``y``."""
+    cast, f64 = numba.from_dtype(np.dtype(dtype)), numba.float64
+
+    def bn_forward(x, gamma, beta, running_mean, running_var, inv_std, x_hat, y, train, eps,
+                   keep, rate, unbias):
+        sh = cuda.shared.array(THREADS, numba.float64)
+        tid = cuda.threadIdx.x
+        m = x.shape[0]
+        for c in range(cuda.blockIdx.x, x.shape[1], cuda.gridDim.x):
+            if train:
+                mean64 = var64 = f64(0.0)  # float64 on the device and in the simulator alike
+                for phase in range(2):  # the sum, then the sum of squares about the mean
+                    acc = f64(0.0)
+                    for r in range(tid, m, THREADS):
+                        d = x[r, c] - mean64  # x itself in the first phase
+                        acc += d if phase == 0 else d * d
+                    sh[tid] = acc
+                    cuda.syncthreads()
+                    step = THREADS // 2
+                    while step > 0:
+                        if tid < step:
+                            sh[tid] += sh[tid + step]
+                        cuda.syncthreads()
+                        step //= 2
+                    if phase == 0:
+                        mean64 = sh[0] / m
+                    else:
+                        var64 = sh[0] / m
+                    cuda.syncthreads()  # everyone has read sh[0] before it is written again
+                mean, var = cast(mean64), cast(var64)
+                if tid == 0:  # running = running * (1 - rate) + rate * stat (unbiased var)
+                    running_mean[c] = running_mean[c] * keep + rate * mean
+                    running_var[c] = running_var[c] * keep + rate * var * unbias
+            else:
+                mean, var = running_mean[c], running_var[c]
+            inv = cast(1.0) / math.sqrt(var + eps)
+            if tid == 0:
+                inv_std[c] = inv
+            g, b = gamma[c], beta[c]
+            for r in range(tid, m, THREADS):
+                h = (x[r, c] - mean) * inv
+                x_hat[r, c] = h
+                y[r, c] = g * h + b
+
+    return cuda_jit(bn_forward)
+
+
+@functools.cache
+def _bn_backward_kernel(dtype):
+    """Batch norm's backward for one float dtype, one block per channel of a (rows, C) array:
+    ``dgamma = sum dy x_hat`` and ``dbeta = sum dy`` in float64, then ``dx``."""
+    cast, f64 = numba.from_dtype(np.dtype(dtype)), numba.float64
+
+    def bn_backward(dy, x_hat, gamma, inv_std, dx, dgamma, dbeta, train):
+        sh_g = cuda.shared.array(THREADS, numba.float64)
+        sh_b = cuda.shared.array(THREADS, numba.float64)
+        tid = cuda.threadIdx.x
+        m = dy.shape[0]
+        for c in range(cuda.blockIdx.x, dy.shape[1], cuda.gridDim.x):
+            sg = f64(0.0)
+            sb = f64(0.0)
+            for r in range(tid, m, THREADS):
+                sg += dy[r, c] * x_hat[r, c]
+                sb += dy[r, c]
+            sh_g[tid] = sg
+            sh_b[tid] = sb
+            cuda.syncthreads()
+            step = THREADS // 2
+            while step > 0:
+                if tid < step:
+                    sh_g[tid] += sh_g[tid + step]
+                    sh_b[tid] += sh_b[tid + step]
+                cuda.syncthreads()
+                step //= 2
+            sg, sb = sh_g[0], sh_b[0]
+            cuda.syncthreads()  # everyone has read them before the next channel writes
+            if tid == 0:
+                dgamma[c] = cast(sg)
+                dbeta[c] = cast(sb)
+            g, inv = gamma[c], inv_std[c]
+            if train:  # dx = gamma inv_std (dy - mean(dy) - x_hat mean(dy x_hat))
+                scale, mean_dy, mean_dy_xhat = g * inv, cast(sb / m), cast(sg / m)
+                for r in range(tid, m, THREADS):
+                    dx[r, c] = scale * (dy[r, c] - mean_dy - x_hat[r, c] * mean_dy_xhat)
+            else:  # the statistics are constants: dx = (dy gamma) inv_std
+                for r in range(tid, m, THREADS):
+                    dx[r, c] = dy[r, c] * g * inv
+
+    return cuda_jit(bn_backward)
+
+
+def fits(*arrays):
+    """Whether the batch-norm kernels compute what the reference does for ``arrays``: one
+    dtype, float32 or float64 (otherwise the reference runs: its result dtypes, its promotion)."""
+    dtype = arrays[0].dtype
+    return dtype in KERNEL_DTYPES and all(a.dtype == dtype for a in arrays)
+
+
+def _rows(x):
+    """``x`` (N, C, ...) as a C-contiguous (rows, C) array: a view when its memory is
+    channels-last (as the convolutions make it) or when it is 2-d, else a copy."""
+    xp = namespace_of(x)
+    return xp.ascontiguousarray(xp.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
+
+
+def _like(rows, shape):
+    """A (rows, C) result as an (N, C, ...) array of ``shape`` with channels-last memory."""
+    n, ch, *spatial = shape
+    return namespace_of(rows).moveaxis(rows.reshape(n, *spatial, ch), -1, 1)
+
+
+def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
+                       eps=1e-5):
+    """As :func:`refmoco.nn.functional.batch_norm_forward` (its arguments checked there, and
+    :func:`fits`), in one launch: the reference's dozen or so CuPy launches per layer cost the
+    host more than the GPU spends on them (docs/benchmarks.md)."""
+    from ..nn import functional as F
+
+    xp = namespace_of(x)
+    dtype = x.dtype
+    x2 = _rows(x)
+    m, ch = x2.shape
+    x_hat, y = xp.empty_like(x2), xp.empty_like(x2)
+    inv_std = xp.empty(ch, dtype)
+    if ch:
+        t = dtype.type
+        _launch(_bn_forward_kernel(dtype.type), min(ch, MAX_BLOCKS), x2, gamma, beta,
+                running_mean, running_var, inv_std, x_hat, y, bool(train), t(eps),
+                t(1 - momentum), t(momentum), t(m / (m - 1) if m > 1 else 1.0))
+    view = (1, -1) + (1,) * (x.ndim - 2)
+    cache = F.BatchNormCache(_like(x_hat, x.shape), inv_std.reshape(view), gamma.reshape(view),
+                             train, "cupy")
+    return _like(y, x.shape), cache
+
+
+def batch_norm_backward(dy, cache):
+    """As :func:`refmoco.nn.functional.batch_norm_backward` (for arrays that :func:`fits`), in
+    one launch. In evaluation ``dx = (dy gamma) inv_std``, without reading ``x_hat``."""
+    xp = namespace_of(dy)
+    x_hat, inv_std, g, train, _ = cache
+    dy2, x_hat2 = _rows(dy), _rows(x_hat)
+    ch = dy2.shape[1]
+    dx = xp.empty_like(dy2)
+    dgamma, dbeta = xp.empty(ch, dy.dtype), xp.empty(ch, dy.dtype)
+    if ch:
+        _launch(_bn_backward_kernel(dy.dtype.type), min(ch, MAX_BLOCKS), dy2, x_hat2,
+                g.reshape(-1), inv_std.reshape(-1), dx, dgamma, dbeta, bool(train))
+    return _like(dx, dy.shape), dgamma, dbeta

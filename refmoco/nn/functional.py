@@ -290,7 +290,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     momentum, eps : float
     backend : {None, "numpy", "cupy", "numba"}
         ``None``: the arrays' module (NumPy or CuPy). ``"numba"`` computes the statistics
-        (summed in float64) and the normalisation with Numba kernels.
+        (summed in float64) and the normalisation with Numba kernels; ``"cupy"`` (and ``None``
+        with CuPy arrays) with one Numba CUDA kernel, when the arrays share a float32 or float64
+        dtype (else the reference's CuPy code runs).
 
     Returns
     -------
@@ -323,6 +325,12 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
 
         return nn_cpu.batch_norm_forward(x, gamma, beta, running_mean, running_var, train=train,
                                          momentum=momentum, eps=eps)
+    if backend == "cupy":
+        from refmoco.kernels import cuda
+
+        if cuda.fits(x, gamma, beta, running_mean, running_var):  # else the reference below
+            return cuda.batch_norm_forward(x, gamma, beta, running_mean, running_var,
+                                           train=train, momentum=momentum, eps=eps)
     if train:
         mean = x.mean(axis=axes)  # (C,)
         var = x.var(axis=axes)  # (C,) biased
@@ -357,6 +365,11 @@ def batch_norm_backward(dy, cache):
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.batch_norm_backward(dy, cache)
+    if cache.backend == "cupy":
+        from refmoco.kernels import cuda
+
+        if cuda.fits(dy, cache.x_hat, cache.inv_std, cache.gamma):  # else the reference below
+            return cuda.batch_norm_backward(dy, cache)
     x_hat, inv_std, g, train, _ = cache
     axes = (0,) + tuple(range(2, dy.ndim))
     dgamma = (dy * x_hat).sum(axis=axes)  # (C,)
