@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_int, check_unit_interval
-from .backend import array_module, as_array, check_available, float_array, is_cupy_array, to_numpy
+from .backend import (
+    array_module,
+    as_array,
+    check_available,
+    float_array,
+    is_cupy_array,
+    namespace_of,
+    to_numpy,
+)
 from .losses.normalize import l2_normalize
 
 _DTYPES = ("float32", "float64")
@@ -180,10 +188,9 @@ class Queue:
         self.dim = check_int(dim, "dim", minimum=1)
         self.dtype = _check_dtype(dtype)
         self.backend = _check_backend(backend)
-        self.xp = array_module(backend)
         self.rng = np.random.default_rng(_check_seed(seed))
         init = _random_unit_rows(self.rng, self.size, self.dim, self.dtype)
-        self._keys = self.xp.asarray(init)  # (K, C)
+        self._keys = array_module(backend).asarray(init)  # (K, C)
         self._ids = np.full(self.size, -1, dtype=np.int64)  # (K,), kept on the host
         self._ptr = 0
 
@@ -247,6 +254,12 @@ class Queue:
             self._keys[: keep - first] = rows[first:]
             self._ids[: keep - first] = -1 if ids is None else ids[first:]
         self._ptr = (self._ptr + b) % self.size
+
+    @property
+    def xp(self):
+        """The array module of the keys (``numpy``, or ``cupy`` on the GPU). A property, not a
+        stored module, so that a queue can be deep-copied and pickled."""
+        return namespace_of(self._keys)
 
     def ordered(self):
         """A (size, dim) copy of the keys, oldest first (the order a FIFO would give)."""
@@ -349,13 +362,19 @@ class MemoryBank:
         self.momentum = check_unit_interval(momentum, "momentum")
         self.dtype = _check_dtype(dtype)
         self.backend = _check_backend(backend)
-        self.xp = array_module(backend)
         self.rng = np.random.default_rng(_check_seed(seed))
-        self._bank = self.xp.asarray(_random_unit_rows(self.rng, self.size, self.dim, self.dtype))
+        self._bank = array_module(backend).asarray(
+            _random_unit_rows(self.rng, self.size, self.dim, self.dtype))
 
     @property
     def bank(self):
         return _readonly(self._bank)
+
+    @property
+    def xp(self):
+        """The array module of the rows (``numpy``, or ``cupy`` on the GPU); a property, so that
+        a bank can be deep-copied and pickled."""
+        return namespace_of(self._bank)
 
     def __len__(self) -> int:
         return self.size

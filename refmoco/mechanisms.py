@@ -153,7 +153,6 @@ class Mechanism:
     def __init__(self, encoder, params, buffers, optimizer: SGD, *, temperature: float,
                  backend: str | None = None):
         self.backend = _check_placement(params, buffers, backend)
-        self.xp = params.xp
         self.encoder = encoder
         self.params = params  # FlatParams
         self.buffers = buffers  # dict of BN running statistics
@@ -203,6 +202,11 @@ class Mechanism:
         except Exception:
             self._load_state_dict(backup)
             raise
+
+    @property
+    def xp(self):
+        """The parameters' array module; a property (a stored module cannot be deep-copied)."""
+        return self.params.xp
 
     def _load_state_dict(self, state: dict) -> None:
         self.params.load_state_dict(_section(state, "params"))

@@ -369,3 +369,27 @@ def test_shuffle_bn_counts_one_batch_and_averages_the_groups_statistics():
     np.testing.assert_allclose(mech.buffers[prefix + "running_var"],
                                0.9 * old[prefix + "running_var"] + 0.1 * var, rtol=1e-12)
     assert mech.buffers[prefix + "num_batches_tracked"] == old[prefix + "num_batches_tracked"] + 1
+
+
+@pytest.mark.parametrize("kind", ["moco", "end-to-end", "memory-bank"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_mechanism_steps_as_the_original_and_on_its_own(kind, how):
+    """``copy.deepcopy`` (and pickling) of a mechanism failed on the array module it stored.
+    The copy now takes the same step bit for bit, into its own parameters, key encoder, queue or
+    bank: the original is not touched by it."""
+    import copy
+    import pickle
+
+    mech, shape = _mechanism(kind)
+    mech.step(*views(shape, 8, 0), np.arange(8), LR)
+    twin = copy.deepcopy(mech) if how == "deepcopy" else pickle.loads(pickle.dumps(mech))
+    before = mech.state_dict()
+    xq, xk = views(shape, 8, 1)
+    theirs = twin.step(xq, xk, np.arange(8) + 8, LR)
+    for key, value in mech.state_dict().items():  # the copy's step left the original alone
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    ours = mech.step(xq, xk, np.arange(8) + 8, LR)
+    assert tuple(ours) == tuple(theirs)
+    for key, value in mech.state_dict().items():
+        np.testing.assert_array_equal(twin.state_dict()[key], value, err_msg=key)
+    assert np.shares_memory(twin.params["head.2.bias"], twin.params.flat)
