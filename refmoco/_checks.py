@@ -54,6 +54,23 @@ def check_positive(value: Any, name: str) -> float:
     return v
 
 
+def check_temperature(temperature: Any, dtype: Any = "float32") -> float:
+    """A temperature as a float: finite, > 0, and with ``1 / temperature`` (the logits' scale)
+    finite in ``dtype`` (below ~2.9e-39 it overflows float32, and every logit would be inf or
+    NaN); a ``ValueError`` or ``TypeError`` naming ``temperature``."""
+    t = check_positive(temperature, "temperature")
+    dt = np.dtype(dtype)
+    if dt.kind != "f" or dt.itemsize < 4:  # half inputs are computed in float32
+        dt = np.dtype(np.float32)
+    with np.errstate(over="ignore"):
+        scale = dt.type(1.0 / t)
+    if not np.isfinite(scale):
+        smallest = 1.0 / float(np.finfo(dt).max)
+        raise ValueError(f"temperature: expected a number > {smallest:.3g} (1 / temperature must "
+                         f"be finite in {dt.name}), got {temperature!r}")
+    return t
+
+
 def check_finite(value: Any, name: str, *, lower: float = 0.0, upper: float = math.inf) -> float:
     """A finite Python float in ``[lower, upper]`` (see :func:`real_number` for the types): the
     rule of hyper-parameters (learning rates, momenta) and tolerances, where a NaN or an

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from refmoco._checks import check_int, check_positive, check_unit_interval
+from refmoco._checks import check_int, check_positive, check_temperature, check_unit_interval
 from refmoco.adam import Adam
 from refmoco.dictionary import Queue
 from refmoco.losses import info_nce_loss, l2_normalize, softmax_cross_entropy
@@ -203,23 +203,6 @@ class MIConfig:
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-def check_temperature(temperature: Any, dtype: str = "float32") -> float:
-    """MoCo's temperature as a float: finite, > 0, and with ``1 / temperature`` (the logits'
-    scale) finite in ``dtype``; a ``ValueError`` or ``TypeError`` naming ``temperature``.
-
-    :func:`run_moco_queue` and ``refmoco mi-bound`` check it before any step is run.
-    """
-    t = check_positive(temperature, "temperature")
-    dt = check_dtype(dtype)
-    with np.errstate(over="ignore"):
-        scale = dt.type(1.0 / t)
-    if not np.isfinite(scale):
-        smallest = 1.0 / float(np.finfo(dt).max)
-        raise ValueError(f"temperature: expected a number > {smallest:.3g} (1 / temperature must "
-                         f"be finite in {dtype}), got {temperature!r}")
-    return t
 
 
 def _window_means(values: list[float], window: int) -> list[float]:

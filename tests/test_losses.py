@@ -413,6 +413,12 @@ def test_loss_output_is_a_named_tuple_with_a_0d_loss(rng):
      "temperature"),
     (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), temperature=float("nan")), ValueError,
      "temperature"),
+    # 1 / T overflows float32 (every logit inf, the loss NaN): refused, naming the limit
+    (lambda r: refmoco.info_nce_loss(r(3, 4).astype(np.float32), r(3, 4).astype(np.float32),
+                                     temperature=1e-39), ValueError, "temperature.*float32"),
+    (lambda r: refmoco.info_nce_loss(r(3, 4).astype(np.float16), r(3, 4).astype(np.float16),
+                                     r(5, 4).astype(np.float16), temperature=1e-39),
+     ValueError, "temperature.*float32"),
     (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), reduction="max"), ValueError,
      "reduction"),
     (lambda r: refmoco.info_nce_loss(r(3, 4), r(3, 4), wrt=("negatives",)), ValueError, "wrt"),

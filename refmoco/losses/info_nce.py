@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from .._checks import check_positive, check_reduction, check_same_dtype, check_wrt
+from .._checks import check_reduction, check_same_dtype, check_temperature, check_wrt
 from ..backend import float_array, resolve
 from .softmax import LossOutput, _reduce, xent_backward, xent_forward
 
@@ -277,7 +277,7 @@ def info_nce_loss(q, k, negatives=None, *, temperature=0.07, reduction="mean", w
             raise ValueError(
                 f"negatives: expected shape (K, C) or (N, M, C), got {tuple(negatives.shape)}"
             )
-    temperature = check_positive(temperature, "temperature")
+    temperature = check_temperature(temperature, q.dtype)  # 1/T finite in the dtype too
     check_reduction(reduction)
     names = ("q", "k") if negatives is None else ("q", "k", "negatives")
     wrt = check_wrt(wrt, names)
