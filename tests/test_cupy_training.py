@@ -111,6 +111,35 @@ def test_the_stand_in_refuses_what_cupy_refuses(monkeypatch):
     assert float(a.sum()) == 8.0 and isinstance(a.sum(), fake.ndarray)
 
 
+@pytest.mark.parametrize("case", ["empty batch", "float16"])
+def test_batch_norm_on_the_device_dispatches_to_its_kernel_only_where_it_fits(case, monkeypatch):
+    """The CUDA batch-norm kernels take a non-empty batch of one float32/float64 dtype; an empty
+    evaluation batch (no zero-size launch) or another dtype runs the reference's CuPy code."""
+    from refmoco.kernels import cuda as kernels
+
+    xp = fake_device(monkeypatch)
+    calls = []
+    monkeypatch.setattr(kernels, "batch_norm_forward",
+                        lambda *a, **k: calls.append("forward") or on_host_batch_norm_forward(*a, **k))
+    monkeypatch.setattr(kernels, "batch_norm_backward",
+                        lambda *a: calls.append("backward") or on_host_batch_norm_backward(*a))
+    rng = np.random.default_rng(0)
+    dtype = "float16" if case == "float16" else "float32"
+    n = 0 if case == "empty batch" else 6
+    x, dy = (xp.asarray(rng.normal(size=(n, 3, 2, 2)).astype(dtype)) for _ in range(2))
+    params = [xp.asarray(v.astype(dtype)) for v in (np.ones(3), np.zeros(3), np.zeros(3),
+                                                    np.ones(3))]
+    y, cache = F.batch_norm_forward(x, *params, train=case != "empty batch")
+    F.batch_norm_backward(dy, cache)
+    assert calls == [] and y.shape == x.shape and y.dtype == x.dtype
+    x32 = xp.asarray(rng.normal(size=(6, 3, 2, 2)).astype("float32"))  # the kernels' own case
+    p32 = [xp.asarray(v.astype("float32")) for v in (np.ones(3), np.zeros(3), np.zeros(3),
+                                                      np.ones(3))]
+    _, cache = F.batch_norm_forward(x32, *p32, train=True)
+    F.batch_norm_backward(x32, cache)
+    assert calls == ["forward", "backward"]
+
+
 # -- host-only checks of the transfer logic ---------------------------------------------------------
 
 

@@ -328,7 +328,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     if backend == "cupy":
         from refmoco.kernels import cuda
 
-        if cuda.fits(x, gamma, beta, running_mean, running_var):  # else the reference below
+        # empty batches (eval) and other dtypes: the reference below (no zero-size launches)
+        if x.size and cuda.fits(x, gamma, beta, running_mean, running_var):
             return cuda.batch_norm_forward(x, gamma, beta, running_mean, running_var,
                                            train=train, momentum=momentum, eps=eps)
     if train:
@@ -368,7 +369,7 @@ def batch_norm_backward(dy, cache):
     if cache.backend == "cupy":
         from refmoco.kernels import cuda
 
-        if cuda.fits(dy, cache.x_hat, cache.inv_std, cache.gamma):  # else the reference below
+        if dy.size and cuda.fits(dy, cache.x_hat, cache.inv_std, cache.gamma):  # as forward
             return cuda.batch_norm_backward(dy, cache)
     x_hat, inv_std, g, train, _ = cache
     axes = (0,) + tuple(range(2, dy.ndim))
