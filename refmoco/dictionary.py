@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from typing import Any
 
 import numpy as np
@@ -101,35 +101,47 @@ def rng_from_array(state: Any) -> np.random.Generator:
     return rng
 
 
-def _new_file_mode(path: str) -> int:
-    """The permissions ``path`` gets: those it has, or a new file's under the umask (what
-    ``open`` would give; ``mkstemp`` makes its file private to its owner)."""
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be writing (it exists, or cannot be asked about)."""
+    if pid == os.getpid():
+        return True  # a thread of this process: its own except clause removes its file
     try:
-        return os.stat(path).st_mode & 0o777
-    except FileNotFoundError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or no way to tell: leave its file alone
+        return True
+    return True
 
 
 def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
     """Write an ``.npz`` file atomically: a crash mid-write leaves any old file intact.
 
-    The data goes to ``.NAME.partial-XXXX`` beside ``NAME`` and is then renamed over it. A
-    partial file that a killed process left (nothing else can remove it) is removed by the next
-    save of the same ``NAME``. The file keeps the permissions it had, or gets a new file's.
+    The data goes to ``.NAME.partial-PID-XXXX`` beside ``NAME`` and is then renamed over it. A
+    partial file whose writing process no longer exists (one killed mid-write: nothing else
+    could remove it) is removed by the next save of the same ``NAME``; a live writer's is left
+    alone. The file keeps the permissions it had, or gets a new file's under the umask (the
+    partial file is opened with mode 0o666, which the kernel masks, as ``open`` does).
     """
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     prefix = f".{name}.partial-"
     for left in os.listdir(folder):
-        if left.startswith(prefix):
+        pid = left[len(prefix):].split("-", 1)[0]
+        if left.startswith(prefix) and pid.isdigit() and not _writer_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, left))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
+    while True:
+        tmp = os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # a name taken already: draw another
+            continue
     try:
-        os.chmod(tmp, _new_file_mode(path))
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(tmp, os.stat(path).st_mode & 0o777)  # an existing file keeps its mode
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
@@ -425,8 +437,12 @@ class MemoryBank:
         # direction: the row takes the fresh feature's, or keeps its own if the feature is 0 too
         gone = (rows == 0).all(axis=1, keepdims=True)  # (b, 1)
         rows = xp.where(gone, xp.where((feats == 0).all(axis=1, keepdims=True), old, feats), rows)
-        # clamped only at the smallest subnormal (l2_normalize's scaled norm does not underflow):
-        # every nonzero row gets unit norm, however small
+        # each row is first scaled by a power of two (exact) to a largest entry in [0.5, 1): a
+        # row of subnormal entries would otherwise be divided by a norm rounded to the subnormal
+        # grid (2**-149 * [2, 1] gave [1, 0.5]), and a huge one's norm could overflow. A normal
+        # row's result is bit for bit what it was unscaled. Every nonzero row gets unit norm.
+        _, exponent = xp.frexp(xp.abs(rows).max(axis=1, keepdims=True))  # (b, 1); 0 for a 0 row
+        rows = xp.ldexp(rows, -exponent)
         self._bank[idx] = l2_normalize(rows, eps=float(np.finfo(self.dtype).smallest_subnormal))[0]
 
     def sample(self, indices, num_negatives, rng=None) -> np.ndarray:

@@ -209,25 +209,35 @@ def test_memory_bank_rows_after_updates_load_back(dtype, dim, seed, momentum):
 
 def test_a_save_removes_the_partial_file_a_killed_save_left_and_keeps_permissions(tmp_path):
     """A process killed mid-write leaves its partial file (nothing in it can remove it): the
-    next save of the same file removes it, and no other file. A new file gets the permissions
-    the umask gives (mkstemp's are owner-only); an existing one keeps its own."""
+    next save of the same file removes it, and no other file: not another target's, not the
+    one a live writer is still writing. A new file gets the permissions the umask gives
+    (mkstemp's were owner-only); an existing one keeps its own."""
     import os
+    import subprocess
+    import sys
 
-    path = tmp_path / "queue.npz"
-    left = tmp_path / ".queue.npz.partial-abc123"
-    left.write_bytes(b"half a file")
-    other = tmp_path / ".other.npz.partial-abc123"
-    other.write_bytes(b"someone else's")
-    mask = os.umask(0o022)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        Queue(4, 2, seed=1).save(path)
-        assert (path.stat().st_mode & 0o777) == 0o644
-        os.chmod(path, 0o640)
-        Queue(4, 2, seed=2).save(path)
+        path = tmp_path / "queue.npz"
+        (tmp_path / f".queue.npz.partial-{dead}-abc123").write_bytes(b"half a file")
+        kept = [f".queue.npz.partial-{live.pid}-abc123", f".other.npz.partial-{dead}-abc123"]
+        for name in kept:
+            (tmp_path / name).write_bytes(b"someone's")
+        mask = os.umask(0o022)
+        try:
+            Queue(4, 2, seed=1).save(path)
+            assert (path.stat().st_mode & 0o777) == 0o644
+            os.chmod(path, 0o640)
+            Queue(4, 2, seed=2).save(path)
+        finally:
+            os.umask(mask)
     finally:
-        os.umask(mask)
+        live.kill()
+        live.wait()
     assert (path.stat().st_mode & 0o777) == 0o640
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.npz.partial-abc123", "queue.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "queue.npz"])
     np.testing.assert_array_equal(Queue.load(path).keys, Queue(4, 2, seed=2).keys)
 
 
@@ -431,3 +441,21 @@ def test_an_integer_argument_is_never_truncated_from_a_float(value):
 def test_integer_arguments_take_numpy_integers(value):
     assert MemoryBank(10, 4, seed=0).sample(np.arange(3), value).shape == (3, 2)
     assert Queue(value, 4).size == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("scale", ["smallest_subnormal", "tiny", "max"])
+def test_memory_bank_update_of_subnormal_or_huge_rows_gives_unit_rows(dtype, scale):
+    """A row of subnormal entries was divided by a norm rounded to the subnormal grid
+    (2**-149 * [2, 1] became [1, 0.5], norm 1.118), so the bank could not load its own state.
+    Rows at the bottom and top of the range now get the float64 direction, at unit norm."""
+    unit = np.float64(getattr(np.finfo(dtype), scale))
+    feats = np.array([[2, 1, 0], [3, 0, -4], [7, 5, 1]], np.float64)
+    feats = (feats / 8 * unit if scale == "max" else feats * unit).astype(dtype)
+    bank = MemoryBank(4, 3, momentum=0.0, dtype=dtype, seed=0)
+    bank.update([0, 1, 2], feats)
+    wide = np.ldexp(feats.astype(np.float64), -np.frexp(np.abs(feats).max(axis=1))[1][:, None])
+    expected = wide / np.linalg.norm(wide, axis=1, keepdims=True)
+    eps = float(np.finfo(dtype).eps)
+    np.testing.assert_allclose(bank.bank[:3], expected, rtol=0, atol=4 * eps)
+    MemoryBank(4, 3, dtype=dtype).load_state_dict(bank.state_dict())  # its own state loads back
