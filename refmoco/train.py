@@ -332,6 +332,19 @@ class Trainer:
         self.rng, self.epoch, self.history, self.random_init = rng, epoch, history, random_init
 
 
+def _finished_metrics(out: str, history: list) -> dict | None:
+    """The metrics.json in ``out`` if it was written at the end of the run whose checkpoint
+    holds ``history`` (its epochs are those); None if it is missing, unreadable or older (a
+    run resumed for more epochs and killed before its end: it is evaluated and written again)."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = isinstance(metrics, dict) and metrics.get("epochs") == json.loads(json.dumps(history))
+    return metrics if same else None
+
+
 def _check_out(out: str) -> None:
     """``out`` must be a folder, or a path a folder can be made at: checked before the data is
     loaded or a model built, naming the option."""
@@ -348,16 +361,16 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
         dataset: Dataset | None = None) -> dict:
     """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot.
 
-    Resuming a run that has finished (its checkpoint at ``config.epochs``, its metrics.json
-    written) changes nothing and returns the metrics it wrote."""
+    Resuming a run that has finished (its checkpoint at ``config.epochs``, and a metrics.json
+    written from that checkpoint: the same epochs) changes nothing and returns those metrics."""
     _check_out(out)
     trainer = Trainer(config, dataset)  # first: a missing backend fails before any file is made
     if resume:
         trainer.load(out)  # a missing or refused checkpoint: nothing is made or changed
-        done = os.path.join(out, "metrics.json")
-        if trainer.epoch == config.epochs and os.path.exists(done):
-            with open(done) as f:
-                return json.load(f)
+        if trainer.epoch == config.epochs:
+            done = _finished_metrics(out, trainer.history)
+            if done is not None:
+                return done
     else:
         refuse_existing(out, RUN_FILES, "pass --resume to continue it, or choose another --out")
     os.makedirs(out, exist_ok=True)

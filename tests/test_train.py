@@ -147,6 +147,39 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, small):
     assert again == json.loads(json.dumps(first))
 
 
+def test_resuming_after_a_kill_before_the_final_metrics_writes_them(tmp_path, small,
+                                                                     monkeypatch):
+    """A finished 1-epoch run resumed for 2 epochs and killed after epoch 2's checkpoint, before
+    its metrics.json: the old metrics.json (1 epoch) is not this checkpoint's, so the next
+    resume evaluates and writes epoch 2's, as an uninterrupted 2-epoch run does."""
+    import refmoco.train as train_module
+
+    out = str(tmp_path / "run")
+    run(config(epochs=1), out, progress=False, dataset=small)
+    real = train_module.Trainer.evaluate
+
+    def killed(self, linear=False):
+        if linear and self.epoch == 2:
+            raise KeyboardInterrupt  # during the final evaluation
+        return real(self, linear=linear)
+
+    monkeypatch.setattr(train_module.Trainer, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(config(epochs=2), out, resume=True, progress=False, dataset=small)
+    monkeypatch.setattr(train_module.Trainer, "evaluate", real)
+    metrics = run(config(epochs=2), out, resume=True, progress=False, dataset=small)
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert len(metrics["epochs"]) == len(json.load(f)["epochs"]) == 2
+    twin = str(tmp_path / "twin")  # the same two runs, the second one not killed
+    run(config(epochs=1), twin, progress=False, dataset=small)
+    whole = run(config(epochs=2), twin, resume=True, progress=False, dataset=small)
+    def figures(m):  # all but the timings
+        rows = [{k: v for k, v in row.items() if k != "step_seconds"} for row in m["epochs"]]
+        return json.loads(json.dumps([rows, m["final"], m["random_init"]]))
+
+    assert figures(metrics) == figures(whole)
+
+
 @pytest.mark.parametrize("where", ["file", "below a file"])
 def test_an_out_that_cannot_be_a_folder_is_refused_before_the_data_is_loaded(tmp_path, where,
                                                                               monkeypatch):
