@@ -306,6 +306,25 @@ def test_jax_implementations_can_be_compared():
             compare_loss_and_grad(jax_moco, "moco", framework="jax", temperature=T, **BUDGET)
 
 
+def test_a_jax_momentum_update_that_returns_target_with_its_entries_rebound_passes():
+    """JAX arrays cannot be written in place, so a functional update that rebinds the entries of
+    the dict it got and returns it is right (a PyTorch model would keep its old tensors: that is
+    caught for torch); a wrong m is still caught."""
+    pytest.importorskip("jax")
+
+    def functional(target, source, m):
+        for name in target:
+            target[name] = target[name] * m + source[name] * (1 - m)
+        return target
+
+    def swapped(target, source, m):
+        return {n: target[n] * (1 - m) + source[n] * m for n in target}
+
+    assert compare_momentum(functional, framework="jax", dtype="float32", **BUDGET).ok
+    report = compare_momentum(swapped, framework="jax", dtype="float32", **BUDGET)
+    assert not report.ok and "after the update" in report.difference.what
+
+
 # -- code that writes to its inputs, or to the wrong arrays --------------------------------------
 def test_a_numpy_loss_that_normalises_its_inputs_in_place_is_caught():
     def normalises_in_place(x1, x2, y):

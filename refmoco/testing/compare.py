@@ -550,7 +550,8 @@ def compare_momentum(user_fn: Callable, *, framework="torch", dtype="float64", r
     ``user_fn(target, source, m)`` gets two dicts of framework arrays (the key and the query
     encoder's parameters) and either updates the **arrays** of ``target`` in place (returning
     None or ``target``), as a PyTorch model needs, or returns a new dict of the new parameters
-    (JAX). The expected result is ``m * target + (1 - m) * source``. In place, the arrays
+    (JAX: ``target`` itself with its entries rebound counts as such a dict). The expected
+    result is ``m * target + (1 - m) * source``. In place, the arrays
     passed in are what is compared: rebinding ``target[name]`` to a new tensor leaves the
     model's parameter as it was, and is reported. Writing to ``source`` (the query encoder) is
     a difference too.
@@ -566,7 +567,10 @@ def compare_momentum(user_fn: Callable, *, framework="torch", dtype="float64", r
         user_s = _harness(lambda: {k: to_framework(v, framework) for k, v in source.items()})
         params_t, params_s = dict(user_t), dict(user_s)  # the arrays a model would hold
         out = user_fn(user_t, user_s, m)
-        in_place = out is None or out is user_t
+        # JAX arrays cannot be written: whatever dict comes back (target itself, its entries
+        # rebound, included) holds the new parameters. Other frameworks' models hold the arrays
+        # passed in, so returning target (or None) means those arrays must have been updated.
+        in_place = out is None or (out is user_t and framework != "jax")
         if not (in_place or isinstance(out, Mapping)):
             return Difference("the returned value", "expected None (an update in place) or a "
                               f"dict of the new parameters, got {type(out).__name__}")
