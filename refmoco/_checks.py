@@ -54,6 +54,15 @@ def check_positive(value: Any, name: str) -> float:
     return v
 
 
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed: an integer in ``[0, SEED_MAX]`` (scikit-learn's ``random_state`` refuses larger
+    ones, and would only at the first linear probe, after a run has started)."""
+    v = check_int(value, name, minimum=0)
+    if v > SEED_MAX:
+        raise ValueError(f"{name}: expected an integer <= {SEED_MAX} (2**32 - 1), got {v}")
+    return v
+
+
 def check_temperature(temperature: Any, dtype: Any = "float32") -> float:
     """A temperature as a float: finite, > 0, and with ``1 / temperature`` (the logits' scale)
     finite in ``dtype`` (below ~2.9e-39 it overflows float32, and every logit would be inf or

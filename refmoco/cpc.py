@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from refmoco._checks import check_int, check_positive
+from refmoco._checks import check_int, check_positive, check_seed
 from refmoco.adam import Adam
 from refmoco.backend import BACKENDS, as_array, check_device
 from refmoco.losses import cpc_loss
@@ -279,6 +279,7 @@ class CPCConfig:
         if check_int(self.num_steps, "num_steps", minimum=1) >= self.seq_len:
             raise ValueError(f"num_steps: expected < seq_len = {self.seq_len}, got {self.num_steps}")
         check_positive(self.lr, "lr")
+        check_seed(self.seed)
         check_dtype(self.dtype)
 
     def to_json(self) -> dict:

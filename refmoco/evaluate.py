@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from refmoco._checks import check_int, check_positive
+from refmoco._checks import check_int, check_positive, check_seed
 from refmoco.backend import to_numpy
 
 
@@ -190,7 +190,7 @@ def linear_probe_accuracy(
     ----------
     He et al., MoCo, arXiv:1911.05722, section 4.1 (linear classification protocol).
     """
-    seed = check_int(seed, "seed", minimum=0)
+    seed = check_seed(seed)
     C = check_positive(C, "C")
     max_iter = check_int(max_iter, "max_iter", minimum=1)
     f_train, y_train, f_test, y_test = _check_pair(

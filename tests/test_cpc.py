@@ -145,6 +145,10 @@ def test_bad_arguments():
         CPCConfig(batch_size=1)
     with pytest.raises(ValueError, match="lr"):
         CPCConfig(lr=0.0)
+    for seed, error in ((-1, ValueError), (2**32, ValueError), (1.5, TypeError)):
+        with pytest.raises(error, match="^seed: expected"):  # was accepted, to fail mid-run
+            CPCConfig(seed=seed)
+    assert CPCConfig(seed=2**32 - 1).seed == 2**32 - 1
 
 
 @pytest.fixture(scope="module")

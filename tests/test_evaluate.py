@@ -337,6 +337,7 @@ def test_linear_probe_needs_two_classes():
         ({"seed": -1}, ValueError, "seed"),
         ({"seed": 1.5}, TypeError, "seed"),
         ({"seed": True}, TypeError, "seed"),
+        ({"seed": 2**32}, ValueError, "seed"),  # scikit-learn's random_state stops at 2**32 - 1
     ],
 )
 def test_linear_probe_rejects_bad_numeric_arguments(kwargs, error, name):
