@@ -407,19 +407,6 @@ def fits(*arrays):
     return dtype in KERNEL_DTYPES and all(a.dtype == dtype for a in arrays)
 
 
-def _rows(x):
-    """``x`` (N, C, ...) as a C-contiguous (rows, C) array: a view when its memory is
-    channels-last (as the convolutions make it) or when it is 2-d, else a copy."""
-    xp = namespace_of(x)
-    return xp.ascontiguousarray(xp.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
-
-
-def _like(rows, shape):
-    """A (rows, C) result as an (N, C, ...) array of ``shape`` with channels-last memory."""
-    n, ch, *spatial = shape
-    return namespace_of(rows).moveaxis(rows.reshape(n, *spatial, ch), -1, 1)
-
-
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
                        eps=1e-5):
     """As :func:`refmoco.nn.functional.batch_norm_forward` (its arguments checked there, and
@@ -429,7 +416,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
 
     xp = namespace_of(x)
     dtype = x.dtype
-    x2 = _rows(x)
+    x2 = F.channel_rows(x)
     m, ch = x2.shape
     x_hat, y = xp.empty_like(x2), xp.empty_like(x2)
     inv_std = xp.empty(ch, dtype)
@@ -439,21 +426,23 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
                 running_mean, running_var, inv_std, x_hat, y, bool(train), t(eps),
                 t(1 - momentum), t(momentum), t(m / (m - 1) if m > 1 else 1.0))
     view = (1, -1) + (1,) * (x.ndim - 2)
-    cache = F.BatchNormCache(_like(x_hat, x.shape), inv_std.reshape(view), gamma.reshape(view),
-                             train, "cupy")
-    return _like(y, x.shape), cache
+    cache = F.BatchNormCache(F.from_channel_rows(x_hat, x.shape), inv_std.reshape(view),
+                             gamma.reshape(view), train, "cupy")
+    return F.from_channel_rows(y, x.shape), cache
 
 
 def batch_norm_backward(dy, cache):
     """As :func:`refmoco.nn.functional.batch_norm_backward` (for arrays that :func:`fits`), in
     one launch. In evaluation ``dx = (dy gamma) inv_std``, without reading ``x_hat``."""
+    from ..nn import functional as F
+
     xp = namespace_of(dy)
     x_hat, inv_std, g, train, _ = cache
-    dy2, x_hat2 = _rows(dy), _rows(x_hat)
+    dy2, x_hat2 = F.channel_rows(dy), F.channel_rows(x_hat)
     ch = dy2.shape[1]
     dx = xp.empty_like(dy2)
     dgamma, dbeta = xp.empty(ch, dy.dtype), xp.empty(ch, dy.dtype)
     if ch:
         _launch(_bn_backward_kernel(dy.dtype.type), min(ch, MAX_BLOCKS), dy2, x_hat2,
                 g.reshape(-1), inv_std.reshape(-1), dx, dgamma, dbeta, bool(train))
-    return _like(dx, dy.shape), dgamma, dbeta
+    return F.from_channel_rows(dx, dy.shape), dgamma, dbeta

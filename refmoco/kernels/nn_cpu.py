@@ -166,19 +166,6 @@ def _bn_input_grad(dy, x_hat, scale, mean_dy, mean_dy_xhat, dx):
             dx[r, c] = scale[c] * (dy[r, c] - mean_dy[c] - x_hat[r, c] * mean_dy_xhat[c])
 
 
-def _rows(x):
-    """``x`` (N, C, ...) as a C-contiguous (rows, C) array: a view when its memory is
-    channels-last (or when it is 2-d), else a copy."""
-    moved = np.moveaxis(x, 1, -1)  # (N, ..., C)
-    return np.ascontiguousarray(moved).reshape(-1, x.shape[1])
-
-
-def _like(rows, shape):
-    """A (rows, C) result as an (N, C, ...) array of ``shape`` with channels-last memory."""
-    n, ch, *spatial = shape
-    return np.moveaxis(rows.reshape(n, *spatial, ch), -1, 1)
-
-
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
                        eps=1e-5):
     """As :func:`refmoco.nn.functional.batch_norm_forward`; the arguments were checked there.
@@ -188,7 +175,7 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
                                         momentum=momentum, eps=eps, backend="numpy")
         return y, cache._replace(backend="numba")
     dtype = x.dtype
-    x2 = _rows(x)
+    x2 = F.channel_rows(x)
     m = x2.shape[0]
     if train:
         mean64, var64 = _column_mean_var(x2)
@@ -201,9 +188,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     y = np.empty_like(x2)
     _normalize(x2, mean, inv_std, gamma, beta, x_hat, y)
     view = (1, -1) + (1,) * (x.ndim - 2)
-    cache = BatchNormCache(_like(x_hat, x.shape), inv_std.reshape(view), gamma.reshape(view),
-                           train, "numba")
-    return _like(y, x.shape), cache
+    cache = BatchNormCache(F.from_channel_rows(x_hat, x.shape), inv_std.reshape(view),
+                           gamma.reshape(view), train, "numba")
+    return F.from_channel_rows(y, x.shape), cache
 
 
 def batch_norm_backward(dy, cache):
@@ -215,7 +202,7 @@ def batch_norm_backward(dy, cache):
     if not _fits(dy, x_hat, inv_std, g):
         return F.batch_norm_backward(dy, cache._replace(backend="numpy"))
     dtype = dy.dtype
-    dy2, x_hat2 = _rows(dy), _rows(x_hat)
+    dy2, x_hat2 = F.channel_rows(dy), F.channel_rows(x_hat)
     m = dy2.shape[0]
     dgamma64, dbeta64 = _column_sums(dy2, x_hat2)
     if train:  # the statistics depend on x
@@ -226,7 +213,7 @@ def batch_norm_backward(dy, cache):
     else:  # constants: dx = gamma inv_std dy
         dx = dy2 * g.reshape(-1)
         dx *= inv_std.reshape(-1)
-    return _like(dx, dy.shape), dgamma64.astype(dtype), dbeta64.astype(dtype)
+    return F.from_channel_rows(dx, dy.shape), dgamma64.astype(dtype), dbeta64.astype(dtype)
 
 
 # -- ReLU -----------------------------------------------------------------------------------------
@@ -262,8 +249,8 @@ def _flat(x):
     C-ordered copy) and the function that gives a 1-d result of that memory back x's shape and
     strides."""
     if _order(x) == "last":
-        rows = _rows(x)  # (rows, C), a view
-        return rows.reshape(-1), lambda r: _like(r.reshape(rows.shape), x.shape)
+        rows = F.channel_rows(x)  # (rows, C), a view
+        return rows.reshape(-1), lambda r: F.from_channel_rows(r.reshape(rows.shape), x.shape)
     return np.ascontiguousarray(x).reshape(-1), lambda r: r.reshape(x.shape)
 
 
