@@ -70,24 +70,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.mechanism in MECHANISMS and self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.mechanism])
-        for name in ("epochs", "batch_size", "queue_size", "bn_groups", "out_dim"):
-            value = getattr(self, name)  # a count: 1.5 epochs or bn_groups=True is refused
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"{name}: expected an integer, got {value!r}")
+        counts = {"epochs": 1, "batch_size": 2, "queue_size": 1, "bn_groups": 1, "out_dim": 1}
+        for name, minimum in counts.items():  # 1.5 epochs or bn_groups=True is a TypeError
+            check_int(getattr(self, name), name, minimum=minimum)
         checks = [
             (self.mechanism in MECHANISMS, "mechanism", f"one of {MECHANISMS}"),
             (self.encoder in ("mlp", "cnn"), "encoder", "'mlp' or 'cnn'"),
-            (self.epochs >= 1, "epochs", "an integer >= 1"),
-            (self.batch_size >= 2, "batch_size", "an integer >= 2"),
-            (self.queue_size >= 1, "queue_size", "an integer >= 1"),
             (math.isfinite(self.temperature) and self.temperature > 0, "temperature",
              "a finite number > 0"),
             (0 <= self.momentum <= 1, "momentum", "a number in [0, 1]"),
             (0 <= self.bank_momentum <= 1, "bank_momentum", "a number in [0, 1]"),
             (self.lr is not None and math.isfinite(self.lr) and self.lr > 0, "lr",
              "a finite number > 0"),
-            (self.bn_groups >= 1, "bn_groups", "an integer >= 1"),
-            (self.out_dim >= 1, "out_dim", "an integer >= 1"),
             (self.dtype in ("float32", "float64"), "dtype", "'float32' or 'float64'"),
             (self.backend in ("numpy", "numba", "cupy"), "backend", "numpy, numba or cupy"),
             (isinstance(self.seed, (int, np.integer)) and not isinstance(self.seed, bool)
