@@ -35,8 +35,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-
-
 def non_negative_int(text: str) -> int:
     """``type=`` of ``--seed``: an integer from 0 to ``SEED_MAX`` (argparse names the option in
     its error). A larger seed would only fail at the first linear probe, after a run started."""
@@ -261,7 +259,8 @@ def run_mi_command(args) -> int:
     experiment runs when one of the files it would write is already in ``--out``, and every
     option (``--temperature`` too, even when MoCo's queues are skipped) is checked before that.
     """
-    from .mi import check_temperature, config_from, run_infonce_staircase, run_moco_queue
+    from ._checks import check_temperature
+    from .mi import config_from, run_infonce_staircase, run_moco_queue
 
     config = config_from(mis=args.levels, steps_per_level=args.steps_per_level,
                          batch_size=args.batch_size, dim=args.dim, hidden=args.hidden,
