@@ -127,8 +127,10 @@ def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
     folder, name = os.path.split(os.path.abspath(path))
     prefix = f".{name}.partial-"
     for left in os.listdir(folder):
-        pid = left[len(prefix):].split("-", 1)[0]
-        if left.startswith(prefix) and pid.isdigit() and not _writer_alive(int(pid)):
+        if not left.startswith(prefix):
+            continue
+        pid = left[len(prefix):].split("-", 1)[0]  # .NAME.partial-PID-XXXX
+        if pid.isdigit() and not _writer_alive(int(pid)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(folder, left))
     while True:
