@@ -27,6 +27,7 @@ Threads: OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` once, when NumPy loads, so u
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -395,6 +396,27 @@ def _gpu_sync(cupy):
     return sync
 
 
+def _launched_by(launcher, fn):
+    """``fn`` with refmoco's Numba CUDA kernels launched by ``launcher`` (numba-cuda's launch or
+    CuPy's; :data:`refmoco.kernels.cuda.LAUNCHER`), whatever the setting outside it."""
+    from .kernels import cuda as kernels
+
+    def run():
+        outside, kernels.LAUNCHER = kernels.LAUNCHER, launcher
+        try:
+            return fn()
+        finally:
+            kernels.LAUNCHER = outside
+
+    return run
+
+
+def _launchers():
+    from .kernels.cuda import LAUNCHERS
+
+    return LAUNCHERS
+
+
 def gpu_info_nce_group(cupy, k_size: int, n: int = 256, c: int = 128) -> Group:
     import numpy as np
 
@@ -482,8 +504,10 @@ def gpu_momentum_groups(cupy) -> list:
     dk = cupy.asarray(rng.standard_normal(size, dtype=np.float32))
     dq = cupy.asarray(rng.standard_normal(size, dtype=np.float32))
     dst = cupy.empty_like(dk)
-    ours, copy = "refmoco cupy, flat buffer", "device-to-device copy (cupy)"
+    copy = "device-to-device copy (cupy)"
     update = lambda: refmoco.momentum_update(dk, dq, m, backend="cupy")  # noqa: E731
+    ours = {f"refmoco cupy ({launcher} launch)": _launched_by(launcher, update)
+            for launcher in _launchers()}
     copy_fn = lambda: dst.__setitem__(Ellipsis, dq)  # noqa: E731
     reference, torch = "torch._foreach_lerp_ (CUDA)", _torch_cuda()
     if torch is not None:
@@ -491,17 +515,19 @@ def gpu_momentum_groups(cupy) -> list:
         tq = list(torch.from_numpy(cupy.asnumpy(dq)).cuda().split(sizes))
         lerp = lambda: torch._foreach_lerp_(tk, tq, 1.0 - m)  # noqa: E731
     title = f"GPU: momentum update, {size / 1e6:.1f}M float32 parameters"
-    wall = Group(title + ", wall time", [Case(ours, update, sync), Case(copy, copy_fn, sync)],
+    wall = Group(title + ", wall time",
+                 [Case(label, fn, sync) for label, fn in ours.items()] + [Case(copy, copy_fn, sync)],
                  reference)
     on_gpu = DeviceTimer(cupy)
     device = Group(title + ", GPU time alone (CUDA events behind a busy stream)",
-                   [Case(ours, update, timer=on_gpu), Case(copy, copy_fn, timer=on_gpu)],
-                   reference)
+                   [Case(label, fn, timer=on_gpu) for label, fn in ours.items()]
+                   + [Case(copy, copy_fn, timer=on_gpu)], reference)
     if torch is not None:
         wall.cases.append(Case(reference, lerp, sync))
         device.cases.append(Case(reference, lerp, timer=DeviceTimer(torch)))
     for group in (wall, device):
-        group.bandwidth = {ours: 12 * size, copy: 8 * size}  # read two, write one; read, write
+        # bytes moved: the update reads two buffers and writes one, the copy reads one, writes one
+        group.bandwidth = {**dict.fromkeys(ours, 12 * size), copy: 8 * size}
     return [wall, device]
 
 
@@ -514,12 +540,16 @@ def gpu_training_step_group(cupy, name, encoder, shape, n=256, k_size=4096) -> G
     rng = np.random.default_rng(0)
     xq, xk = rng.random((n, *shape), dtype=np.float32), rng.random((n, *shape), dtype=np.float32)
     cases, notes = [], []
-    try:
-        step = _refmoco_moco_step(encoder, "cupy", cupy.asarray(xq), cupy.asarray(xk), k_size, t,
-                                 m, lr)
-        cases.append(Case("refmoco cupy", step, sync))
-    except (TypeError, ValueError, NotImplementedError, BackendUnavailableError) as exc:
-        notes.append(f"refmoco cupy: {exc}")
+    for launcher in _launchers():  # a step each, its first (compiling) step run here
+        label = f"refmoco cupy ({launcher} launch)"
+        try:
+            step = _launched_by(launcher, functools.partial(
+                _refmoco_moco_step, encoder, "cupy", cupy.asarray(xq), cupy.asarray(xk), k_size,
+                t, m, lr))()
+            cases.append(Case(label, _launched_by(launcher, step), sync))
+        except (TypeError, ValueError, NotImplementedError, RuntimeError,
+                BackendUnavailableError) as exc:
+            notes.append(f"{label}: {exc}")
     reference, torch = "PyTorch CUDA (MoCo's builder.py)", _torch_cuda()
     if torch is not None:
         cases.append(Case(reference, _torch_moco_step(torch, encoder, xq, xk, k_size, t, m, lr,

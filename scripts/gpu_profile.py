@@ -2,20 +2,23 @@
 the benchmark, so that one device call also says what to speed up next.
 
 1. One kernel launch, host time (no synchronisation, the mean of 300 back-to-back launches of a
-   256-element update): refmoco's path (``refmoco.kernels.cuda._launch``: numba-cuda, CuPy arrays
-   through ``__cuda_array_interface__``, an external stream made per launch), the same Numba
-   kernel with its stream and device arrays made once (what the dispatcher itself costs), a CuPy
-   elementwise operation and a PyTorch one.
-2. Each MoCo training step of the bench (``refmoco.bench``), refmoco ``cupy`` and PyTorch CUDA:
+   256-element update): refmoco's two paths (``refmoco.kernels.cuda._launch``: numba-cuda's launch
+   of CuPy arrays, and CuPy's launch of the PTX Numba compiled), numba-cuda's launch the way
+   refmoco made it before (each array wrapped, a stream wrapper per launch) and with its stream
+   and device arrays made once (what the dispatcher itself costs), a CuPy elementwise operation
+   and a PyTorch one.
+2. Each MoCo training step of the bench (``refmoco.bench``), refmoco ``cupy`` with each launcher
+   and PyTorch CUDA:
    its wall time with synchronisation, and the GPU's busy time within it: the durations of the
    kernels and copies that PyTorch's profiler (CUPTI, which sees every kernel of the process:
    CuPy's, cuBLAS's and Numba's too) records, and how many there were. A step whose busy time
    is a small part of its wall time is bound by the host (launches, Python), not by the GPU.
-   The refmoco step's ten longest kernels follow.
+   The ten longest kernels of refmoco's step (CuPy launch) follow, and its host profile.
 
     python scripts/gpu_profile.py          # needs CuPy, numba-cuda and a CUDA GPU
 """
 
+import functools
 import io
 import statistics
 import sys
@@ -53,13 +56,19 @@ def launches(cupy):
         kernel[1, kernels.THREADS, s](cuda.as_cuda_array(x, sync=False),
                                       cuda.as_cuda_array(y, sync=False), m, w)
 
+    from refmoco.bench import _launched_by
+
     cases = {
         "refmoco _launch (numba-cuda, CuPy arrays)": lambda: kernels._launch(kernel, 1, x, y, m, w),
+        "refmoco _launch (CuPy launch of Numba's PTX)": _launched_by(
+            "cupy", lambda: kernels._launch(kernel, 1, x, y, m, w)),
         "as_cuda_array each array, a new stream wrapper": wrapped,
         "numba-cuda, stream and arrays made once": lambda: kernel[1, kernels.THREADS, stream](
             dx, dy, m, w),
         "refmoco.momentum_update (checks included)": lambda: refmoco.momentum_update(
             x, y, 0.9, backend="cupy"),
+        "refmoco.momentum_update, CuPy launch": _launched_by("cupy", lambda: (
+            refmoco.momentum_update(x, y, 0.9, backend="cupy"))),
         "CuPy elementwise (x *= 0.9)": lambda: cupy.multiply(x, m, out=x),
     }
     try:
@@ -100,9 +109,13 @@ def steps(cupy):
     for name, encoder, shape in bench._step_specs():
         rng = np.random.default_rng(0)
         xq, xk = (rng.random((256, *shape), dtype=np.float32) for _ in range(2))
-        runs = {"refmoco cupy": (bench._refmoco_moco_step(
-            encoder, "cupy", cupy.asarray(xq), cupy.asarray(xk), 4096, 0.1, 0.99, 0.03),
-            cupy.cuda.get_current_stream().synchronize)}
+        runs = {}
+        for launcher in ("numba", "cupy"):  # refmoco.kernels.cuda.LAUNCHERS
+            step = bench._launched_by(launcher, functools.partial(  # its first step run here
+                bench._refmoco_moco_step, encoder, "cupy", cupy.asarray(xq), cupy.asarray(xk),
+                4096, 0.1, 0.99, 0.03))()
+            runs[f"refmoco, {launcher} launch"] = (bench._launched_by(launcher, step),
+                                                   cupy.cuda.get_current_stream().synchronize)
         if torch is not None:
             runs["PyTorch CUDA"] = (bench._torch_moco_step(torch, encoder, xq, xk, 4096, 0.1,
                                                            0.99, 0.03, "cuda"),
@@ -117,7 +130,7 @@ def steps(cupy):
                 sync()
                 if i >= 3:  # warm-up: compilation, allocator pools
                     wall.append(time.perf_counter() - t0)
-            line = f"    {label:14s} wall {statistics.median(wall) * 1e3:7.2f} ms"
+            line = f"    {label:21s} wall {statistics.median(wall) * 1e3:7.2f} ms"
             table = ""
             if torch is not None:
                 try:
@@ -126,9 +139,9 @@ def steps(cupy):
                 except Exception as exc:  # noqa: BLE001 - the profiler is a bonus
                     line += f" (profiler failed: {exc!r})"
             print(line, flush=True)
-            if label == "refmoco cupy" and table:
-                print(table, flush=True)
-            if label == "refmoco cupy":
+            if label == "refmoco, cupy launch":
+                if table:
+                    print(table, flush=True)
                 host_profile(step, sync)
 
 

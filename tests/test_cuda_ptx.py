@@ -223,3 +223,99 @@ def test_kernels_compile_with_a_numpy_that_has_no_row_stack(kernels):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# -- the CuPy launcher (REFMOCO_CUDA_LAUNCHER=cupy): what it loads and what it passes -----------
+
+
+def every_launch(kernels, dtype):
+    """(name, kernel, arguments) of every launch refmoco makes, for one dtype, with a strided
+    (non-contiguous) array among batch norm's (the channels of a channels-first input)."""
+    strided = np.zeros((3, 6), dtype).T  # (6, 3), strides (itemsize, 6 * itemsize)
+    rows, vec = np.zeros((6, 3), dtype), np.zeros(3, dtype)
+    t = np.dtype(dtype).type
+    return [("xent", kernels._xent_kernel(dtype), xent_args(dtype)),
+            ("lerp", kernels._lerp_kernel(dtype), lerp_args(dtype)),
+            ("im2col", kernels._im2col_kernel, im2col_args(dtype)),
+            ("col2im", kernels._col2im_kernel, col2im_args(dtype)),
+            ("bn_forward", kernels._bn_forward_kernel(dtype), bn_forward_args(dtype)),
+            ("bn_forward strided", kernels._bn_forward_kernel(dtype),
+             (strided, vec, vec, vec, vec, vec, rows, rows, False, t(1e-5), t(0.9), t(0.1),
+              t(1.2))),
+            ("bn_backward", kernels._bn_backward_kernel(dtype), bn_backward_args(dtype))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_launch_arguments_fill_each_kernels_ptx_parameters(kernels, dtype):
+    """For every launch, the CuPy launcher's arguments (``kernel_params``) are as many, and as
+    wide, as the parameters of the PTX it loads (compiled for ``signature(args)``), and that
+    PTX is one self-contained module: no external function for the loader to resolve."""
+    for name, kernel, args in every_launch(kernels, dtype):
+        ptx, _ = numba.cuda.compile_ptx(kernel.py_func, kernels.signature(args), cc=CC,
+                                        **kernels.CUDA_OPTIONS)
+        entry, widths = kernels.ptx_entry(ptx)
+        assert entry in ptx and len(widths) > len(args), name
+        assert [p.itemsize for p in kernels.kernel_params(args)] == widths, name
+        kernels.check_params(entry, widths, kernels.kernel_params(args))  # does not raise
+        assert not re.search(r"^\s*\.extern\s+\.func", ptx, re.M), name
+
+
+def test_the_launcher_types_arguments_as_numba_does(kernels):
+    """``signature`` gives Numba's own types for what refmoco passes (it cannot call
+    ``numba.typeof`` on a CuPy array without a GPU): contiguous arrays "C", a strided one "A"."""
+    args = (np.zeros(4, np.float32), np.zeros((2, 3)), np.zeros(8, np.float32)[::2], 3, True,
+            0.5, np.float32(0.5))
+    assert kernels.signature(args) == tuple(numba.typeof(a) for a in args)
+
+
+def test_a_layout_that_does_not_fill_the_parameters_is_refused(kernels):
+    """A numba-cuda whose kernel ABI differs is refused at load, not launched with misplaced
+    arguments: one parameter short, or one of another width."""
+    ptx, _ = numba.cuda.compile_ptx(kernels._lerp_kernel(np.float32).py_func,
+                                    kernels.signature(lerp_args(np.float32)), cc=CC)
+    entry, widths = kernels.ptx_entry(ptx)
+    params = kernels.kernel_params(lerp_args(np.float32))
+    with pytest.raises(RuntimeError, match="REFMOCO_CUDA_LAUNCHER=numba"):
+        kernels.check_params(entry, widths, params[:-1])
+    with pytest.raises(RuntimeError, match="does not match"):
+        kernels.check_params(entry, widths, params[:-1] + (np.float64(0.5),))
+
+
+def test_launch_arguments_are_what_numba_cuda_passes(kernels):
+    """The values, in order, of numba-cuda's own argument marshalling (``_Kernel._prepare_args``,
+    what its launch passes the driver), for a C-contiguous and a strided array and each scalar
+    kind. Its arrays arrive as device-memory views; a stand-in with the view's fields is given
+    instead (no GPU here). Fails, rather than skips, if numba-cuda's marshalling changed: then
+    ``kernel_params`` must be checked against it again."""
+    import types
+
+    from numba.cuda.dispatcher import _Kernel
+
+    def as_device_view(a):
+        view = types.SimpleNamespace(
+            size=a.size, dtype=a.dtype, ptr=a.ctypes.data, shape=a.shape,
+            _layout=types.SimpleNamespace(strides_in_bytes=a.strides))
+        return types.SimpleNamespace(__cuda_memory__=True, _strided_memory_view_shim=view)
+
+    args = (np.zeros((3, 4), np.float32), np.zeros((4, 6))[:, ::2], 7, True, np.float32(0.25),
+            np.float64(0.5), 0.75)
+    numba_cuda = []
+    for ty, a in zip(kernels.signature(args), args):
+        value = as_device_view(a) if isinstance(a, np.ndarray) else a
+        _Kernel._prepare_args(types.SimpleNamespace(extensions=[]), ty, value, 0, [], numba_cuda)
+    values = [getattr(v, "value", v) for v in numba_cuda]  # ctypes scalars to Python numbers
+    ours = kernels.kernel_params(args)
+    assert [type(v) is bool for v in values] == [p.dtype == np.bool_ for p in ours]
+    assert values == [p.item() for p in ours]
+
+
+def test_an_unknown_launcher_is_refused_at_import():
+    """``REFMOCO_CUDA_LAUNCHER`` names one of the two launchers, or the import says which."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, REFMOCO_CUDA_LAUNCHER="numba-cuda")
+    done = subprocess.run([sys.executable, "-c", "import refmoco.kernels.cuda"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    assert "REFMOCO_CUDA_LAUNCHER must be one of ('numba', 'cupy'), got 'numba-cuda'" in done.stderr

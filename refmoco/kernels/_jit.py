@@ -105,11 +105,14 @@ def run_parts(kernel, arrays, scalars=(), *, work: int, min_work: int) -> None:
             f.result()
 
 
+CUDA_OPTIONS = {"fastmath": False}  # every CUDA kernel's compile options, however it is launched
+
+
 def cuda_jit(fn):
-    """``numba.cuda.jit`` with refmoco's options (no fastmath, no cache)."""
+    """``numba.cuda.jit`` with refmoco's options (:data:`CUDA_OPTIONS`, no cache)."""
     from numba import cuda
 
-    return cuda.jit(fn, fastmath=False, cache=False)
+    return cuda.jit(fn, cache=False, **CUDA_OPTIONS)
 
 
 @intrinsic

@@ -23,10 +23,19 @@ r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
   reference's CuPy code is a dozen or so launches per layer and pass, and on a GPU the step is
   bound by its launches (docs/benchmarks.md). Equal to the reference to rounding, not bitwise.
 
-Kernels take CuPy arrays as they are (numba-cuda views them through DLPack) and are launched on
-CuPy's current stream. Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported)
-the same functions run on NumPy arrays, with tiny blocks so that several blocks and the
-grid-stride loops are exercised; ``tests/test_cuda_sim.py`` runs them that way.
+Kernels take CuPy arrays as they are and are launched on CuPy's current stream, in one of two
+ways (:data:`LAUNCHER`, set from ``REFMOCO_CUDA_LAUNCHER``):
+
+- ``"numba"`` (the default): numba-cuda's own launch, which views the arrays through DLPack. On
+  an H200 it cost the host 117 us a launch, where a CuPy elementwise op costs 13 us.
+- ``"cupy"``: the same kernel compiled by Numba to PTX, once per argument types and device,
+  loaded as a CuPy module and launched by CuPy's own launcher, the one its elementwise kernels
+  go through. :func:`kernel_params` lays the arguments out as numba-cuda does, and the layout is
+  checked against the PTX's parameters at load. Not yet timed on a GPU (docs/benchmarks.md).
+
+Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported) the
+same functions run on NumPy arrays, with tiny blocks so that several blocks and the grid-stride
+loops are exercised; ``tests/test_cuda_sim.py`` runs them that way.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import os
+import re
 
 import numba
 import numpy as np
@@ -47,12 +58,17 @@ if not hasattr(np, "row_stack"):
 from numba import cuda  # noqa: E402
 
 from ..backend import KERNEL_DTYPES, namespace_of
-from ._jit import cuda_jit
+from ._jit import CUDA_OPTIONS, cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 THREADS = 4 if SIMULATOR else 256  # threads per block; a power of two (tree reductions)
 MAX_BLOCKS = 3 if SIMULATOR else 4096  # grid-stride loops cover the rest
 
+
+LAUNCHERS = ("numba", "cupy")
+LAUNCHER = os.environ.get("REFMOCO_CUDA_LAUNCHER", "numba")  # how _launch launches; see below
+if LAUNCHER not in LAUNCHERS:
+    raise ValueError(f"REFMOCO_CUDA_LAUNCHER must be one of {LAUNCHERS}, got {LAUNCHER!r}")
 
 _STREAMS: dict = {}  # CuPy stream handle -> numba-cuda's wrapper of it, made once
 
@@ -60,22 +76,127 @@ _STREAMS: dict = {}  # CuPy stream handle -> numba-cuda's wrapper of it, made on
 def _launch(kernel, blocks, *args):
     """Launch on CuPy's current stream (the default stream under the simulator).
 
-    The CuPy arrays go to the kernel as they are: numba-cuda (0.30) views them through DLPack
-    on the launch's stream, which costs a few microseconds an array, where wrapping each in
-    ``cuda.as_cuda_array`` first cost tens (320 us a launch in all on an H200, against 13 us for
-    a CuPy elementwise op: scripts/gpu_profile.py). The stream's wrapper is made once per
-    handle; a handle names one stream for as long as it exists, so a reused handle is reused
-    correctly."""
+    With ``LAUNCHER == "numba"`` numba-cuda launches: the CuPy arrays go to the kernel as they
+    are and numba-cuda (0.30) views them through DLPack on the launch's stream, which costs a
+    few microseconds an array, where wrapping each in ``cuda.as_cuda_array`` first cost tens
+    (320 us a launch in all on an H200, 117 us this way, against 13 us for a CuPy elementwise
+    op: scripts/gpu_profile.py). The stream's wrapper is made once per handle; a handle names
+    one stream for as long as it exists, so a reused handle is reused correctly.
+
+    With ``LAUNCHER == "cupy"`` CuPy launches the kernel that Numba compiled
+    (:func:`_cupy_function`), its arguments laid out by :func:`kernel_params`."""
     if SIMULATOR:
         kernel[blocks, THREADS](*args)
         return
     import cupy
 
+    if LAUNCHER == "cupy":
+        _cupy_function(cupy, kernel, args)((blocks,), (THREADS,), kernel_params(args))
+        return
     ptr = cupy.cuda.get_current_stream().ptr
     stream = _STREAMS.get(ptr)
     if stream is None:
         stream = _STREAMS[ptr] = cuda.external_stream(ptr)
     kernel[blocks, THREADS, stream](*args)
+
+
+# -- launching through CuPy ------------------------------------------------------------------------
+# A numba-cuda kernel's parameters (its PTX ``.entry``): each array as ``meminfo, parent`` (null
+# pointers here), ``nitems, itemsize, data``, then its shape and its strides in bytes, all 64-bit;
+# each scalar as itself (a boolean in one byte). CuPy passes a NumPy scalar by value in its
+# itemsize, so the arguments are NumPy scalars of those widths.
+
+_NULL = np.uint64(0)
+_FUNCTIONS: dict = {}  # (kernel, device, argument kinds) -> CuPy function, loaded once
+_MODULES: list = []  # their CuPy modules, kept loaded
+
+
+def _address(a):
+    data = a.data
+    return data.ptr if hasattr(data, "ptr") else a.ctypes.data  # CuPy; NumPy (the tests)
+
+
+def kernel_params(args):
+    """The launch's arguments as the kernel's parameters: a tuple of NumPy scalars, in the order
+    and the widths of numba-cuda's kernel ABI (see above)."""
+    params = []
+    for a in args:
+        if isinstance(a, bool):
+            params.append(np.bool_(a))
+        elif isinstance(a, int):
+            params.append(np.int64(a))
+        elif isinstance(a, float):
+            params.append(np.float64(a))
+        elif isinstance(a, np.generic):
+            params.append(a)
+        else:  # an array
+            params += [_NULL, _NULL, np.int64(a.size), np.int64(a.itemsize),
+                       np.uint64(_address(a))]
+            params += [np.int64(n) for n in a.shape]
+            params += [np.int64(n) for n in a.strides]
+    return tuple(params)
+
+
+def _kind(a):
+    """What of an argument selects the compiled kernel: an array's dtype, dimensions and
+    contiguity, a scalar's type."""
+    if isinstance(a, (bool, int, float, np.generic)):
+        return type(a)
+    return a.dtype, a.ndim, a.flags.c_contiguous
+
+
+def signature(args):
+    """The Numba argument types of a launch, as numba-cuda types them: an array is C-contiguous
+    ("C") or strided ("A"), a Python int int64, a Python float float64."""
+    return tuple(numba.typeof(a) if isinstance(a, (bool, int, float, np.generic))
+                 else numba.types.Array(numba.from_dtype(a.dtype), a.ndim,
+                                        "C" if a.flags.c_contiguous else "A")
+                 for a in args)
+
+
+_PTX_WIDTHS = {"u8": 1, "b8": 1, "s8": 1, "u16": 2, "b16": 2, "s16": 2, "f16": 2, "u32": 4,
+               "b32": 4, "s32": 4, "f32": 4, "u64": 8, "b64": 8, "s64": 8, "f64": 8}
+
+
+def ptx_entry(ptx):
+    """The kernel's name and the byte width of each of its parameters, read from its PTX."""
+    match = re.search(r"\.entry\s+([\w$]+)\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise RuntimeError("the PTX holds no kernel entry")
+    types = re.findall(r"\.param\s+\.(\w+)", match.group(2))
+    return match.group(1), [_PTX_WIDTHS[t] for t in types]
+
+
+def check_params(name, widths, params):
+    """Raise unless ``params`` fill the kernel's parameters exactly (their number and widths): a
+    numba-cuda whose kernel ABI differs from what :func:`kernel_params` assumes is refused at
+    load, rather than launched with misplaced arguments."""
+    got = [p.itemsize for p in params]
+    if got != widths:
+        raise RuntimeError(f"refmoco's layout of the arguments of {name} ({got} bytes) does not "
+                           f"match its PTX parameters ({widths} bytes); run with "
+                           "REFMOCO_CUDA_LAUNCHER=numba")
+
+
+def _cupy_function(cupy, kernel, args):
+    """The CuPy function that runs ``kernel`` for arguments like ``args`` on the current device:
+    compiled by Numba (``compile_ptx``, the options of :func:`refmoco.kernels._jit.cuda_jit`) for
+    the device's compute capability, loaded by CuPy, its parameters checked; then kept."""
+    device = cupy.cuda.runtime.getDevice()
+    key = (kernel, device, *map(_kind, args))
+    function = _FUNCTIONS.get(key)
+    if function is None:
+        from cupy.cuda import function as cupy_function
+
+        cc = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature(args), cc=cc, **CUDA_OPTIONS)
+        name, widths = ptx_entry(ptx)
+        check_params(name, widths, kernel_params(args))
+        module = cupy_function.Module()
+        module.load(ptx.encode() + b"\0")  # PTX text, NUL-terminated for the driver's loader
+        _MODULES.append(module)
+        function = _FUNCTIONS[key] = module.get_function(name)
+    return function
 
 
 def _blocks(size):
