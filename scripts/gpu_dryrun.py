@@ -9,7 +9,7 @@ kernels and numerics, the real launch path (streams, DLPack views of CuPy arrays
 For ``tests`` and ``bench`` batch norm's kernels are replaced by the reference on the host (in
 the simulator they would take hours at those sizes; tests/test_cuda_sim.py runs them).
 
-    python scripts/gpu_dryrun.py tests      # the 51 GPU tests: about 4 minutes on 2 cores
+    python scripts/gpu_dryrun.py tests      # the GPU tests: about 4 minutes on 2 cores
     python scripts/gpu_dryrun.py bench      # the GPU benchmark groups, once each: about 9 minutes
     python scripts/gpu_dryrun.py            # both
     python scripts/gpu_dryrun.py count      # device operations in one MoCo step (the bench's)
