@@ -104,7 +104,13 @@ def count_step_ops():
     call, setitem = fake_cupy._call, fake_cupy.FakeDeviceArray.__setitem__
 
     def counted_call(f, args, kwargs):
-        counts[getattr(f, "__name__", repr(f))] += 1
+        name = getattr(f, "__name__", repr(f))
+        if name == "ascontiguousarray":  # a view when it is contiguous already, else a copy
+            a = args[0]._a if isinstance(args[0], fake_cupy.FakeDeviceArray) else args[0]
+            dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
+            if not (a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype)):
+                name = "ascontiguousarray (copies)"
+        counts[name] += 1
         return call(f, args, kwargs)
 
     def counted_setitem(self, idx, value):
