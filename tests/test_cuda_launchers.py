@@ -2,8 +2,9 @@
 ``REFMOCO_CUDA_LAUNCHER``): numba-cuda's own launch, and CuPy's launch of the PTX that Numba
 compiles for the same kernel and argument types. They run the same compiled code on the same
 inputs, so every result must be bitwise equal; a misplaced argument (the layout of
-``kernel_params``) would show here as garbage or a crash. The layout itself is checked without a
-GPU in ``test_cuda_ptx.py``, against the PTX's parameters and numba-cuda's marshalling.
+``param_format`` and ``param_values``) would show here as garbage or a crash. The layout is
+checked without a GPU in ``test_cuda_ptx.py``, against the PTX's parameters and numba-cuda's
+marshalling.
 
 Marked ``gpu``: skipped without CuPy and a CUDA device (a failure under REFMOCO_REQUIRE_GPU=1).
 """

@@ -20,6 +20,7 @@ the tests skip, and ``REFMOCO_REQUIRE_NVVM=1`` (set by ``.ci/run``) makes that s
 import functools
 import os
 import re
+import struct
 
 import numba
 import numpy as np
@@ -247,16 +248,19 @@ def every_launch(kernels, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_launch_arguments_fill_each_kernels_ptx_parameters(kernels, dtype):
-    """For every launch, the CuPy launcher's arguments (``kernel_params``) are as many, and as
-    wide, as the parameters of the PTX it loads (compiled for ``signature(args)``), and that
-    PTX is one self-contained module: no external function for the loader to resolve."""
+    """For every launch, the CuPy launcher's parameters (``param_format``: one ``struct`` code
+    each, and as many values from ``param_values``) are as many, and as wide, as those of the
+    PTX it loads (compiled for ``signature(args)``), and that PTX is one self-contained module:
+    no external function for the loader to resolve."""
     for name, kernel, args in every_launch(kernels, dtype):
         ptx, _ = numba.cuda.compile_ptx(kernel.py_func, kernels.signature(args), cc=CC,
                                         **kernels.CUDA_OPTIONS)
         entry, widths = kernels.ptx_entry(ptx)
+        codes = kernels.param_format(args)
         assert entry in ptx and len(widths) > len(args), name
-        assert [p.itemsize for p in kernels.kernel_params(args)] == widths, name
-        kernels.check_params(entry, widths, kernels.kernel_params(args))  # does not raise
+        assert [struct.calcsize(c) for c in codes] == widths, name
+        assert len(kernels.param_values(args)) == len(codes), name
+        kernels.check_params(entry, widths, codes)  # does not raise
         assert not re.search(r"^\s*\.extern\s+\.func", ptx, re.M), name
 
 
@@ -274,19 +278,25 @@ def test_a_layout_that_does_not_fill_the_parameters_is_refused(kernels):
     ptx, _ = numba.cuda.compile_ptx(kernels._lerp_kernel(np.float32).py_func,
                                     kernels.signature(lerp_args(np.float32)), cc=CC)
     entry, widths = kernels.ptx_entry(ptx)
-    params = kernels.kernel_params(lerp_args(np.float32))
+    codes = kernels.param_format(lerp_args(np.float32))
+    assert codes.endswith("f")
     with pytest.raises(RuntimeError, match="REFMOCO_CUDA_LAUNCHER=numba"):
-        kernels.check_params(entry, widths, params[:-1])
+        kernels.check_params(entry, widths, codes[:-1])
     with pytest.raises(RuntimeError, match="does not match"):
-        kernels.check_params(entry, widths, params[:-1] + (np.float64(0.5),))
+        kernels.check_params(entry, widths, codes[:-1] + "d")
+
+
+def launch_args():
+    """A C-contiguous and a strided array, and each kind of scalar refmoco passes."""
+    return (np.zeros((3, 4), np.float32), np.zeros((4, 6))[:, ::2], 7, True, np.float32(0.25),
+            np.float64(0.5), 0.75, np.zeros(5, np.float32))
 
 
 def test_launch_arguments_are_what_numba_cuda_passes(kernels):
     """The values, in order, of numba-cuda's own argument marshalling (``_Kernel._prepare_args``,
-    what its launch passes the driver), for a C-contiguous and a strided array and each scalar
-    kind. Its arrays arrive as device-memory views; a stand-in with the view's fields is given
-    instead (no GPU here). Fails, rather than skips, if numba-cuda's marshalling changed: then
-    ``kernel_params`` must be checked against it again."""
+    what its launch passes the driver). Its arrays arrive as device-memory views; a stand-in with
+    the view's fields is given instead (no GPU here). Fails, rather than skips, if numba-cuda's
+    marshalling changed: then ``param_values`` must be checked against it again."""
     import types
 
     from numba.cuda.dispatcher import _Kernel
@@ -297,16 +307,41 @@ def test_launch_arguments_are_what_numba_cuda_passes(kernels):
             _layout=types.SimpleNamespace(strides_in_bytes=a.strides))
         return types.SimpleNamespace(__cuda_memory__=True, _strided_memory_view_shim=view)
 
-    args = (np.zeros((3, 4), np.float32), np.zeros((4, 6))[:, ::2], 7, True, np.float32(0.25),
-            np.float64(0.5), 0.75)
+    args = launch_args()
     numba_cuda = []
     for ty, a in zip(kernels.signature(args), args):
         value = as_device_view(a) if isinstance(a, np.ndarray) else a
         _Kernel._prepare_args(types.SimpleNamespace(extensions=[]), ty, value, 0, [], numba_cuda)
     values = [getattr(v, "value", v) for v in numba_cuda]  # ctypes scalars to Python numbers
-    ours = kernels.kernel_params(args)
-    assert [type(v) is bool for v in values] == [p.dtype == np.bool_ for p in ours]
-    assert values == [p.item() for p in ours]
+    ours = kernels.param_values(args)
+    assert [type(v) is bool for v in values] == [isinstance(v, (bool, np.bool_)) for v in ours]
+    assert values == ours
+
+
+def test_launch_values_are_packed_where_the_driver_reads_them(kernels):
+    """``ParamBuffer``: each value, read back from its address with its own ``struct`` code, is
+    the value packed (float32 rounded as the kernel receives it), at an address aligned to its
+    width, with no two values overlapping; refilling it for another launch rewrites them all."""
+    import ctypes
+
+    first = launch_args()
+    second = (np.ones((3, 4), np.float32), np.ones((4, 6))[:, 1::2], -3, False, np.float32(1e-8),
+              np.float64(-2.5), 1e300, np.ones(5, np.float32)[::-1])
+    codes = kernels.param_format(first)
+    assert kernels.param_format(second) == codes
+    buffer = kernels.ParamBuffer(codes)
+    for args in (first, second):
+        buffer.fill(kernels.param_values(args))
+        end = 0
+        for code, address, value in zip(codes, buffer.addresses, kernels.param_values(args),
+                                        strict=True):
+            width = struct.calcsize(code)
+            assert address % width == 0 and address >= end
+            end = address + width
+            (got,) = struct.unpack("@" + code, ctypes.string_at(address, width))
+            want = np.float32(value) if code == "f" else value
+            assert got == want, (code, value)
+        assert end <= buffer.buffer.ctypes.data + buffer.buffer.nbytes
 
 
 def test_an_unknown_launcher_is_refused_at_import():

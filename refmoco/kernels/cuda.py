@@ -30,8 +30,9 @@ ways (:data:`LAUNCHER`, set from ``REFMOCO_CUDA_LAUNCHER``):
   an H200 it cost the host 117 us a launch, where a CuPy elementwise op costs 13 us.
 - ``"cupy"``: the same kernel compiled by Numba to PTX, once per argument types and device,
   loaded as a CuPy module and launched by CuPy's own launcher, the one its elementwise kernels
-  go through. :func:`kernel_params` lays the arguments out as numba-cuda does, and the layout is
-  checked against the PTX's parameters at load. Not yet timed on a GPU (docs/benchmarks.md).
+  go through. :func:`param_format` and :func:`param_values` lay the arguments out as numba-cuda
+  does, and the layout is checked against the PTX's parameters at load. Not yet timed on a GPU
+  (docs/benchmarks.md).
 
 Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before Numba is imported) the
 same functions run on NumPy arrays, with tiny blocks so that several blocks and the grid-stride
@@ -45,6 +46,8 @@ import math
 import operator
 import os
 import re
+import struct
+import threading
 
 import numba
 import numpy as np
@@ -84,14 +87,14 @@ def _launch(kernel, blocks, *args):
     one stream for as long as it exists, so a reused handle is reused correctly.
 
     With ``LAUNCHER == "cupy"`` CuPy launches the kernel that Numba compiled
-    (:func:`_cupy_function`), its arguments laid out by :func:`kernel_params`."""
+    (:func:`_cupy_function`), its arguments laid out by :func:`param_format`."""
     if SIMULATOR:
         kernel[blocks, THREADS](*args)
         return
     import cupy
 
     if LAUNCHER == "cupy":
-        _cupy_function(cupy, kernel, args)((blocks,), (THREADS,), kernel_params(args))
+        _cupy_function(cupy, kernel, args).launch(blocks, args)
         return
     ptr = cupy.cuda.get_current_stream().ptr
     stream = _STREAMS.get(ptr)
@@ -103,12 +106,12 @@ def _launch(kernel, blocks, *args):
 # -- launching through CuPy ------------------------------------------------------------------------
 # A numba-cuda kernel's parameters (its PTX ``.entry``): each array as ``meminfo, parent`` (null
 # pointers here), ``nitems, itemsize, data``, then its shape and its strides in bytes, all 64-bit;
-# each scalar as itself (a boolean in one byte). CuPy passes a NumPy scalar by value in its
-# itemsize, so the arguments are NumPy scalars of those widths.
+# each scalar as itself (a boolean in one byte). The values of a launch are packed into one
+# buffer (``struct``, each at its natural alignment) and CuPy is handed a pointer to each: no
+# Python object per parameter is made on a launch.
 
-_NULL = np.uint64(0)
-_FUNCTIONS: dict = {}  # (kernel, device, argument kinds) -> CuPy function, loaded once
-_MODULES: list = []  # their CuPy modules, kept loaded
+_FUNCTIONS: dict = {}  # (kernel, device, argument kinds) -> _Loaded, loaded once
+_SCALARS = (bool, int, float, np.generic)
 
 
 def _address(a):
@@ -116,31 +119,39 @@ def _address(a):
     return data.ptr if hasattr(data, "ptr") else a.ctypes.data  # CuPy; NumPy (the tests)
 
 
-def kernel_params(args):
-    """The launch's arguments as the kernel's parameters: a tuple of NumPy scalars, in the order
-    and the widths of numba-cuda's kernel ABI (see above)."""
-    params = []
+def param_values(args):
+    """The values of the kernel's parameters for a launch's arguments, in numba-cuda's order."""
+    values = []
+    for a in args:
+        if isinstance(a, _SCALARS):
+            values.append(a)
+        else:
+            values += (0, 0, a.size, a.itemsize, _address(a), *a.shape, *a.strides)
+    return values
+
+
+def param_format(args):
+    """The ``struct`` codes of the kernel's parameters: ``Q`` for a pointer, ``q`` for a 64-bit
+    integer, ``?`` for a boolean, ``f``/``d`` for float32/float64 (a NumPy scalar's own code)."""
+    codes = ""
     for a in args:
         if isinstance(a, bool):
-            params.append(np.bool_(a))
+            codes += "?"
         elif isinstance(a, int):
-            params.append(np.int64(a))
+            codes += "q"
         elif isinstance(a, float):
-            params.append(np.float64(a))
+            codes += "d"  # also a NumPy float64, a subclass of float
         elif isinstance(a, np.generic):
-            params.append(a)
-        else:  # an array
-            params += [_NULL, _NULL, np.int64(a.size), np.int64(a.itemsize),
-                       np.uint64(_address(a))]
-            params += [np.int64(n) for n in a.shape]
-            params += [np.int64(n) for n in a.strides]
-    return tuple(params)
+            codes += a.dtype.char
+        else:
+            codes += "QQqqQ" + "q" * (2 * a.ndim)
+    return codes
 
 
 def _kind(a):
     """What of an argument selects the compiled kernel: an array's dtype, dimensions and
     contiguity, a scalar's type."""
-    if isinstance(a, (bool, int, float, np.generic)):
+    if isinstance(a, _SCALARS):
         return type(a)
     return a.dtype, a.ndim, a.flags.c_contiguous
 
@@ -148,7 +159,7 @@ def _kind(a):
 def signature(args):
     """The Numba argument types of a launch, as numba-cuda types them: an array is C-contiguous
     ("C") or strided ("A"), a Python int int64, a Python float float64."""
-    return tuple(numba.typeof(a) if isinstance(a, (bool, int, float, np.generic))
+    return tuple(numba.typeof(a) if isinstance(a, _SCALARS)
                  else numba.types.Array(numba.from_dtype(a.dtype), a.ndim,
                                         "C" if a.flags.c_contiguous else "A")
                  for a in args)
@@ -167,36 +178,72 @@ def ptx_entry(ptx):
     return match.group(1), [_PTX_WIDTHS[t] for t in types]
 
 
-def check_params(name, widths, params):
-    """Raise unless ``params`` fill the kernel's parameters exactly (their number and widths): a
-    numba-cuda whose kernel ABI differs from what :func:`kernel_params` assumes is refused at
-    load, rather than launched with misplaced arguments."""
-    got = [p.itemsize for p in params]
+def check_params(name, widths, codes):
+    """Raise unless parameters of the ``struct`` codes ``codes`` fill the kernel's parameters
+    exactly (their number and widths): a numba-cuda whose kernel ABI differs from what
+    :func:`param_format` assumes is refused at load, rather than launched with misplaced
+    arguments."""
+    got = [struct.calcsize(c) for c in codes]
     if got != widths:
         raise RuntimeError(f"refmoco's layout of the arguments of {name} ({got} bytes) does not "
                            f"match its PTX parameters ({widths} bytes); run with "
                            "REFMOCO_CUDA_LAUNCHER=numba")
 
 
+class ParamBuffer:
+    """Host memory that a launch's parameter values are packed into (``struct`` codes
+    ``codes``, each at its natural alignment, as a C struct lays them out), and the address of
+    each value: what the driver reads the kernel's parameters from, when the launch is made."""
+
+    def __init__(self, codes):
+        self.pack = struct.Struct("@" + codes).pack_into
+        self.buffer = np.zeros(max(1, struct.calcsize("@" + codes)), np.uint8)
+        start = self.buffer.ctypes.data
+        # the offset of each value: the size of the struct of all before it, padded to its own
+        self.addresses = [start + struct.calcsize(f"@{codes[:i]}0{c}")
+                          for i, c in enumerate(codes)]
+
+    def fill(self, values):
+        self.pack(self.buffer, 0, *values)
+
+
+class _Loaded:
+    """A kernel compiled for one set of argument kinds, loaded on one device: its CuPy function
+    and the buffer its parameters are packed into, with a pointer to each for CuPy (a CuPy
+    ``CPointer`` is passed as the address of the value, unconverted). The lock keeps the buffer
+    from being refilled by another thread before the launch has read it."""
+
+    def __init__(self, function, codes, cupy_function):
+        self.function = function
+        self.params = ParamBuffer(codes)
+        self.pointers = [cupy_function.CPointer(a) for a in self.params.addresses]
+        self.lock = threading.Lock()
+
+    def launch(self, blocks, args):
+        with self.lock:
+            self.params.fill(param_values(args))
+            self.function((blocks,), (THREADS,), self.pointers)  # on CuPy's current stream
+
+
 def _cupy_function(cupy, kernel, args):
-    """The CuPy function that runs ``kernel`` for arguments like ``args`` on the current device:
+    """The loaded kernel that runs ``kernel`` for arguments like ``args`` on the current device:
     compiled by Numba (``compile_ptx``, the options of :func:`refmoco.kernels._jit.cuda_jit`) for
     the device's compute capability, loaded by CuPy, its parameters checked; then kept."""
     device = cupy.cuda.runtime.getDevice()
     key = (kernel, device, *map(_kind, args))
-    function = _FUNCTIONS.get(key)
-    if function is None:
+    loaded = _FUNCTIONS.get(key)
+    if loaded is None:
         from cupy.cuda import function as cupy_function
 
         cc = divmod(int(cupy.cuda.Device(device).compute_capability), 10)
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature(args), cc=cc, **CUDA_OPTIONS)
         name, widths = ptx_entry(ptx)
-        check_params(name, widths, kernel_params(args))
+        codes = param_format(args)
+        check_params(name, widths, codes)
         module = cupy_function.Module()
         module.load(ptx.encode() + b"\0")  # PTX text, NUL-terminated for the driver's loader
-        _MODULES.append(module)
-        function = _FUNCTIONS[key] = module.get_function(name)
-    return function
+        loaded = _FUNCTIONS[key] = _Loaded(module.get_function(name), codes, cupy_function)
+    return loaded
 
 
 def _blocks(size):
