@@ -354,3 +354,81 @@ def test_an_unknown_launcher_is_refused_at_import():
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
     assert "REFMOCO_CUDA_LAUNCHER must be one of ('numba', 'cupy'), got 'numba-cuda'" in done.stderr
+
+
+def test_the_cupy_launcher_hands_cupy_pointers_to_each_launchs_values(kernels, monkeypatch):
+    """The launcher end to end with CuPy's side stood in for (no GPU here): the PTX it loads is
+    the kernel's, NUL-terminated; the function is looked up by the PTX's entry name; each launch
+    passes the grid and block and one pointer per PTX parameter, and at launch time those
+    pointers hold that launch's values (decoded here by the PTX's widths, in numba-cuda's order:
+    ``0, 0, size, itemsize, data, *shape, *strides`` per array). A kernel is compiled and loaded
+    once per argument kinds and device."""
+    import ctypes
+    import sys
+    import types
+
+    loaded, launches = [], []
+
+    class Module:
+        def load(self, image):
+            assert image.endswith(b"\0") and b".entry" in image
+            loaded.append(image[:-1].decode())
+
+        def get_function(self, name):
+            _, widths = kernels.ptx_entry(loaded[-1])
+            assert name == kernels.ptx_entry(loaded[-1])[0]
+
+            def function(grid, block, pointers):
+                raw = [ctypes.string_at(p.ptr, w) for p, w in zip(pointers, widths, strict=True)]
+                launches.append((name, grid, block, raw))
+
+            return function
+
+    class CPointer:
+        def __init__(self, ptr):
+            self.ptr = ptr
+
+    device = [0]
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDevice=lambda: device[0]),
+        Device=lambda d: types.SimpleNamespace(compute_capability="80"),
+        function=types.SimpleNamespace(Module=Module, CPointer=CPointer)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", fake.cuda)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.function", fake.cuda.function)
+    monkeypatch.setattr(kernels, "_FUNCTIONS", {})
+
+    def decode(raw, args):
+        """The launch's parameters back as values, by numba-cuda's layout."""
+        out, it = [], iter(raw)
+        for a in args:
+            if isinstance(a, np.ndarray):
+                n = 5 + 2 * a.ndim
+                out.append(tuple(int.from_bytes(next(it), "little", signed=True)
+                                 for _ in range(n)))
+            else:
+                b = next(it)
+                code = {1: "?", 4: "f", 8: "q" if isinstance(a, int) else "d"}[len(b)]
+                out.append(struct.unpack("<" + code, b)[0])
+        return out
+
+    def expected(args):
+        return [(0, 0, a.size, a.itemsize, a.ctypes.data, *a.shape, *a.strides)
+                if isinstance(a, np.ndarray) else a for a in args]
+
+    kernel = kernels._lerp_kernel(np.float32)
+    calls = [lerp_args(np.float32, size=9), lerp_args(np.float32, size=33),
+             (np.zeros(12, np.float32)[::3], np.zeros(4, np.float32), np.float32(0.5),
+              np.float32(0.25))]
+    for args in calls:
+        kernels._cupy_function(fake, kernel, args).launch(5, args)
+    bn = bn_forward_args(np.float32)
+    kernels._cupy_function(fake, kernels._bn_forward_kernel(np.float32), bn).launch(3, bn)
+    device[0] = 1
+    kernels._cupy_function(fake, kernel, calls[0]).launch(2, calls[0])
+    # compiled and loaded: lerp contiguous, lerp strided, batch norm, lerp on the second device
+    assert len(loaded) == 4
+    for (name, grid, block, raw), args, blocks in zip(launches, [*calls, bn, calls[0]],
+                                                      [5, 5, 5, 3, 2], strict=True):
+        assert grid == (blocks,) and block == (kernels.THREADS,)
+        assert decode(raw, args) == expected(args), name
