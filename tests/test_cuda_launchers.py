@@ -32,7 +32,7 @@ def kernels():
 
 def inputs(dtype, seed=0):
     """Host arrays for one call of every kernel: InfoNCE's q, k and queue; the momentum update's
-    target and source; a channels-last image batch and window gradients (im2col, col2im); batch
+    target and source; SGD's parameters, gradient and momentum buffer; a channels-last image batch and window gradients (im2col, col2im); batch
     norm's input (channels-first, so its (rows, C) view is strided), affine parameters and
     running statistics, and an upstream gradient."""
     rng = np.random.default_rng(seed)
@@ -43,6 +43,8 @@ def inputs(dtype, seed=0):
 
     return {"q": unit(9, 16), "k": unit(9, 16), "queue": unit(300, 16),
             "target": rng.normal(size=1000).astype(dtype),
+            "p": rng.normal(size=700).astype(dtype), "g": rng.normal(size=700).astype(dtype),
+            "buf": rng.normal(size=700).astype(dtype),
             "source": rng.normal(size=1000).astype(dtype),
             "x_nhwc": rng.normal(size=(3, 7, 7, 4)).astype(dtype),
             "dcols": rng.normal(size=(3, 4, 4, 3, 3, 4)).astype(dtype),
@@ -63,6 +65,8 @@ def run_kernels(cupy, kernels, host, *, with_cublas=True):
         out += [losses, grads["q"], grads["k"], grads["negatives"]]
     kernels.momentum_update(d["target"], d["source"], 0.99)
     out.append(d["target"])
+    kernels.sgd_step(d["p"], d["g"], d["buf"], 0.1, 0.9, 0.0, 5e-4, True, False)
+    out += [d["p"], d["buf"]]
     out.append(kernels.im2col(d["x_nhwc"], 3, 3, 2, 1, 4, 4))
     out.append(kernels.col2im(d["dcols"], 7, 7, 2, 1))
     for train in (True, False):

@@ -79,6 +79,14 @@ def lerp_args(dtype, size=7):
     return np.zeros(size, dtype), np.zeros(size, dtype), t(0.99), t(1.0 - 0.99)
 
 
+def sgd_args(dtype, size=7):
+    """What ``sgd_step`` passes: p, g, the momentum buffer, lr, momentum, 1 - dampening, weight
+    decay, whether it is nonzero, nesterov, first_step."""
+    t = np.dtype(dtype).type
+    return (np.zeros(size, dtype), np.zeros(size, dtype), np.zeros(size, dtype), t(0.1), t(0.9),
+            t(1.0), t(5e-4), True, False, False)
+
+
 def im2col_args(dtype):
     """What ``im2col`` passes: the channels-last input, the flat windows, kh, kw, s, p, Ho, Wo."""
     return np.zeros((2, 5, 5, 3), dtype), np.zeros(2 * 3 * 3 * 9 * 3, dtype), 3, 3, 2, 1, 3, 3
@@ -108,6 +116,7 @@ def all_kernels(kernels, dtype):
     """(name, PTX) of every kernel for one dtype."""
     return [("xent", ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))),
             ("lerp", ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype))),
+            ("sgd", ptx_of(kernels._sgd_kernel(dtype), *sgd_args(dtype))),
             ("im2col", ptx_of(kernels._im2col_kernel, *im2col_args(dtype))),
             ("col2im", ptx_of(kernels._col2im_kernel, *col2im_args(dtype)))]
 
@@ -130,7 +139,7 @@ def test_kernels_compile_for_the_gpu(kernels, dtype):
     assert all(".entry" in code for code in ptx.values())
     assert "bar.sync" in ptx["xent"]  # the block's reductions synchronise
     width = 32 if dtype == np.float32 else 64
-    for name in ("xent", "lerp", "col2im"):  # im2col only copies
+    for name in ("xent", "lerp", "sgd", "col2im"):  # im2col only copies
         assert float_arithmetic(ptx[name], width), name
 
 
@@ -168,6 +177,21 @@ def test_momentum_kernel_rounds_every_operation_like_numpy(kernels, dtype):
     loose = [ins for ins in ops if ".rn." not in ins]  # without .rn, ptxas may fuse mul and add
     assert not loose, f"float operations without a rounding modifier: {loose[:3]}"
     assert {ins.split(".")[0] for ins in ops} == {"mul", "add"}  # t * m + w * s, nothing else
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_kernel_rounds_every_operation_like_numpy(kernels, dtype):
+    """As the momentum kernel: every product and sum of the SGD step rounded on its own, none
+    fused, no flush-to-zero, so the step is bitwise the NumPy reference's."""
+    width = 32 if dtype == np.float32 else 64
+    ptx = ptx_of(kernels._sgd_kernel(dtype), *sgd_args(dtype))
+    ops = float_arithmetic(ptx, width)
+    fused = [ins for ins in ops if ins.startswith(("fma", "mad"))]
+    assert not fused, f"fused multiply-adds round once where NumPy rounds twice: {fused[:3]}"
+    loose = [ins for ins in ops if ".rn." not in ins]
+    assert not loose, f"float operations without a rounding modifier: {loose[:3]}"
+    assert {ins.split(".")[0] for ins in ops} == {"mul", "add"}
+    assert not [ins for ins in instructions(ptx) if ".ftz" in ins]
 
 
 @pytest.mark.parametrize("dtype, source", [(np.float32, np.float64), (np.float64, np.float32),
@@ -237,6 +261,9 @@ def every_launch(kernels, dtype):
     t = np.dtype(dtype).type
     return [("xent", kernels._xent_kernel(dtype), xent_args(dtype)),
             ("lerp", kernels._lerp_kernel(dtype), lerp_args(dtype)),
+            ("sgd", kernels._sgd_kernel(dtype), sgd_args(dtype)),
+            ("sgd, no momentum", kernels._sgd_kernel(dtype),
+             sgd_args(dtype)[:2] + (np.zeros(0, dtype),) + sgd_args(dtype)[3:]),
             ("im2col", kernels._im2col_kernel, im2col_args(dtype)),
             ("col2im", kernels._col2im_kernel, col2im_args(dtype)),
             ("bn_forward", kernels._bn_forward_kernel(dtype), bn_forward_args(dtype)),

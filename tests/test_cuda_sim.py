@@ -81,6 +81,35 @@ def child() -> None:
                    target.dtype == dtype)
         conv_cases(rng, dtype)
         bn_cases(rng, dtype)
+        sgd_cases(rng, dtype)
+
+
+# (momentum, dampening, weight_decay, nesterov): plain, heavy-ball, dampened, Nesterov, decay only
+SGD_CASES = [(0.0, 0.0, 0.0, False), (0.9, 0.0, 5e-4, False), (0.9, 0.3, 1e-2, False),
+             (0.9, 0.0, 5e-4, True), (0.0, 0.0, 1e-3, False)]
+
+
+def sgd_cases(rng, dtype) -> None:
+    """Three steps of the SGD kernel against :class:`refmoco.optim.SGD` on NumPy, bitwise: the
+    parameters and the momentum buffer (its first step sets the buffer to the gradient)."""
+    from refmoco.kernels import cuda as kernels
+    from refmoco.optim import SGD
+
+    for size in (1, 13, 40):
+        for momentum, dampening, wd, nesterov in SGD_CASES:
+            ref = SGD(0.1, momentum=momentum, weight_decay=wd, dampening=dampening,
+                      nesterov=nesterov)
+            p_ref = rng.standard_normal(size).astype(dtype)
+            p, buf = p_ref.copy(), np.empty(size, dtype) if momentum else None
+            for step in range(3):
+                g = rng.standard_normal(size).astype(dtype)
+                ref.step(p_ref, g, lr=0.1 / (step + 1))
+                kernels.sgd_step(p, g, buf, 0.1 / (step + 1), momentum, dampening, wd,
+                                 nesterov, first_step=step == 0)
+            case = f"sgd {dtype} size={size} m={momentum} damp={dampening} wd={wd} nesterov={nesterov}"
+            report(case, "params", p, p_ref, 0.0, p.dtype == dtype)
+            if momentum:
+                report(case, "buffer", buf, ref.momentum_buffer, 0.0, buf.dtype == dtype)
 
 
 # (shape, channels-last memory): 2-d (BatchNorm1d), 3-d and 4-d; rows and channels beyond 4
@@ -202,6 +231,14 @@ def test_batch_norm_kernels_match_the_reference(results):
     assert len({r["case"] for r in bn}) == 2 * 2 * len(BN_SHAPES)  # two dtypes, train and eval
     assert len(bn) == 8 * 2 * 2 * len(BN_SHAPES)  # y, x_hat, inv_std, running stats, 3 grads
     bad = [r for r in bn if not (r["ok"] and r["over"] <= 0)]
+    assert not bad, bad[:5]
+
+
+def test_sgd_kernel_is_bitwise_the_reference(results):
+    sgd = [r for r in results if r["case"].startswith("sgd")]
+    with_buffer = sum(1 for m, *_ in SGD_CASES if m)
+    assert len(sgd) == 2 * 3 * (len(SGD_CASES) + with_buffer)  # dtypes, sizes, arrays
+    bad = [r for r in sgd if not (r["ok"] and r["err"] == 0)]
     assert not bad, bad[:5]
 
 

@@ -9,6 +9,8 @@ r"""Numba CUDA kernels: what ``backend="cupy"`` runs on CuPy arrays.
 - :func:`momentum_update`: ``target = m * target + (1 - m) * source``, one grid-stride pass,
   bitwise the reference: its products and sum are libdevice's round-to-nearest operations, which
   are never fused into a multiply-add (``tests/test_cuda_ptx.py`` reads the PTX).
+- :func:`sgd_step`: ``torch.optim.SGD``'s step (weight decay, momentum, dampening, Nesterov) in
+  one pass, bitwise the reference, as the momentum update is.
 - :func:`im2col` / :func:`col2im`: the convolution's gather and scatter, one kernel each, which
   :func:`refmoco.nn.functional.conv2d_forward` and ``conv2d_backward`` call on this backend (the
   reference makes one strided copy, or addition, per kernel offset, plus the zero padding: eleven
@@ -395,6 +397,55 @@ def momentum_update(target, source, m):
                 dtype.type(m), dtype.type(1.0 - m))
     if t is not target:
         target[...] = t
+
+
+# -- the SGD step ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _sgd_kernel(dtype):
+    """``torch.optim.SGD``'s step for one float dtype, element by element in one pass: each
+    product and sum rounded on its own, as the reference's CuPy operations round them (bitwise
+    the reference; ``p - lr d`` is computed as ``p + (-(lr d))``, the same rounding)."""
+    add, mul = _rounded_ops(dtype)
+
+    def sgd(p, g, buf, lr, momentum, damp_w, weight_decay, decay, nesterov, first_step):
+        """``decay``: weight_decay != 0, decided on the host (a literal 0 here would be an int,
+        and the comparison with it float64)."""
+        use_momentum = buf.shape[0] != 0
+        for i in range(cuda.grid(1), p.shape[0], cuda.gridsize(1)):
+            d = g[i]
+            if decay:
+                d = add(d, mul(weight_decay, p[i]))  # d_t = g_t + lambda theta
+            if use_momentum:
+                b = d if first_step else add(mul(buf[i], momentum), mul(damp_w, d))  # b_t
+                buf[i] = b
+                d = add(d, mul(momentum, b)) if nesterov else b  # u_t
+            p[i] = add(p[i], -mul(lr, d))
+
+    return cuda_jit(sgd)
+
+
+def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """One ``torch.optim.SGD`` step on flat, contiguous device buffers, in place, in one launch:
+    the contract of :func:`refmoco.kernels.cpu.sgd_step` (``buf`` the momentum buffer, set to the
+    gradient at ``first_step``; ignored, and may be ``None``, when ``momentum == 0``), where the
+    reference's CuPy code makes seven launches."""
+    xp = namespace_of(p)
+    dtype = p.dtype
+    _check_dtype(dtype)
+    for name, a in (("p", p), ("g", g), ("buf", buf)):
+        if a is not None and not (a.flags.c_contiguous and a.dtype == dtype and a.shape == p.shape):
+            raise ValueError(f"{name}: expected a contiguous {dtype} array of shape {p.shape}")
+    if momentum and buf is None:
+        raise ValueError("buf: a momentum buffer is required when momentum > 0")
+    if not momentum:
+        buf = xp.empty(0, dtype)  # none: the kernel reads its emptiness as momentum == 0
+    if p.size:
+        t = dtype.type
+        _launch(_sgd_kernel(dtype.type), _blocks(p.size), p.reshape(-1), g.reshape(-1),
+                buf.reshape(-1), t(lr), t(momentum), t(1.0 - dampening), t(weight_decay),
+                bool(weight_decay), bool(nesterov), bool(first_step))
 
 
 # -- convolution: im2col and col2im -------------------------------------------------------------
