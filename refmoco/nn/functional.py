@@ -268,15 +268,16 @@ def channel_rows(x):
     """``x`` (N, C, ...) as a C-contiguous (rows, C) array, what the batch-norm and ReLU
     kernels (Numba CPU and CUDA) work on: a view when its memory is channels-last (as the
     convolutions make it) or when it is 2-d, else a copy."""
-    xp = namespace_of(x)
-    return xp.ascontiguousarray(xp.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
+    channels_last = x.transpose(0, *range(2, x.ndim), 1)  # (N, ..., C): axis 1 moved last
+    return namespace_of(x).ascontiguousarray(channels_last).reshape(-1, x.shape[1])
 
 
 def from_channel_rows(rows, shape):
     """A (rows, C) result as an (N, C, ...) array of ``shape`` with channels-last memory: the
     inverse of :func:`channel_rows`."""
     n, ch, *spatial = shape
-    return namespace_of(rows).moveaxis(rows.reshape(n, *spatial, ch), -1, 1)
+    y = rows.reshape(n, *spatial, ch)  # (N, ..., C)
+    return y.transpose(0, y.ndim - 1, *range(1, y.ndim - 1))  # (N, C, ...): the last axis to 1
 
 
 def update_running_stats(running_mean, running_var, mean, var, m, momentum):
