@@ -269,10 +269,11 @@ class Model:
         if xp is not None:
             check_device(grads.flat, "grads", xp)
         for name, value in g.items():
+            target = grads[name]  # a view of grads.flat
             if accumulate:
-                grads[name][...] += value
+                target += value
             else:
-                grads[name][...] = value
+                target[...] = value
         return grads
 
     # --- state dicts (PyTorch-compatible) ----------------------------------------------------
