@@ -91,7 +91,7 @@ def _cast(a: Any, name: str, dtype: np.dtype | None, xp) -> Any:
     a = float_array(a, name)
     if xp is not None:  # None: a network without parameters runs wherever its input lives
         check_device(a, name, xp)
-    return a if dtype is None else a.astype(dtype, copy=False)
+    return a if dtype is None or a.dtype == dtype else a.astype(dtype)
 
 
 def _placement(params: Mapping, buffers: Mapping, x: Any, backend: Any):
