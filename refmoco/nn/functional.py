@@ -78,7 +78,8 @@ def linear_backward(dy, cache):
 
 class Conv2dCache(NamedTuple):
     cols: np.ndarray  # (N*Ho*Wo, kh*kw*C) the im2col matrix, channels last
-    w: np.ndarray  # (O, C, kh, kw)
+    w_mat: np.ndarray  # (O, kh*kw*C) the weight as the forward's matrix, columns ordered (a, e, c)
+    w_shape: tuple  # (O, C, kh, kw)
     x_shape: tuple  # (N, C, H, W)
     stride: int
     padding: int
@@ -193,7 +194,7 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     if b is not None:
         y += b
     y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
-    return y, Conv2dCache(cols, w, x.shape, s, p, backend)
+    return y, Conv2dCache(cols, w_mat, w.shape, x.shape, s, p, backend)
 
 
 def conv2d_backward(dy, cache):
@@ -203,10 +204,8 @@ def conv2d_backward(dy, cache):
     """
     _, col2im = _gather_scatter(cache.backend)
     xp = namespace_of(dy)
-    cols, w, (N, C, H, W), s, p, _ = cache
-    O, _, kh, kw = w.shape
+    cols, w_mat, (O, _, kh, kw), (N, C, H, W), s, p, _ = cache
     Ho, Wo = dy.shape[2], dy.shape[3]
-    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
     dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # (N*Ho*Wo, O)
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
     db = dy_mat.sum(axis=0)  # (O,)
