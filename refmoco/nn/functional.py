@@ -414,6 +414,7 @@ def global_avg_pool_forward(x):
 def global_avg_pool_backward(dy, x_shape):
     """Gradient ``dx`` (N, C, H, W) of :func:`global_avg_pool_forward`."""
     H, W = x_shape[2], x_shape[3]
-    dx = namespace_of(dy).empty(x_shape, dtype=dy.dtype)
-    dx[...] = (dy / (H * W))[:, :, None, None]
+    xp = namespace_of(dy)
+    dx = xp.empty(x_shape, dtype=dy.dtype)
+    xp.divide(dy[:, :, None, None], H * W, out=dx)  # dy / (H W), the same at every pixel
     return dx
