@@ -617,15 +617,3 @@ def test_channel_rows_is_moveaxis_and_from_channel_rows_its_inverse(shape, last)
     back = from_channel_rows(rows, shape)
     assert np.array_equal(back, x) and np.shares_memory(back, rows)
     assert back.strides == np.moveaxis(rows.reshape(shape[0], *shape[2:], shape[1]), -1, 1).strides
-
-
-def test_a_scoped_window_on_a_scoped_window_reads_the_dotted_names():
-    from refmoco.nn.sequential import Scoped
-
-    m = {"a.b.w": np.zeros(2), "a.b.v": np.ones(1), "a.c.w": np.ones(3), "b.w": np.ones(4)}
-    inner = Scoped(Scoped(m, "a"), "b")
-    assert dict(inner) == {"w": m["a.b.w"], "v": m["a.b.v"]} and len(inner) == 2
-    inner["w"][...] += 1  # the mapping's own arrays
-    assert m["a.b.w"].tolist() == [1.0, 1.0]
-    with pytest.raises(KeyError):
-        inner["c.w"]

@@ -24,8 +24,6 @@ class Scoped(Mapping):
     __slots__ = ("_mapping", "_prefix")
 
     def __init__(self, mapping: Mapping, prefix: str):
-        if isinstance(mapping, Scoped):  # a window on a window: one window on the mapping
-            mapping, prefix = mapping._mapping, mapping._prefix + prefix
         self._mapping, self._prefix = mapping, prefix + "."
 
     def __getitem__(self, name: str) -> np.ndarray:
