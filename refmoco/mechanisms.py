@@ -82,7 +82,7 @@ class Branch(NamedTuple):
 
     z: Any  # L2-normalised head output, (N, out_dim)
     caches: list  # encoder caches, one per BN group
-    groups: list  # row indices of each BN group
+    groups: list  # row indices of each BN group ([slice(None)]: the whole batch in order)
     normalize_backward: Any
 
 
@@ -91,7 +91,8 @@ def encode(encoder, params, buffers, x, *, train: bool, groups=None,
     """``normalize(encoder(x))``, with batch norm computed separately in each group of rows.
 
     ``groups`` (a list of index arrays partitioning the batch) emulates the per-GPU batch norm of
-    MoCo's multi-GPU training on one process; ``None`` is one group, the whole batch. Host index
+    MoCo's multi-GPU training on one process; ``None`` is one group, the whole batch in order,
+    which goes through the encoder as it is (no gather or scatter of its rows). Host index
     arrays are copied to the device of ``x`` (nothing happens on the host).
 
     With several groups in training, the running statistics are updated once per call, as one
@@ -102,7 +103,11 @@ def encode(encoder, params, buffers, x, *, train: bool, groups=None,
     after the other (that would compound the momentum to ``1 - (1 - momentum)^groups``).
     """
     xp = namespace_of(x)
-    groups = [np.arange(len(x))] if groups is None else groups
+    if groups is None:  # C-contiguous, as a gather of the rows would be (a copy only if not)
+        out, cache = encoder.forward(params, buffers, xp.ascontiguousarray(x), train=train,
+                                     backend=backend)
+        z, backward = l2_normalize(out, axis=1)
+        return Branch(z, [cache], [slice(None)], backward)
     groups = [xp.asarray(rows) for rows in groups]
     split = train and len(groups) > 1 and bool(buffers)
     start = {k: v.copy() for k, v in buffers.items()} if split else None
@@ -287,7 +292,8 @@ class MoCo(Mechanism):
         xp = self.xp
         x_q, x_k, ids, lr = self._arguments(x_q, x_k, ids, lr)
         n = len(x_q)
-        groups = split_groups(n, self.bn_groups)
+        # shuffle BN's per-GPU groups; None: one group, the whole batch (nothing to split)
+        groups = split_groups(n, self.bn_groups) if self.bn_groups > 1 else None
         q = encode(self.encoder, self.params, self.buffers, x_q, train=True, groups=groups,
                    backend=self.backend)
         # the key encoder: EMA first, then the keys of the shuffled batch, unshuffled

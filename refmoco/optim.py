@@ -222,7 +222,8 @@ class SGD:
                 buf = self.momentum_buffer = d.copy()  # b_1 = d_1
             else:
                 buf *= self.momentum
-                buf += (1 - self.dampening) * d  # b_t = mu b_{t-1} + (1 - tau) d_t
+                # b_t = mu b_{t-1} + (1 - tau) d_t; without dampening (1 - tau) d_t is d_t
+                buf += (1 - self.dampening) * d if self.dampening else d
             d = d + self.momentum * buf if self.nesterov else buf  # u_t
         p -= lr * d
         self.step_count += 1

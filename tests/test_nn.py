@@ -598,3 +598,22 @@ def test_layers_match_torch(torch, seed, dtype, which, stride, padding, train):
             assert_close(grads[k], p.grad.numpy(), dtype, k)
     for k, b in module.named_buffers():
         assert_close(buffers[k], b.numpy(), dtype, k)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (3, 5, 7), (2, 5, 3, 4)])
+@pytest.mark.parametrize("last", [False, True])
+def test_channel_rows_is_moveaxis_and_from_channel_rows_its_inverse(shape, last):
+    """channel_rows moves axis 1 last (a view for channels-last memory and 2-d arrays) and
+    from_channel_rows undoes it with channels-last memory: the strides of ``np.moveaxis``."""
+    from refmoco.nn.functional import channel_rows, from_channel_rows
+
+    x = np.random.default_rng(0).random(shape)
+    if last:
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    rows = channel_rows(x)
+    expected = np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(-1, shape[1])
+    assert rows.flags.c_contiguous and np.array_equal(rows, expected)
+    assert np.shares_memory(rows, x) == (last or len(shape) == 2)
+    back = from_channel_rows(rows, shape)
+    assert np.array_equal(back, x) and np.shares_memory(back, rows)
+    assert back.strides == np.moveaxis(rows.reshape(shape[0], *shape[2:], shape[1]), -1, 1).strides

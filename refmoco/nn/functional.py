@@ -78,7 +78,8 @@ def linear_backward(dy, cache):
 
 class Conv2dCache(NamedTuple):
     cols: np.ndarray  # (N*Ho*Wo, kh*kw*C) the im2col matrix, channels last
-    w: np.ndarray  # (O, C, kh, kw)
+    w_mat: np.ndarray  # (O, kh*kw*C) the weight as the forward's matrix, columns ordered (a, e, c)
+    w_shape: tuple  # (O, C, kh, kw)
     x_shape: tuple  # (N, C, H, W)
     stride: int
     padding: int
@@ -193,7 +194,7 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     if b is not None:
         y += b
     y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo), channels-last memory
-    return y, Conv2dCache(cols, w, x.shape, s, p, backend)
+    return y, Conv2dCache(cols, w_mat, w.shape, x.shape, s, p, backend)
 
 
 def conv2d_backward(dy, cache):
@@ -203,10 +204,8 @@ def conv2d_backward(dy, cache):
     """
     _, col2im = _gather_scatter(cache.backend)
     xp = namespace_of(dy)
-    cols, w, (N, C, H, W), s, p, _ = cache
-    O, _, kh, kw = w.shape
+    cols, w_mat, (O, _, kh, kw), (N, C, H, W), s, p, _ = cache
     Ho, Wo = dy.shape[2], dy.shape[3]
-    w_mat = w.transpose(0, 2, 3, 1).reshape(O, kh * kw * C)  # (O, kh*kw*C)
     dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # (N*Ho*Wo, O)
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
     db = dy_mat.sum(axis=0)  # (O,)
@@ -268,15 +267,16 @@ def channel_rows(x):
     """``x`` (N, C, ...) as a C-contiguous (rows, C) array, what the batch-norm and ReLU
     kernels (Numba CPU and CUDA) work on: a view when its memory is channels-last (as the
     convolutions make it) or when it is 2-d, else a copy."""
-    xp = namespace_of(x)
-    return xp.ascontiguousarray(xp.moveaxis(x, 1, -1)).reshape(-1, x.shape[1])
+    channels_last = x.transpose(0, *range(2, x.ndim), 1)  # (N, ..., C): axis 1 moved last
+    return namespace_of(x).ascontiguousarray(channels_last).reshape(-1, x.shape[1])
 
 
 def from_channel_rows(rows, shape):
     """A (rows, C) result as an (N, C, ...) array of ``shape`` with channels-last memory: the
     inverse of :func:`channel_rows`."""
     n, ch, *spatial = shape
-    return namespace_of(rows).moveaxis(rows.reshape(n, *spatial, ch), -1, 1)
+    y = rows.reshape(n, *spatial, ch)  # (N, ..., C)
+    return y.transpose(0, y.ndim - 1, *range(1, y.ndim - 1))  # (N, C, ...): the last axis to 1
 
 
 def update_running_stats(running_mean, running_var, mean, var, m, momentum):
@@ -414,6 +414,7 @@ def global_avg_pool_forward(x):
 def global_avg_pool_backward(dy, x_shape):
     """Gradient ``dx`` (N, C, H, W) of :func:`global_avg_pool_forward`."""
     H, W = x_shape[2], x_shape[3]
-    dx = namespace_of(dy).empty(x_shape, dtype=dy.dtype)
-    dx[...] = (dy / (H * W))[:, :, None, None]
+    xp = namespace_of(dy)
+    dx = xp.empty(x_shape, dtype=dy.dtype)
+    xp.divide(dy[:, :, None, None], H * W, out=dx)  # dy / (H W), the same at every pixel
     return dx

@@ -244,7 +244,8 @@ class _BatchNorm(Layer):
             train=train, momentum=self.momentum, eps=self.eps, backend=backend,
         )  # fmt: skip
         if train:
-            buffers["num_batches_tracked"][...] += 1
+            count = buffers["num_batches_tracked"]  # the caller's 0-d array, counted in place
+            count += 1
         return y, cache
 
     def backward(self, params, cache, dy):

@@ -91,7 +91,7 @@ def _cast(a: Any, name: str, dtype: np.dtype | None, xp) -> Any:
     a = float_array(a, name)
     if xp is not None:  # None: a network without parameters runs wherever its input lives
         check_device(a, name, xp)
-    return a if dtype is None else a.astype(dtype, copy=False)
+    return a if dtype is None or a.dtype == dtype else a.astype(dtype)
 
 
 def _placement(params: Mapping, buffers: Mapping, x: Any, backend: Any):
@@ -269,10 +269,11 @@ class Model:
         if xp is not None:
             check_device(grads.flat, "grads", xp)
         for name, value in g.items():
+            target = grads[name]  # a view of grads.flat
             if accumulate:
-                grads[name][...] += value
+                target += value
             else:
-                grads[name][...] = value
+                target[...] = value
         return grads
 
     # --- state dicts (PyTorch-compatible) ----------------------------------------------------
@@ -413,20 +414,26 @@ class Encoder(Model):
         """
         dtype, xp = _params_dtype(params), _params_xp(params)
         dz = self._check_grad(dz, "dz", cache.out_shape, dtype, xp)
+        if dh is not None:
+            dh = self._check_grad(dh, "dh", cache.feature_shape, dtype, xp)
+        return self._backward(params, cache, dz, dh, grads, accumulate, dtype, xp)
+
+    def backward(self, params, cache, dout, *, grads=None, accumulate=False):
+        """As :meth:`Model.backward`: ``backward_features`` with ``dh=None``."""
+        dtype, xp = _params_dtype(params), _params_xp(params)
+        dout = self._check_grad(dout, "dout", cache.out_shape, dtype, xp)
+        return self._backward(params, cache, dout, None, grads, accumulate, dtype, xp)
+
+    def _backward(self, params, cache, dz, dh, grads, accumulate, dtype, xp):
+        """:meth:`backward_features` of checked gradients (``dh`` may be None)."""
         c_backbone, c_head = cache.net
         dh_head, g_head = self.head.backward(Scoped(params, "head"), c_head, dz)
         if dh is not None:
-            dh_head = dh_head + self._check_grad(dh, "dh", cache.feature_shape, dtype, xp)
+            dh_head = dh_head + dh
         dx, g_backbone = self.backbone.backward(Scoped(params, "backbone"), c_backbone, dh_head)
         g = {f"backbone.{k}": v for k, v in g_backbone.items()}
         g.update({f"head.{k}": v for k, v in g_head.items()})
         return dx, self._write(g, grads, accumulate, dtype, xp)
-
-    def backward(self, params, cache, dout, *, grads=None, accumulate=False):
-        """As :meth:`Model.backward`: ``backward_features`` with ``dh=None``."""
-        dout = self._check_grad(dout, "dout", cache.out_shape, _params_dtype(params),
-                                _params_xp(params))
-        return self.backward_features(params, cache, dout, grads=grads, accumulate=accumulate)
 
 
 def _head(feature_dim: int, out_dim: int) -> Sequential:
