@@ -26,6 +26,7 @@ from .backend import (
     check_available,
     host_copy,
     is_cupy_array,
+    namespace_of,
     resolve,
     to_backend,
 )
@@ -158,7 +159,7 @@ class SGD:
         )
 
     def _kernel_fits(self, p: Any) -> bool:
-        """Whether the Numba kernel computes the reference's step on ``p`` (and its gradient,
+        """Whether the Numba kernel (CPU or CUDA) computes the reference's step on ``p`` (and its gradient,
         of the same dtype): a float32 or float64 array, and momentum and weight decay that stay
         nonzero in that dtype. The reference decides "momentum != 0" on the Python float; the
         kernel on its value in ``p``'s dtype (float32(1e-50) == 0): where the two disagree, or
@@ -199,11 +200,12 @@ class SGD:
                 f"params: shape {p.shape} {p.dtype} does not match the momentum buffer "
                 f"{buf.shape} {buf.dtype}"
             )
-        if self.backend == "numba" and self._kernel_fits(p):  # one fused pass over the buffers
-            kernels = resolve("numba", p).kernels
+        fast = "cupy" if is_cupy_array(p) else self.backend  # Numba CUDA or CPU kernels
+        if fast in ("numba", "cupy") and self._kernel_fits(p):  # one fused pass over the buffers
+            kernels = resolve(fast, p).kernels
             first = buf is None  # PyTorch: the first momentum buffer is the gradient itself
             if self.momentum and first:  # C order, as the reference's d.copy(); all written
-                buf = self.momentum_buffer = np.empty(p.shape, p.dtype)
+                buf = self.momentum_buffer = namespace_of(p).empty(p.shape, p.dtype)
             # the kernel takes C-contiguous buffers: other layouts go through copies (bitwise
             # the same update, element by element)
             pc, gc = (a if a.flags.c_contiguous else a.copy() for a in (p, g))

@@ -15,8 +15,9 @@ the simulator they would take hours at those sizes; tests/test_cuda_sim.py runs 
     python scripts/gpu_dryrun.py count      # device operations in one MoCo step (the bench's)
 
 ``count`` tallies, for one training step of each bench encoder, the stand-in's device operations
-by name: each CuPy function, array method or operator call, strided write (``setitem``) and
-Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
+by name: each CuPy function, array method or operator call (in-place ones too), strided write
+(``setitem``), gather (indexing with an array), copy of a host array to the device (``asarray``)
+and Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
 does ``ascontiguousarray`` of an array that is contiguous already, nor ``may_share_memory`` (a
 host-side bounds check); the total without them is what a GPU pays launches for
 (docs/benchmarks.md quotes it). It also counts the device-to-host reads (``float()``,
@@ -121,6 +122,26 @@ def count_step_ops():
         counts["numba-cuda kernel"] += 1
         return launch_on_payloads(kernel, blocks, *args)
 
+    def counted(label, method):  # a launch that does not go through fake_cupy._call
+        def run(*args, **kwargs):
+            counts[label] += 1
+            return method(*args, **kwargs)
+
+        return run
+
+    getitem, asarray = fake_cupy.FakeDeviceArray.__getitem__, FAKE.asarray
+
+    def counted_getitem(self, idx):  # a gather when the index holds arrays; a view otherwise
+        parts = idx if isinstance(idx, tuple) else (idx,)
+        if any(isinstance(i, (np.ndarray, list, fake_cupy.FakeDeviceArray)) for i in parts):
+            counts["getitem (gathers)"] += 1
+        return getitem(self, idx)
+
+    def counted_asarray(a, *args, **kwargs):  # a host array: a copy to the device
+        if not isinstance(a, fake_cupy.FakeDeviceArray):
+            counts["asarray (host to device)"] += 1
+        return asarray(a, *args, **kwargs)
+
     def counted_sync(name):  # a device-to-host read: the host waits for the GPU
         method = getattr(fake_cupy.FakeDeviceArray, name)
 
@@ -132,6 +153,13 @@ def count_step_ops():
 
     fake_cupy._call = counted_call
     fake_cupy.FakeDeviceArray.__setitem__ = counted_setitem
+    fake_cupy.FakeDeviceArray.__getitem__ = counted_getitem
+    FAKE.asarray = counted_asarray
+    for op in ("add", "sub", "mul", "truediv", "floordiv", "pow", "matmul", "mod", "and", "or",
+               "xor"):
+        name = f"__i{op}__"
+        setattr(fake_cupy.FakeDeviceArray, name,
+                counted(f"{name} (in place)", getattr(fake_cupy.FakeDeviceArray, name)))
     for name in ("get", "__float__", "__int__", "__bool__"):
         setattr(fake_cupy.FakeDeviceArray, name, counted_sync(name))
     kernels._launch = counted_launch

@@ -321,6 +321,19 @@ def on_host_momentum_update(real, target, source, momentum, *, backend=None):
     return target
 
 
+def on_host_sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step):
+    """The CUDA SGD step (``refmoco.kernels.cuda.sgd_step``) on the fake: the reference's step
+    (:class:`refmoco.optim.SGD` on NumPy) on the payloads, in place."""
+    from refmoco.optim import SGD
+
+    opt = SGD(lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening,
+              nesterov=nesterov, backend="numpy")
+    opt.momentum_buffer = None if first_step or buf is None else buf._a
+    opt.step(p._a, g._a)
+    if momentum and first_step:
+        buf._a[...] = opt.momentum_buffer
+
+
 def on_host_im2col(x, kh, kw, s, p, ho, wo):
     """The CUDA im2col (``refmoco.kernels.cuda.im2col``) on the fake: the reference's gather on
     the payload (the kernel itself runs in the simulator tests)."""

@@ -34,6 +34,7 @@ from fake_cupy import (
     on_host_im2col,
     on_host_info_nce,
     on_host_momentum_update,
+    on_host_sgd_step,
 )
 
 import refmoco.mechanisms as mechanisms
@@ -68,6 +69,7 @@ def fake_device(monkeypatch):
                         functools.partial(on_host_info_nce, mechanisms.info_nce_loss))
     monkeypatch.setattr(mechanisms, "momentum_update",
                         functools.partial(on_host_momentum_update, mechanisms.momentum_update))
+    monkeypatch.setattr(kernels, "sgd_step", on_host_sgd_step)
     monkeypatch.setattr(kernels, "im2col", on_host_im2col)
     monkeypatch.setattr(kernels, "col2im", on_host_col2im)
     monkeypatch.setattr(kernels, "batch_norm_forward", on_host_batch_norm_forward)
@@ -138,6 +140,39 @@ def test_batch_norm_on_the_device_dispatches_to_its_kernel_only_where_it_fits(ca
     _, cache = F.batch_norm_forward(x32, *p32, train=True)
     F.batch_norm_backward(x32, cache)
     assert calls == ["forward", "backward"]
+
+
+@pytest.mark.parametrize("dtype, momentum, weight_decay, kernel", [
+    ("float32", 0.9, 5e-4, True), ("float64", 0.0, 0.0, True), ("float32", 0.9, 0.0, True),
+    ("float16", 0.9, 5e-4, False),  # computed in CuPy's float16, as the reference does
+    ("float32", 1e-50, 5e-4, False),  # momentum rounds to 0 in float32: the reference decides
+])
+def test_sgd_on_the_device_dispatches_to_its_kernel_only_where_it_fits(dtype, momentum,
+                                                                        weight_decay, kernel,
+                                                                        monkeypatch):
+    """On CuPy arrays the SGD step is one CUDA kernel where it computes the reference's step
+    (float32 or float64, momentum and weight decay that keep their zeroness in the dtype), and
+    the reference's CuPy code elsewhere; either way, two steps give the NumPy reference's
+    parameters and momentum buffer, bitwise (on the stand-in the kernel is the reference on the
+    host; tests/test_cuda_sim.py runs the kernel itself against it, bitwise too)."""
+    from refmoco.kernels import cuda as kernels
+
+    xp = fake_device(monkeypatch)
+    calls = []
+    monkeypatch.setattr(kernels, "sgd_step",
+                        lambda *a, **k: calls.append(k["first_step"]) or on_host_sgd_step(*a, **k))
+    rng = np.random.default_rng(0)
+    p, g1, g2 = (rng.normal(size=11).astype(dtype) for _ in range(3))
+    ref, dev = (SGD(0.1, momentum=momentum, weight_decay=weight_decay) for _ in range(2))
+    p_dev = xp.asarray(p)
+    for g in (g1, g2):
+        ref.step(p, g)
+        dev.step(p_dev, xp.asarray(g))
+    # first_step: until a momentum buffer exists (without momentum, none ever does)
+    assert calls == ([True, not momentum] if kernel else [])
+    np.testing.assert_array_equal(to_numpy(p_dev), p)  # the stand-in computes with NumPy
+    if momentum:
+        np.testing.assert_array_equal(to_numpy(dev.momentum_buffer), ref.momentum_buffer)
 
 
 # -- host-only checks of the transfer logic ---------------------------------------------------------
