@@ -6,8 +6,9 @@ What it proves: the GPU tests, the bench's GPU groups and every ``backend="cupy"
 and agree with the references before device time is spent on them. What it cannot: CuPy's own
 kernels and numerics, the real launch path (streams, DLPack views of CuPy arrays) and any timing
 (the simulator is ~10^4 times slower than a GPU). PyTorch CUDA cases are left out without CUDA.
-For ``tests`` and ``bench`` batch norm's kernels are replaced by the reference on the host (in
-the simulator they would take hours at those sizes; tests/test_cuda_sim.py runs them).
+For ``tests`` and ``bench`` the kernels of batch norm and of the row normalisation are replaced
+by the reference on the host (in the simulator they would take hours at those sizes;
+tests/test_cuda_sim.py runs them).
 
     python scripts/gpu_dryrun.py tests      # the GPU tests: about 4 minutes on 2 cores
     python scripts/gpu_dryrun.py bench      # the GPU benchmark groups, once each: about 9 minutes
@@ -20,7 +21,9 @@ by name: each CuPy function, array method or operator call (in-place ones too), 
 and Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
 does ``ascontiguousarray`` of an array that is contiguous already, nor ``may_share_memory`` (a
 host-side bounds check); the total without them is what a GPU pays launches for
-(docs/benchmarks.md quotes it). It also counts the device-to-host reads (``float()``,
+(docs/benchmarks.md quotes it). The row normalisation's kernels are counted but their work is
+done by the reference on the host (in the simulator they take minutes at these sizes). It also
+counts the device-to-host reads (``float()``,
 ``bool()``, ``.get()``), each of which makes the host wait for the GPU.
 """
 
@@ -85,13 +88,15 @@ def install():
     kernels._launch = launch_on_payloads
 
 
-def batch_norm_on_host():
-    """Batch norm's kernels loop over every row of a channel in each simulated thread: at the
-    sizes of the GPU tests and the bench, an hour and more in the simulator. For those, the
-    reference runs on the payloads instead (tests/test_cuda_sim.py runs the kernels themselves;
-    ``count`` runs them, once)."""
+def block_kernels_on_host():
+    """Batch norm's kernels, and the row normalisation's, loop over a whole channel or row in
+    each simulated thread: at the sizes of the GPU tests and the bench, an hour and more in the
+    simulator. For those, the reference runs on the payloads instead (tests/test_cuda_sim.py
+    runs the kernels themselves; ``count`` runs them, once)."""
     kernels.batch_norm_forward = fake_cupy.on_host_batch_norm_forward
     kernels.batch_norm_backward = fake_cupy.on_host_batch_norm_backward
+    kernels.l2_normalize_rows = fake_cupy.on_host_l2_normalize_rows
+    kernels.l2_normalize_rows_backward = fake_cupy.on_host_l2_normalize_rows_backward
 
 
 
@@ -120,7 +125,20 @@ def count_step_ops():
 
     def counted_launch(kernel, blocks, *args):
         counts["numba-cuda kernel"] += 1
+        if kernel in normalizing:  # in the simulator: ~10 minutes at the bench's sizes
+            return normalizing[kernel](*args)
         return launch_on_payloads(kernel, blocks, *args)
+
+    def normalize_rows(x, y, denom, clamped, eps):  # the kernel's body, by the reference
+        for out, ref in zip((y, denom, clamped), fake_cupy.on_host_l2_normalize_rows(x, eps)):
+            out._a[...] = ref._a
+
+    def normalize_rows_backward(y, dy, denom, clamped, dx):
+        dx._a[...] = fake_cupy.on_host_l2_normalize_rows_backward(y, dy, denom, clamped)._a
+
+    normalizing = {kernels._normalize_kernel(t): normalize_rows for t in (np.float32, np.float64)}
+    normalizing.update({kernels._normalize_backward_kernel(t): normalize_rows_backward
+                        for t in (np.float32, np.float64)})
 
     def counted(label, method):  # a launch that does not go through fake_cupy._call
         def run(*args, **kwargs):
@@ -188,7 +206,7 @@ def main(argv):
     what = argv or ["tests", "bench"]
     if "count" in what:
         return count_step_ops()
-    batch_norm_on_host()
+    block_kernels_on_host()
     status = 0
     if "tests" in what:
         status |= pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests")])

@@ -71,6 +71,12 @@ def device_module(kind, monkeypatch):
         return require_cupy()
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    # l2_normalize (the mechanisms, the memory bank) dispatches device rows to a CUDA kernel:
+    # here its reference on the host (tests/test_cuda_sim.py runs the kernel itself)
+    from refmoco.kernels import cuda as kernels
+
+    monkeypatch.setattr(kernels, "l2_normalize_rows", on_host_l2_normalize_rows)
+    monkeypatch.setattr(kernels, "l2_normalize_rows_backward", on_host_l2_normalize_rows_backward)
     return fake
 
 
@@ -319,6 +325,24 @@ def on_host_momentum_update(real, target, source, momentum, *, backend=None):
         return real(target, source, momentum, backend=backend)
     real(target._a, source._a, momentum, backend="numpy")  # in place, on the shared payload
     return target
+
+
+def on_host_l2_normalize_rows(x, eps):
+    """The CUDA row normalisation (``refmoco.kernels.cuda.l2_normalize_rows``) on the fake: the
+    reference's arithmetic on the payload, with its per-row denominator and clamp."""
+    from refmoco.losses.normalize import l2_norm
+
+    norm = l2_norm(x._a, -1, np)[:, 0]
+    clamped = norm < eps
+    denom = np.where(clamped, x.dtype.type(eps), norm)
+    return _wrap(x._a / denom[:, None]), _wrap(denom), _wrap(clamped)
+
+
+def on_host_l2_normalize_rows_backward(y, dy, denom, clamped):
+    """Its backward on the fake: the reference's arithmetic on the payloads."""
+    radial = (y._a * dy._a).sum(axis=1, keepdims=True)
+    c, d = clamped._a[:, None], denom._a[:, None]
+    return _wrap(np.where(c, dy._a, dy._a - y._a * radial) / d)
 
 
 def on_host_sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_step):

@@ -67,6 +67,8 @@ def run_kernels(cupy, kernels, host, *, with_cublas=True):
     out.append(d["target"])
     kernels.sgd_step(d["p"], d["g"], d["buf"], 0.1, 0.9, 0.0, 5e-4, True, False)
     out += [d["p"], d["buf"]]
+    y, denom, clamped = kernels.l2_normalize_rows(d["q"] * 1e-13, 1e-12)  # a clamped row or more
+    out += [y, denom, clamped, kernels.l2_normalize_rows_backward(y, d["k"], denom, clamped)]
     out.append(kernels.im2col(d["x_nhwc"], 3, 3, 2, 1, 4, 4))
     out.append(kernels.col2im(d["dcols"], 7, 7, 2, 1))
     for train in (True, False):

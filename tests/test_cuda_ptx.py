@@ -79,6 +79,19 @@ def lerp_args(dtype, size=7):
     return np.zeros(size, dtype), np.zeros(size, dtype), t(0.99), t(1.0 - 0.99)
 
 
+def normalize_args(dtype, n=3, c=5):
+    """What ``l2_normalize_rows`` passes: x, y, the denominators, the clamps, eps."""
+    t = np.dtype(dtype).type
+    return (np.zeros((n, c), dtype), np.zeros((n, c), dtype), np.zeros(n, dtype),
+            np.zeros(n, np.bool_), t(1e-12))
+
+
+def normalize_backward_args(dtype, n=3, c=5):
+    """What ``l2_normalize_rows_backward`` passes: y, dy, the denominators, the clamps, dx."""
+    rows = np.zeros((n, c), dtype)
+    return rows, rows, np.zeros(n, dtype), np.zeros(n, np.bool_), rows
+
+
 def sgd_args(dtype, size=7):
     """What ``sgd_step`` passes: p, g, the momentum buffer, lr, momentum, 1 - dampening, weight
     decay, whether it is nonzero, nesterov, first_step."""
@@ -117,6 +130,9 @@ def all_kernels(kernels, dtype):
     return [("xent", ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))),
             ("lerp", ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype))),
             ("sgd", ptx_of(kernels._sgd_kernel(dtype), *sgd_args(dtype))),
+            ("normalize", ptx_of(kernels._normalize_kernel(dtype), *normalize_args(dtype))),
+            ("normalize_backward", ptx_of(kernels._normalize_backward_kernel(dtype),
+                                          *normalize_backward_args(dtype))),
             ("im2col", ptx_of(kernels._im2col_kernel, *im2col_args(dtype))),
             ("col2im", ptx_of(kernels._col2im_kernel, *col2im_args(dtype)))]
 
@@ -137,9 +153,10 @@ def float_arithmetic(ptx, width):
 def test_kernels_compile_for_the_gpu(kernels, dtype):
     ptx = dict(all_kernels(kernels, dtype))
     assert all(".entry" in code for code in ptx.values())
-    assert "bar.sync" in ptx["xent"]  # the block's reductions synchronise
     width = 32 if dtype == np.float32 else 64
-    for name in ("xent", "lerp", "sgd", "col2im"):  # im2col only copies
+    for name in ("xent", "normalize", "normalize_backward"):  # block reductions synchronise
+        assert "bar.sync" in ptx[name], name
+    for name in ("xent", "lerp", "sgd", "normalize", "normalize_backward", "col2im"):
         assert float_arithmetic(ptx[name], width), name
 
 
@@ -262,6 +279,9 @@ def every_launch(kernels, dtype):
     return [("xent", kernels._xent_kernel(dtype), xent_args(dtype)),
             ("lerp", kernels._lerp_kernel(dtype), lerp_args(dtype)),
             ("sgd", kernels._sgd_kernel(dtype), sgd_args(dtype)),
+            ("normalize", kernels._normalize_kernel(dtype), normalize_args(dtype)),
+            ("normalize_backward", kernels._normalize_backward_kernel(dtype),
+             normalize_backward_args(dtype)),
             ("sgd, no momentum", kernels._sgd_kernel(dtype),
              sgd_args(dtype)[:2] + (np.zeros(0, dtype),) + sgd_args(dtype)[3:]),
             ("im2col", kernels._im2col_kernel, im2col_args(dtype)),

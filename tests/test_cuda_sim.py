@@ -82,6 +82,53 @@ def child() -> None:
         conv_cases(rng, dtype)
         bn_cases(rng, dtype)
         sgd_cases(rng, dtype)
+        normalize_cases(rng, dtype)
+
+
+# (rows, columns): rows beyond 3 blocks, columns beyond 4 threads, one column
+NORMALIZE_SHAPES = [(1, 1), (5, 3), (7, 9), (4, 1)]
+NORMALIZE_TOL = {"float64": 1e-13, "float32": 1e-5}  # relative to the size of the terms
+
+
+def normalize_cases(rng, dtype) -> None:
+    """The row normalisation kernels against :func:`refmoco.l2_normalize` in the same dtype:
+    ordinary rows, a zero row and a row below ``eps`` (both clamped), a row of huge entries
+    (squares that overflow without the scaled norm) and one of tiny ones (squares that
+    underflow), also through a strided view; the gradient too."""
+    import refmoco
+    from refmoco.kernels import cuda as kernels
+
+    big = 1e30 if dtype == "float32" else 1e200
+    for n, c in NORMALIZE_SHAPES:
+        wide = rng.standard_normal((n, 2 * c))
+        wide[0] = 0.0  # clamped: y = 0, dx = dy / eps
+        if n > 2:
+            wide[1] *= big
+            wide[2] *= 1 / big
+        if n > 3:
+            wide[3] *= 1e-14  # a norm below eps = 1e-12: clamped, not zero
+        if n > 4:
+            wide[4] = 0.0
+            wide[4, 0] = 1e-12  # a norm of eps exactly: not clamped (torch's clamp_min)
+        for layout in ("C", "strided"):
+            x = (wide[:, ::2] if layout == "strided" else wide[:, :c]).astype(dtype)
+            if layout == "strided":
+                x = np.repeat(x, 2, axis=1)[:, ::2]  # the same rows, a strided view
+            dy = rng.standard_normal((n, c)).astype(dtype)
+            y_ref, backward = refmoco.l2_normalize(x)
+            dx_ref = backward(dy)
+            y, denom, clamped = kernels.l2_normalize_rows(x, 1e-12)
+            dx = kernels.l2_normalize_rows_backward(y, dy, denom, clamped)
+            # dx: each term is at most |dy| (1 + |y|^2) / denom, and denom is at least eps
+            eps = float(np.dtype(dtype).type(1e-12))  # as the kernel and the reference see it
+            norms = np.maximum(np.linalg.norm(x.astype(np.float64), axis=1), eps)
+            d_scale = float(np.max(2 * np.abs(dy).max(axis=1) / norms))
+            case = f"normalize {dtype} x={x.shape} {layout}"
+            tol = NORMALIZE_TOL[dtype]
+            report(case, "y", y, y_ref, tol, y.dtype == dtype and y.shape == x.shape)
+            report(case, "dx", dx, dx_ref, tol * d_scale, dx.dtype == dtype)
+            exact = np.linalg.norm(x.astype(np.float64), axis=1)
+            report(case, "clamped", clamped, exact < eps, 0.0, clamped.dtype == np.bool_)
 
 
 # (momentum, dampening, weight_decay, nesterov): plain, heavy-ball, dampened, Nesterov, decay only
@@ -231,6 +278,13 @@ def test_batch_norm_kernels_match_the_reference(results):
     assert len({r["case"] for r in bn}) == 2 * 2 * len(BN_SHAPES)  # two dtypes, train and eval
     assert len(bn) == 8 * 2 * 2 * len(BN_SHAPES)  # y, x_hat, inv_std, running stats, 3 grads
     bad = [r for r in bn if not (r["ok"] and r["over"] <= 0)]
+    assert not bad, bad[:5]
+
+
+def test_normalize_kernels_match_the_reference(results):
+    rows = [r for r in results if r["case"].startswith("normalize")]
+    assert len(rows) == 3 * 2 * 2 * len(NORMALIZE_SHAPES)  # y, dx, clamped; dtypes; layouts
+    bad = [r for r in rows if not (r["ok"] and r["over"] <= 0)]
     assert not bad, bad[:5]
 
 

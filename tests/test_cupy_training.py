@@ -175,6 +175,40 @@ def test_sgd_on_the_device_dispatches_to_its_kernel_only_where_it_fits(dtype, mo
         np.testing.assert_array_equal(to_numpy(dev.momentum_buffer), ref.momentum_buffer)
 
 
+@pytest.mark.parametrize("shape, axis, dtype, kernel", [
+    ((5, 4), -1, "float32", True), ((5, 4), 1, "float64", True),
+    ((5, 4), 0, "float32", False), ((2, 3, 4), -1, "float32", False),
+    ((5, 4), -1, "float16", True),  # computed in float32, as every float16 argument
+    ((0, 4), -1, "float32", False),
+])
+def test_l2_normalize_on_the_device_dispatches_rows_to_its_kernel(shape, axis, dtype, kernel,
+                                                                  monkeypatch):
+    """The rows of a non-empty 2-d float device array take the CUDA normalisation kernels,
+    forward and backward (float16 is computed in float32, by the kernels as by the reference);
+    any other axis or rank, or an empty array, the reference's CuPy code. On the stand-in (kernels replaced by the reference on the host) both give the
+    NumPy reference's values, bitwise; tests/test_cuda_sim.py runs the kernels themselves."""
+    import refmoco
+    from refmoco.kernels import cuda as kernels
+
+    xp = fake_device(monkeypatch)
+    calls = []
+    forward, backward = kernels.l2_normalize_rows, kernels.l2_normalize_rows_backward
+    monkeypatch.setattr(kernels, "l2_normalize_rows",
+                        lambda *a: calls.append("forward") or forward(*a))
+    monkeypatch.setattr(kernels, "l2_normalize_rows_backward",
+                        lambda *a: calls.append("backward") or backward(*a))
+    rng = np.random.default_rng(0)
+    x, dy = (rng.normal(size=shape).astype(dtype) for _ in range(2))
+    y_ref, back_ref = refmoco.l2_normalize(x, axis=axis)
+    y, back = refmoco.l2_normalize(xp.asarray(x), axis=axis)
+    dx = back(xp.asarray(dy))
+    assert calls == (["forward", "backward"] if kernel else [])
+    np.testing.assert_array_equal(to_numpy(y), y_ref)
+    np.testing.assert_array_equal(to_numpy(dx), back_ref(dy))
+    assert to_numpy(y).dtype == y_ref.dtype == np.dtype("float64" if dtype == "float64"
+                                                        else "float32")
+
+
 # -- host-only checks of the transfer logic ---------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._checks import check_positive, check_same_device, check_same_dtype
-from ..backend import float_array, resolve
+from ..backend import KERNEL_DTYPES, float_array, resolve
 
 
 def l2_norm(x, axis, xp):
@@ -62,10 +62,16 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
     xp = be.xp
     x = float_array(x, "x")
     eps = check_positive(eps, "eps")
-    norm = l2_norm(x, axis, xp)  # ||x||, keepdims
-    clamped = norm < eps  # torch's clamp_min passes the gradient through at norm == eps
-    denom = xp.where(clamped, x.dtype.type(eps), norm)
-    y = x / denom
+    # on the GPU, the rows of a 2-d array (the features) take one CUDA kernel each way
+    rows = (be.name == "cupy" and x.ndim == 2 and axis in (1, -1) and x.size > 0
+            and x.dtype in KERNEL_DTYPES)
+    if rows:
+        y, denom, clamped = be.kernels.l2_normalize_rows(x, eps)  # per row, as below
+    else:
+        norm = l2_norm(x, axis, xp)  # ||x||, keepdims
+        clamped = norm < eps  # torch's clamp_min passes the gradient through at norm == eps
+        denom = xp.where(clamped, x.dtype.type(eps), norm)
+        y = x / denom
 
     def backward(dy):
         check_same_device(dy, "dy", be.name == "cupy", "x")
@@ -73,6 +79,8 @@ def l2_normalize(x, *, axis=-1, eps=1e-12) -> tuple[Any, Callable[[Any], Any]]:
         check_same_dtype({"x": x, "dy": dy})
         if dy.shape != y.shape:
             raise ValueError(f"dy: expected shape {tuple(y.shape)}, got {tuple(dy.shape)}")
+        if rows:
+            return be.kernels.l2_normalize_rows_backward(y, dy, denom, clamped)
         radial = (y * dy).sum(axis=axis, keepdims=True)
         return xp.where(clamped, dy, dy - y * radial) / denom
 
