@@ -115,6 +115,16 @@ def cuda_jit(fn):
     return cuda.jit(fn, cache=False, **CUDA_OPTIONS)
 
 
+def cuda_device(fn):
+    """A CUDA device function with refmoco's options, inlined into each kernel that calls it at
+    Numba's IR level, so it compiles with the kernel, for the kernel's compute capability. A
+    device function compiled on its own asks the CUDA driver for the current device, and the
+    PTX tests (tests/test_cuda_ptx.py) compile every kernel where there is none."""
+    from numba import cuda
+
+    return cuda.jit(fn, device=True, inline="always", cache=False, **CUDA_OPTIONS)
+
+
 @intrinsic
 def bits_to_float(typingctx, bits):
     """Reinterpret the bits of an int32 as a float32 (int64 as float64); vectorises."""

@@ -67,7 +67,7 @@ if not hasattr(np, "row_stack"):
 from numba import cuda  # noqa: E402
 
 from ..backend import KERNEL_DTYPES, namespace_of
-from ._jit import CUDA_OPTIONS, cuda_jit
+from ._jit import CUDA_OPTIONS, cuda_device, cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 THREADS = 4 if SIMULATOR else 256  # threads per block; a power of two (tree reductions)
@@ -262,6 +262,42 @@ def _check_dtype(dtype):
         raise TypeError(f"backend='cupy' computes in float32 or float64, got dtype {dtype}")
 
 
+# -- block reductions ----------------------------------------------------------------------------
+# Each returns to every thread of the block the reduction of one value per thread: a tree over
+# the shared array ``sh`` (THREADS entries), in the same order every time. ``sh`` may be written
+# again on return (everyone has read the result by then).
+
+
+@cuda_device
+def _block_max(sh, tid, value):
+    sh[tid] = value
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step and sh[tid + step] > sh[tid]:
+            sh[tid] = sh[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    out = sh[0]
+    cuda.syncthreads()
+    return out
+
+
+@cuda_device
+def _block_sum(sh, tid, value):
+    sh[tid] = value
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            sh[tid] += sh[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    out = sh[0]
+    cuda.syncthreads()
+    return out
+
+
 # -- InfoNCE with a shared queue ----------------------------------------------------------------
 
 
@@ -283,31 +319,13 @@ def _xent_kernel(dtype):
             for j in range(tid, l_neg.shape[1], THREADS):
                 v = l_neg[r, j]
                 mx = v if v > mx else mx
-            sh[tid] = mx
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step and sh[tid + step] > sh[tid]:
-                    sh[tid] = sh[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            mx = sh[0]
-            cuda.syncthreads()
+            mx = _block_max(sh, tid, mx)
             # 2. the sum of exp(x - max); thread 0 adds the positive
             total = math.exp(x0 - mx) if tid == 0 else nb_dtype(0.0)
             for j in range(tid, l_neg.shape[1], THREADS):
                 total += math.exp(l_neg[r, j] - mx)
-            sh[tid] = total
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step:
-                    sh[tid] += sh[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            log_s = math.log(sh[0])
+            log_s = math.log(_block_sum(sh, tid, total))  # everyone has read l_pos[r] by now
             lse = mx + log_s
-            cuda.syncthreads()  # everyone has read sh[0] and l_pos[r]
             # 3. the loss ((m - l_pos) first: exact when the positive is the maximum) and the
             # gradient of the logits
             if tid == 0:
@@ -368,31 +386,13 @@ def _normalize_kernel(dtype):
             for j in range(tid, x.shape[1], THREADS):
                 v = abs(x[r, j])
                 big = v if v > big else big
-            sh[tid] = big
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step and sh[tid + step] > sh[tid]:
-                    sh[tid] = sh[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            big = sh[0]
-            cuda.syncthreads()
+            big = _block_max(sh, tid, big)
             safe = big if big > nb_dtype(0.0) else nb_dtype(1.0)  # typed: no float64 compare
             total = nb_dtype(0.0)
             for j in range(tid, x.shape[1], THREADS):
                 v = x[r, j] / safe
                 total += v * v
-            sh[tid] = total
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step:
-                    sh[tid] += sh[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            norm = big * math.sqrt(sh[0])
-            cuda.syncthreads()  # everyone has read sh[0]: the next row may write it
+            norm = big * math.sqrt(_block_sum(sh, tid, total))
             below = norm < eps  # torch's clamp_min: the gradient passes at norm == eps
             d = eps if below else norm
             if tid == 0:
@@ -417,16 +417,7 @@ def _normalize_backward_kernel(dtype):
             total = nb_dtype(0.0)
             for j in range(tid, y.shape[1], THREADS):
                 total += y[r, j] * dy[r, j]
-            sh[tid] = total
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step:
-                    sh[tid] += sh[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            radial = sh[0]
-            cuda.syncthreads()
+            radial = _block_sum(sh, tid, total)
             d, below = denom[r], clamped[r]
             for j in range(tid, y.shape[1], THREADS):
                 g = dy[r, j]
@@ -634,9 +625,6 @@ def col2im(dcols, h, w, s, p):
 
 
 # -- batch norm ---------------------------------------------------------------------------------
-# The block reductions below are written out in each kernel, as in the softmax kernel: numba-cuda
-# (0.30) compiles a device function, or a register_jitable one, only with a CUDA driver present,
-# and tests/test_cuda_ptx.py compiles every kernel without one (CI has no GPU).
 
 
 @functools.cache
@@ -659,19 +647,10 @@ def _bn_forward_kernel(dtype):
                     for r in range(tid, m, THREADS):
                         d = x[r, c] - mean64  # x itself in the first phase
                         acc += d if phase == 0 else d * d
-                    sh[tid] = acc
-                    cuda.syncthreads()
-                    step = THREADS // 2
-                    while step > 0:
-                        if tid < step:
-                            sh[tid] += sh[tid + step]
-                        cuda.syncthreads()
-                        step //= 2
                     if phase == 0:
-                        mean64 = sh[0] / m
+                        mean64 = _block_sum(sh, tid, acc) / m
                     else:
-                        var64 = sh[0] / m
-                    cuda.syncthreads()  # everyone has read sh[0] before it is written again
+                        var64 = _block_sum(sh, tid, acc) / m
                 mean, var = cast(mean64), cast(var64)
                 if tid == 0:  # running = running * (1 - rate) + rate * stat (unbiased var)
                     running_mean[c] = running_mean[c] * keep + rate * mean
@@ -697,8 +676,7 @@ def _bn_backward_kernel(dtype):
     cast, f64 = numba.from_dtype(np.dtype(dtype)), numba.float64
 
     def bn_backward(dy, x_hat, gamma, inv_std, dx, dgamma, dbeta, train):
-        sh_g = cuda.shared.array(THREADS, numba.float64)
-        sh_b = cuda.shared.array(THREADS, numba.float64)
+        sh = cuda.shared.array(THREADS, numba.float64)
         tid = cuda.threadIdx.x
         m = dy.shape[0]
         for c in range(cuda.blockIdx.x, dy.shape[1], cuda.gridDim.x):
@@ -707,18 +685,7 @@ def _bn_backward_kernel(dtype):
             for r in range(tid, m, THREADS):
                 sg += dy[r, c] * x_hat[r, c]
                 sb += dy[r, c]
-            sh_g[tid] = sg
-            sh_b[tid] = sb
-            cuda.syncthreads()
-            step = THREADS // 2
-            while step > 0:
-                if tid < step:
-                    sh_g[tid] += sh_g[tid + step]
-                    sh_b[tid] += sh_b[tid + step]
-                cuda.syncthreads()
-                step //= 2
-            sg, sb = sh_g[0], sh_b[0]
-            cuda.syncthreads()  # everyone has read them before the next channel writes
+            sg, sb = _block_sum(sh, tid, sg), _block_sum(sh, tid, sb)
             if tid == 0:
                 dgamma[c] = cast(sg)
                 dbeta[c] = cast(sb)
