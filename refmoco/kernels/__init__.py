@@ -14,3 +14,14 @@ Both modules expose the same functions, called from one visible branch in the re
 
 ``refmoco.backend`` imports them on first use: this package imports neither Numba nor CuPy.
 """
+
+
+def check_sgd_buffers(p, g, buf, momentum) -> None:
+    """What both ``sgd_step`` kernels require of their buffers: ``p``, ``g`` and ``buf`` (the
+    momentum buffer; ``None`` allowed without momentum) contiguous, of ``p``'s dtype and shape."""
+    for name, a in (("p", p), ("g", g), ("buf", buf)):
+        if a is not None and not (a.flags.c_contiguous and a.dtype == p.dtype
+                                  and a.shape == p.shape):
+            raise ValueError(f"{name}: expected a contiguous {p.dtype} array of shape {p.shape}")
+    if momentum and buf is None:
+        raise ValueError("buf: a momentum buffer is required when momentum > 0")

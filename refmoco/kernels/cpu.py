@@ -35,6 +35,7 @@ import math
 import numpy as np
 
 from ..backend import KERNEL_DTYPES
+from . import check_sgd_buffers
 from ._jit import bits_to_float, fma, jit, run_parts
 
 # -- exp(x) for x <= 0 (softmax weights): Cody-Waite range reduction and a polynomial -------------
@@ -297,12 +298,8 @@ def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_s
     dtype = p.dtype
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"p: the SGD kernel computes in float32 or float64, got dtype {dtype}")
-    for name, a in (("p", p), ("g", g), ("buf", buf)):
-        if a is not None and not (a.flags.c_contiguous and a.dtype == dtype and a.shape == p.shape):
-            raise ValueError(f"{name}: expected a contiguous {dtype} array of shape {p.shape}")
+    check_sgd_buffers(p, g, buf, momentum)
     if buf is None:
-        if momentum:
-            raise ValueError("buf: a momentum buffer is required when momentum > 0")
         buf = np.empty(0, dtype)
     typed = dtype.type
     run_parts(_sgd, (p.reshape(-1), g.reshape(-1), buf.reshape(-1)),

@@ -67,6 +67,7 @@ if not hasattr(np, "row_stack"):
 from numba import cuda  # noqa: E402
 
 from ..backend import KERNEL_DTYPES, namespace_of
+from . import check_sgd_buffers
 from ._jit import CUDA_OPTIONS, cuda_device, cuda_jit
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -540,11 +541,7 @@ def sgd_step(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first_s
     xp = namespace_of(p)
     dtype = p.dtype
     _check_dtype(dtype)
-    for name, a in (("p", p), ("g", g), ("buf", buf)):
-        if a is not None and not (a.flags.c_contiguous and a.dtype == dtype and a.shape == p.shape):
-            raise ValueError(f"{name}: expected a contiguous {dtype} array of shape {p.shape}")
-    if momentum and buf is None:
-        raise ValueError("buf: a momentum buffer is required when momentum > 0")
+    check_sgd_buffers(p, g, buf, momentum)
     if not momentum:
         buf = xp.empty(0, dtype)  # none: the kernel reads its emptiness as momentum == 0
     if p.size:
