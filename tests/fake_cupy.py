@@ -385,10 +385,12 @@ def on_host_batch_norm_forward(x, gamma, beta, running_mean, running_var, *, tra
                                     gamma=_wrap(cache.gamma), backend="cupy")
 
 
-def on_host_batch_norm_backward(dy, cache):
-    """The CUDA batch-norm backward on the fake: the reference on the payloads."""
+def on_host_batch_norm_backward(dy, cache, out=None):
+    """The CUDA batch-norm backward on the fake: the reference on the payloads (``out``:
+    device arrays, written through their payloads)."""
     from refmoco.nn import functional as F
 
     host = cache._replace(x_hat=cache.x_hat._a, inv_std=cache.inv_std._a, gamma=cache.gamma._a,
                           backend="numpy")
-    return tuple(_wrap(g) for g in F.batch_norm_backward(dy._a, host))
+    out = None if out is None else tuple(a._a for a in out)
+    return tuple(_wrap(g) for g in F.batch_norm_backward(dy._a, host, out))

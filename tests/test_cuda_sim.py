@@ -207,6 +207,13 @@ def bn_cases(rng, dtype) -> None:
             for name, (got, want) in results.items():
                 report(case, name, got, want, BN_TOL[dtype] * scales[name],
                        got.dtype == dtype and got.shape == want.shape)
+            # into given arrays (a model's gradient buffer): NaN before, the same bits after
+            flat = np.full(2 * c + 1, np.nan, dtype)
+            out = flat[1:c + 1], flat[c + 1:]
+            into = kernels.batch_norm_backward(dy, cache, out)
+            for name, got, want, target in zip(("dgamma into", "dbeta into"), into[1:], grads[1:],
+                                               out, strict=True):
+                report(case, name, got, want, 0.0, got is target)
 
 
 def conv_cases(rng, dtype) -> None:
@@ -276,7 +283,8 @@ def test_conv_kernels_are_bitwise_the_reference(results):
 def test_batch_norm_kernels_match_the_reference(results):
     bn = [r for r in results if r["case"].startswith("batch_norm")]
     assert len({r["case"] for r in bn}) == 2 * 2 * len(BN_SHAPES)  # two dtypes, train and eval
-    assert len(bn) == 8 * 2 * 2 * len(BN_SHAPES)  # y, x_hat, inv_std, running stats, 3 grads
+    # y, x_hat, inv_std, running stats, 3 gradients, 2 of them again into given arrays
+    assert len(bn) == 10 * 2 * 2 * len(BN_SHAPES)
     bad = [r for r in bn if not (r["ok"] and r["over"] <= 0)]
     assert not bad, bad[:5]
 

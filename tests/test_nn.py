@@ -3,6 +3,7 @@
 import copy
 import pickle
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -19,7 +20,9 @@ from refmoco.nn import (
     Flatten,
     GlobalAvgPool2d,
     L2Normalize,
+    Layer,
     Linear,
+    Model,
     ReLU,
     Sequential,
     cnn_encoder,
@@ -316,6 +319,81 @@ def test_backward_writes_or_accumulates_into_grads():
         model.backward(params, c1, u1[:, :3])
     with pytest.raises(ValueError, match="grads"):
         model.backward(params, c1, u1, grads=FlatParams({"a": (3,)}, "float64"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_gradients_computed_into_grads_are_the_new_arrays_bitwise(kind, dtype, backend):
+    """With ``grads=`` (no accumulation) the layers compute their gradients straight into its
+    views; every entry is overwritten (NaN before) with the bits the copying path gives, and
+    ``dx`` is the same."""
+    pytest.importorskip("numba") if backend == "numba" else None
+    rng = np.random.default_rng(5)
+    if kind == "mlp":
+        model, x = mlp_encoder(12, 7, 6, 5), rng.standard_normal((5, 3, 4))
+    else:  # conv with and without bias, BatchNorm2d, pooling, the head's linears
+        model, x = cnn_encoder(2, (3, 4), 5), rng.standard_normal((3, 2, 5, 5))
+    params, buffers = model.init(rng, dtype)
+    x = x.astype(dtype)
+    z, h, cache = model.forward_features(params, buffers, x, train=True, backend=backend)
+    u, w = rng.standard_normal(z.shape).astype(dtype), rng.standard_normal(h.shape).astype(dtype)
+    dx_new, new = model.backward_features(params, cache, u, w)
+    grads = params.zeros_like()
+    grads.flat[...] = np.nan
+    dx, out = model.backward_features(params, cache, u, w, grads=grads)
+    assert out is grads and grads.flat.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(grads.flat, new.flat)
+    np.testing.assert_array_equal(dx, dx_new)
+    grads.flat[...] = np.nan  # Model.backward, through the whole Sequential
+    _, out = Model.backward(model, params, cache, u, grads=grads)
+    np.testing.assert_array_equal(grads.flat, model.backward(params, cache, u)[1].flat)
+
+
+@dataclass(frozen=True)
+class _Scale(Layer):
+    """``y = a x`` for a learned scalar ``a``: a layer that defines ``backward`` only."""
+
+    def param_shapes(self):
+        return {"a": ()}
+
+    def init_params(self, rng, dtype="float32"):
+        return {"a": np.ones((), dtype)}
+
+    def forward(self, params, buffers, x, *, train=False, backend=None):
+        return params["a"] * x, x
+
+    def backward(self, params, cache, dy):
+        return params["a"] * dy, {"a": np.sum(dy * cache)}
+
+
+def test_a_layer_without_backward_into_has_its_gradients_copied():
+    model = Model(Sequential(Linear(3, 2), _Scale()))
+    rng = np.random.default_rng(0)
+    params, buffers = model.init(rng, "float64")
+    params["1.a"][...] = 1.5
+    x, u = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    y, cache = model.forward(params, buffers, x, train=True)
+    grads = params.zeros_like()
+    grads.flat[...] = np.nan
+    dx, _ = model.backward(params, cache, u, grads=grads)
+    w, b = params["0.weight"], params["0.bias"]  # the gradients written out by hand
+    np.testing.assert_allclose(grads["1.a"], np.sum(u * (x @ w.T + b)), rtol=1e-14)
+    np.testing.assert_allclose(grads["0.weight"], (1.5 * u).T @ x, rtol=1e-14)
+    np.testing.assert_allclose(grads["0.bias"], (1.5 * u).sum(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(dx, 1.5 * u @ w, rtol=1e-14)
+
+
+def test_grads_sharing_the_parameters_buffer_is_refused_before_anything_is_written():
+    model = mlp_encoder(10, 8, 6, 4)
+    rng = np.random.default_rng(0)
+    params, buffers = model.init(rng, "float64")
+    z, cache = model.forward(params, buffers, rng.standard_normal((5, 10)), train=True)
+    before = params.flat.copy()
+    for grads in (copy.copy(params), FlatParams(params.shapes, params.dtype, flat=params.flat)):
+        with pytest.raises(ValueError, match="grads: shares memory with params"):
+            model.backward(params, cache, np.ones_like(z), grads=grads)
+    np.testing.assert_array_equal(params.flat, before)
 
 
 def test_batch_norm_train_needs_two_values_and_eval_uses_running_stats():

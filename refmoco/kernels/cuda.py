@@ -729,9 +729,10 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     return F.from_channel_rows(y, x.shape), cache
 
 
-def batch_norm_backward(dy, cache):
-    """As :func:`refmoco.nn.functional.batch_norm_backward` (for arrays that :func:`fits`), in
-    one launch. In evaluation ``dx = (dy gamma) inv_std``, without reading ``x_hat``."""
+def batch_norm_backward(dy, cache, out=None):
+    """As :func:`refmoco.nn.functional.batch_norm_backward` (for arrays that :func:`fits`;
+    ``out`` too), in one launch. In evaluation ``dx = (dy gamma) inv_std``, without reading
+    ``x_hat``."""
     from ..nn import functional as F
 
     xp = namespace_of(dy)
@@ -739,7 +740,7 @@ def batch_norm_backward(dy, cache):
     dy2, x_hat2 = F.channel_rows(dy), F.channel_rows(x_hat)
     ch = dy2.shape[1]
     dx = xp.empty_like(dy2)
-    dgamma, dbeta = xp.empty(ch, dy.dtype), xp.empty(ch, dy.dtype)
+    dgamma, dbeta = (xp.empty(ch, dy.dtype), xp.empty(ch, dy.dtype)) if out is None else out
     if ch:
         _launch(_bn_backward_kernel(dy.dtype.type), min(ch, MAX_BLOCKS), dy2, x_hat2,
                 g.reshape(-1), inv_std.reshape(-1), dx, dgamma, dbeta, bool(train))

@@ -193,14 +193,14 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     return F.from_channel_rows(y, x.shape), cache
 
 
-def batch_norm_backward(dy, cache):
-    """As :func:`refmoco.nn.functional.batch_norm_backward`.
+def batch_norm_backward(dy, cache, out=None):
+    """As :func:`refmoco.nn.functional.batch_norm_backward` (``out`` too).
 
     In evaluation ``dx = (dy gamma) inv_std``, the reference's products in its order (bitwise
     equal), without reading ``x_hat``: a NaN or infinite input does not reach ``dx``."""
     x_hat, inv_std, g, train, _ = cache
     if not _fits(dy, x_hat, inv_std, g):
-        return F.batch_norm_backward(dy, cache._replace(backend="numpy"))
+        return F.batch_norm_backward(dy, cache._replace(backend="numpy"), out)
     dtype = dy.dtype
     dy2, x_hat2 = F.channel_rows(dy), F.channel_rows(x_hat)
     m = dy2.shape[0]
@@ -213,7 +213,11 @@ def batch_norm_backward(dy, cache):
     else:  # constants: dx = gamma inv_std dy
         dx = dy2 * g.reshape(-1)
         dx *= inv_std.reshape(-1)
-    return F.from_channel_rows(dx, dy.shape), dgamma64.astype(dtype), dbeta64.astype(dtype)
+    if out is None:
+        return F.from_channel_rows(dx, dy.shape), dgamma64.astype(dtype), dbeta64.astype(dtype)
+    dgamma, dbeta = out
+    dgamma[...], dbeta[...] = dgamma64, dbeta64  # rounded to their dtype, as astype does
+    return F.from_channel_rows(dx, dy.shape), dgamma, dbeta
 
 
 # -- ReLU -----------------------------------------------------------------------------------------

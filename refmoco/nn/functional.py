@@ -64,13 +64,27 @@ def linear_forward(x, w, b=None):
     return y, LinearCache(x, w)
 
 
-def linear_backward(dy, cache):
-    """Gradients ``(dx, dw, db)`` of :func:`linear_forward`; ``db`` has shape (out,)."""
+def linear_backward(dy, cache, out=None):
+    """Gradients ``(dx, dw, db)`` of :func:`linear_forward`; ``db`` has shape (out,).
+
+    ``out``: optional ``(dw, db)``, arrays of their shapes and dtype to compute the parameter
+    gradients into (and return); ``db`` may be None.
+    """
     x, w = cache
+    dw_out, db_out = (None, None) if out is None else out
     dx = dy @ w  # (N, in)
-    dw = dy.T @ x  # (out, in)
-    db = dy.sum(axis=0)  # (out,)
+    dw = namespace_of(dy).matmul(dy.T, x, out=dw_out)  # (out, in)
+    db = dy.sum(axis=0, out=db_out)  # (out,)
     return dx, dw, db
+
+
+def _into(out, a):
+    """``a`` copied into ``out`` (and returned), or as a C-contiguous array when ``out`` is
+    None (a copy only if it is not contiguous)."""
+    if out is None:
+        return namespace_of(a).ascontiguousarray(a)
+    out[...] = a
+    return out
 
 
 # ------------------------------------------------------------------------------------ conv2d
@@ -197,21 +211,23 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     return y, Conv2dCache(cols, w_mat, w.shape, x.shape, s, p, backend)
 
 
-def conv2d_backward(dy, cache):
+def conv2d_backward(dy, cache, out=None):
     """Gradients ``(dx, dw, db)`` of :func:`conv2d_forward`; ``db`` has shape (O,).
 
-    ``dx`` has channels-last memory, as the forward's output.
+    ``dx`` has channels-last memory, as the forward's output. ``out``: optional ``(dw, db)``,
+    arrays of their shapes and dtype to write the parameter gradients into (and return); ``db``
+    may be None.
     """
     _, col2im = _gather_scatter(cache.backend)
-    xp = namespace_of(dy)
     cols, w_mat, (O, _, kh, kw), (N, C, H, W), s, p, _ = cache
+    dw_out, db_out = (None, None) if out is None else out
     Ho, Wo = dy.shape[2], dy.shape[3]
     dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # (N*Ho*Wo, O)
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
-    db = dy_mat.sum(axis=0)  # (O,)
+    db = dy_mat.sum(axis=0, out=db_out)  # (O,)
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
     dx = col2im(dcols, H, W, s, p).transpose(0, 3, 1, 2)  # (N, C, H, W)
-    return dx, xp.ascontiguousarray(dw), db
+    return dx, _into(dw_out, dw), db
 
 
 # ------------------------------------------------------------------------------------ relu
@@ -360,8 +376,11 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     return y, BatchNormCache(x_hat, inv_std, g, train, backend)
 
 
-def batch_norm_backward(dy, cache):
+def batch_norm_backward(dy, cache, out=None):
     r"""Gradients ``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward`.
+
+    ``out``: optional ``(dgamma, dbeta)``, arrays of shape (C,) and ``dy``'s dtype to compute
+    the parameter gradients into (and return).
 
     Notes
     -----
@@ -380,16 +399,17 @@ def batch_norm_backward(dy, cache):
     if cache.backend == "numba":
         from refmoco.kernels import nn_cpu
 
-        return nn_cpu.batch_norm_backward(dy, cache)
+        return nn_cpu.batch_norm_backward(dy, cache, out)
     if cache.backend == "cupy":
         from refmoco.kernels import cuda
 
         if dy.size and cuda.fits(dy, cache.x_hat, cache.inv_std, cache.gamma):  # as forward
-            return cuda.batch_norm_backward(dy, cache)
+            return cuda.batch_norm_backward(dy, cache, out)
     x_hat, inv_std, g, train, _ = cache
+    dgamma_out, dbeta_out = (None, None) if out is None else out
     axes = (0,) + tuple(range(2, dy.ndim))
-    dgamma = (dy * x_hat).sum(axis=axes)  # (C,)
-    dbeta = dy.sum(axis=axes)  # (C,)
+    dgamma = (dy * x_hat).sum(axis=axes, out=dgamma_out)  # (C,)
+    dbeta = dy.sum(axis=axes, out=dbeta_out)  # (C,)
     dx_hat = dy * g
     if not train:
         return dx_hat * inv_std, dgamma, dbeta

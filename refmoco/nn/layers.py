@@ -116,6 +116,25 @@ class Layer:
         """``(dx, grads)``: the input's gradient and ``{name: gradient}`` for every parameter."""
         raise NotImplementedError
 
+    def backward_into(self, params: Mapping, cache: Any, dy: np.ndarray, grads: Mapping):
+        """:meth:`backward`, the parameter gradients written into ``grads[name]`` (arrays of
+        the parameters' shapes and dtype: the named views of a FlatParams of gradients, say);
+        returns ``dx``.
+
+        This default copies what :meth:`backward` returns; the layers with parameters compute
+        their gradients into ``grads`` (no new arrays, no copies).
+        """
+        dx, g = self.backward(params, cache, dy)
+        for name, value in g.items():
+            grads[name][...] = value
+        return dx
+
+
+def _targets(grads: Mapping, bias: bool) -> tuple:
+    """``(weight's, bias's)`` arrays of ``grads`` to compute the gradients into (None: no bias;
+    the gradient of the bias then goes to a new array that nobody reads)."""
+    return grads["weight"], (grads["bias"] if bias else None)
+
 
 @dataclass(frozen=True)
 class Linear(Layer):
@@ -149,6 +168,9 @@ class Linear(Layer):
     def backward(self, params, cache, dy):
         dx, dw, db = F.linear_backward(dy, cache)
         return dx, ({"weight": dw, "bias": db} if self.bias else {"weight": dw})
+
+    def backward_into(self, params, cache, dy, grads):
+        return F.linear_backward(dy, cache, out=_targets(grads, self.bias))[0]
 
 
 @dataclass(frozen=True)
@@ -205,6 +227,9 @@ class Conv2d(Layer):
         dx, dw, db = F.conv2d_backward(dy, cache)
         return dx, ({"weight": dw, "bias": db} if self.bias else {"weight": dw})
 
+    def backward_into(self, params, cache, dy, grads):
+        return F.conv2d_backward(dy, cache, out=_targets(grads, self.bias))[0]
+
 
 @dataclass(frozen=True)
 class _BatchNorm(Layer):
@@ -251,6 +276,9 @@ class _BatchNorm(Layer):
     def backward(self, params, cache, dy):
         dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
         return dx, {"weight": dgamma, "bias": dbeta}
+
+    def backward_into(self, params, cache, dy, grads):
+        return F.batch_norm_backward(dy, cache, out=_targets(grads, True))[0]
 
 
 @dataclass(frozen=True)

@@ -240,10 +240,13 @@ class Model:
         dx : ndarray, shape of the input
         grads : FlatParams
         """
-        dtype = _params_dtype(params)
-        dout = self._check_grad(dout, "dout", cache.out_shape, dtype, _params_xp(params))
+        dtype, xp = _params_dtype(params), _params_xp(params)
+        dout = self._check_grad(dout, "dout", cache.out_shape, dtype, xp)
+        if grads is not None and not accumulate:  # computed where they belong (no copies)
+            self._check_grads(grads, dtype, xp, params)
+            return self.net.backward_into(params, cache.net, dout, grads), grads
         dx, g = self.net.backward(params, cache.net, dout)
-        return dx, self._write(g, grads, accumulate, dtype, _params_xp(params))
+        return dx, self._write(g, grads, dtype, xp)
 
     @staticmethod
     def _check_grad(d: Any, name: str, shape: tuple, dtype: np.dtype, xp) -> Any:
@@ -252,14 +255,14 @@ class Model:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(d.shape)}")
         return d
 
-    def _write(self, g: dict, grads: FlatParams | None, accumulate: bool, dtype,
-               xp) -> FlatParams:
-        shapes = self.param_shapes()
-        if grads is None:
-            return FlatParams.from_arrays({k: g[k] for k in shapes}, dtype)
+    def _check_grads(self, grads: Any, dtype, xp, params: Mapping | None = None) -> None:
+        """``grads`` must be a FlatParams of the model's layout and dtype, where the
+        parameters are, and, when ``params`` is given (the gradients are then written while
+        the parameters are still read), apart from the parameters. Checked before anything is
+        written into it."""
         if not (
             isinstance(grads, FlatParams)
-            and list(grads.shapes.items()) == list(shapes.items())
+            and list(grads.shapes.items()) == list(self.param_shapes().items())
             and (dtype is None or grads.dtype == dtype)
         ):
             raise ValueError(
@@ -268,12 +271,18 @@ class Model:
             )
         if xp is not None:
             check_device(grads.flat, "grads", xp)
+        if isinstance(params, FlatParams) and xp.may_share_memory(grads.flat, params.flat):
+            raise ValueError("grads: shares memory with params; expected a buffer of its own "
+                             "(params.zeros_like())")
+
+    def _write(self, g: dict, grads: FlatParams | None, dtype, xp) -> FlatParams:
+        """The gradients ``g`` in a new FlatParams, or added to ``grads`` (accumulation)."""
+        if grads is None:
+            return FlatParams.from_arrays({k: g[k] for k in self.param_shapes()}, dtype)
+        self._check_grads(grads, dtype, xp)
         for name, value in g.items():
             target = grads[name]  # a view of grads.flat
-            if accumulate:
-                target += value
-            else:
-                target[...] = value
+            target += value
         return grads
 
     # --- state dicts (PyTorch-compatible) ----------------------------------------------------
@@ -427,13 +436,21 @@ class Encoder(Model):
     def _backward(self, params, cache, dz, dh, grads, accumulate, dtype, xp):
         """:meth:`backward_features` of checked gradients (``dh`` may be None)."""
         c_backbone, c_head = cache.net
+        if grads is not None and not accumulate:  # computed where they belong (no copies)
+            self._check_grads(grads, dtype, xp, params)
+            dh_head = self.head.backward_into(Scoped(params, "head"), c_head, dz,
+                                              Scoped(grads, "head"))
+            if dh is not None:
+                dh_head = dh_head + dh
+            return self.backbone.backward_into(Scoped(params, "backbone"), c_backbone, dh_head,
+                                               Scoped(grads, "backbone")), grads
         dh_head, g_head = self.head.backward(Scoped(params, "head"), c_head, dz)
         if dh is not None:
             dh_head = dh_head + dh
         dx, g_backbone = self.backbone.backward(Scoped(params, "backbone"), c_backbone, dh_head)
         g = {f"backbone.{k}": v for k, v in g_backbone.items()}
         g.update({f"head.{k}": v for k, v in g_head.items()})
-        return dx, self._write(g, grads, accumulate, dtype, xp)
+        return dx, self._write(g, grads, dtype, xp)
 
 
 def _head(feature_dim: int, out_dim: int) -> Sequential:

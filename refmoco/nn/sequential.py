@@ -119,3 +119,8 @@ class Sequential(Layer):
             dy, g = layer.backward(Scoped(params, name), c, dy)
             grads.update({f"{name}.{k}": v for k, v in g.items()})
         return dy, grads
+
+    def backward_into(self, params, cache, dy, grads):
+        for (name, layer), c in reversed(list(zip(self.layers.items(), cache, strict=True))):
+            dy = layer.backward_into(Scoped(params, name), c, dy, Scoped(grads, name))
+        return dy
