@@ -19,7 +19,8 @@ tests/test_cuda_sim.py runs them).
 by name: each CuPy function, array method or operator call (in-place ones too), strided write
 (``setitem``), gather (indexing with an array), copy of a host array to the device (``asarray``)
 and Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
-does ``ascontiguousarray`` of an array that is contiguous already, nor ``may_share_memory`` (a
+does ``ascontiguousarray`` of an array that is contiguous already (nor ``reshape`` of one whose
+strides allow a view; a ``reshape`` that copies is counted apart), nor ``may_share_memory`` (a
 host-side bounds check); the total without them is what a GPU pays launches for
 (docs/benchmarks.md quotes it). The row normalisation's kernels are counted but their work is
 done by the reference on the host (in the simulator they take minutes at these sizes). It also
@@ -116,6 +117,13 @@ def count_step_ops():
             dtype = kwargs.get("dtype", args[1] if len(args) > 1 else None)
             if not (a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype)):
                 name = "ascontiguousarray (copies)"
+        if name == "reshape":  # a view, or a copy of an array that is not contiguous enough
+            source = getattr(f, "__self__", None)
+            source = source if isinstance(source, np.ndarray) else args[0]
+            source = source._a if isinstance(source, fake_cupy.FakeDeviceArray) else source
+            out = call(f, args, kwargs)
+            counts["reshape" if np.may_share_memory(out._a, source) else "reshape (copies)"] += 1
+            return out
         counts[name] += 1
         return call(f, args, kwargs)
 
