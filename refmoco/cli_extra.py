@@ -8,7 +8,9 @@ them on their own.
 Files written into ``--out``: ``cpc.json`` and ``cpc.png``; ``mi_bound.json`` and
 ``mi_bound.png`` (the staircase); ``moco_queue.json`` and ``moco_queue.png`` (MoCo's queues).
 A command refuses to start (``FileExistsError``, nothing created or changed) when a file it would
-write is already in ``--out``: an earlier run's results are never overwritten.
+write is already in ``--out``: an earlier run's results are never overwritten. It also refuses
+(``ValueError``, before any step) an ``--out`` that cannot be made or written: a file, a path
+below a file, a folder without write permission or on a read-only file system.
 
 ``HelpFormatter`` and ``non_negative_int`` are shared with ``refmoco train`` (``refmoco.cli``).
 """
@@ -22,7 +24,7 @@ import sys
 import time
 
 from ._checks import SEED_MAX
-from .train import refuse_existing  # the rule refmoco train follows too
+from .train import make_out, refuse_existing  # the rules refmoco train follows too
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -137,7 +139,8 @@ def add_cpc_parser(sub) -> argparse.ArgumentParser:
 def run_cpc_command(args) -> int:
     """Handler of ``refmoco cpc``: train, write ``cpc.json`` and ``cpc.png``, print a summary.
 
-    Refuses (``FileExistsError``) before training when either file is already in ``--out``.
+    Refuses (``FileExistsError``) before training when either file is already in ``--out``, and
+    (``ValueError``) when ``--out`` cannot be made or written.
     """
     from .cpc import CPCConfig, train_cpc
 
@@ -147,7 +150,7 @@ def run_cpc_command(args) -> int:
                        context_dim=args.context_dim, eval_every=args.eval_every,
                        seed=args.seed, dtype=args.dtype)  # fmt: skip
     refuse_existing(args.out, list(CPC_FILES))  # before any file is made or any step is run
-    os.makedirs(args.out, exist_ok=True)
+    make_out(args.out)  # a folder that cannot be made or written: refused before training
     bar = _Progress(config.train_steps, not args.no_progress)
     t0 = time.perf_counter()
     try:
@@ -256,8 +259,9 @@ def run_mi_command(args) -> int:
     The staircase (skipped by ``--levels`` with no values) writes ``mi_bound.json`` and
     ``mi_bound.png``; MoCo's queue sizes (skipped by ``--queue-sizes`` with no values) write
     ``moco_queue.json`` and ``moco_queue.png``. Refuses (``FileExistsError``) before any
-    experiment runs when one of the files it would write is already in ``--out``, and every
-    option (``--temperature`` too, even when MoCo's queues are skipped) is checked before that.
+    experiment runs when one of the files it would write is already in ``--out`` (``ValueError``
+    when ``--out`` cannot be made or written), and every option (``--temperature`` too, even when
+    MoCo's queues are skipped) is checked before that.
     """
     from ._checks import check_temperature
     from .mi import config_from, run_infonce_staircase, run_moco_queue
@@ -271,7 +275,7 @@ def run_mi_command(args) -> int:
     temperature = check_temperature(args.temperature, config.dtype)
     files = (list(MI_FILES) if config.mis else []) + (list(MOCO_FILES) if config.queue_sizes else [])
     refuse_existing(args.out, files)  # before any file is made or any step is run
-    os.makedirs(args.out, exist_ok=True)
+    make_out(args.out)  # a folder that cannot be made or written: refused before any step
     summary: dict = {}
     if config.mis:
         m = _timed(run_infonce_staircase, len(config.mis) * config.steps_per_level,

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -339,16 +340,54 @@ def _finished_metrics(out: str, history: list) -> dict | None:
     return metrics if same else None
 
 
-def _check_out(out: str) -> None:
-    """``out`` must be a folder, or a path a folder can be made at: checked before the data is
-    loaded or a model built, naming the option."""
+_OUT_EXPECTED = "out: expected a writable folder, or a path where one can be made (--out)"
+
+
+def _probe(out: str, folder: str) -> None:
+    """Make a uniquely named empty file in ``folder`` and remove it: what every write into
+    ``out`` needs (``folder`` is ``out``, or the nearest folder above it that exists, where
+    ``out`` would be made). A ``ValueError`` naming ``out`` and the reason if it cannot be made;
+    the file is removed even when closing it fails, and nothing is made when it cannot be."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=".refmoco-write-check-", dir=folder)
+        try:
+            os.close(fd)
+        finally:
+            os.remove(path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        what = f"{out} is not writable" if folder == out else (
+            f"{out} cannot be made: {folder} is not writable")
+        raise ValueError(f"{_OUT_EXPECTED}, but {what} (no file can be made in {folder}: "
+                         f"{reason})") from exc
+
+
+def _check_out(out: str, *, probe: bool = True) -> None:
+    """``out`` must be a folder, or a path a folder can be made at, and (with ``probe``) files
+    must be writable there: checked before the data is loaded or a model built, naming the
+    option, without making anything (an existing ``out`` is probed, else the nearest folder above
+    it, by a file made and removed in it)."""
     path = os.path.abspath(out)
     while not os.path.exists(path):  # the nearest part of the path that exists
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         where = "is a file" if path == os.path.abspath(out) else f"is below the file {path}"
-        raise ValueError(f"out: expected a folder (or a path where one can be made), but {out} "
-                         f"{where}")
+        raise ValueError(f"{_OUT_EXPECTED}, but {out} {where}")
+    if probe:
+        _probe(out, out if path == os.path.abspath(out) else path)
+
+
+def make_out(out: str) -> None:
+    """Make the folder ``out`` (and those above it) if it is not there, and check that a file can
+    be made in it, before anything long runs: a ``ValueError`` naming ``--out``, the path and the
+    reason (a file in the way, no permission, a read-only file system). A folder that is already
+    there is left as it was (the check's file is removed)."""
+    _check_out(out, probe=False)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{_OUT_EXPECTED}, but {out} cannot be made ({exc})") from exc
+    _probe(out, out)
 
 
 def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool = True,
@@ -356,8 +395,13 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
     """Train, evaluate every epoch, checkpoint every epoch; write metrics.json and a plot.
 
     Resuming a run that has finished (its checkpoint at ``config.epochs``, and a metrics.json
-    written from that checkpoint: the same epochs) changes nothing and returns those metrics."""
-    _check_out(out)
+    written from that checkpoint: the same epochs) changes nothing and returns those metrics.
+
+    Before the data is loaded, ``out`` is checked to be (or to be makeable as) a folder that
+    files can be written in, so that a bad ``out`` fails at once (``ValueError``) rather than
+    after the first epoch; with ``resume`` the write check waits until the checkpoint is read
+    (a finished run is returned without writing), still before any evaluation or training."""
+    _check_out(out, probe=not resume)
     trainer = Trainer(config, dataset)  # first: a missing backend fails before any file is made
     if resume:
         trainer.load(out)  # a missing or refused checkpoint: nothing is made or changed
@@ -367,7 +411,7 @@ def run(config: TrainConfig, out: str, *, resume: bool = False, progress: bool =
                 return done
     else:
         refuse_existing(out, RUN_FILES, "pass --resume to continue it, or choose another --out")
-    os.makedirs(out, exist_ok=True)
+    make_out(out)  # the first write into out; before the random-init evaluation and epoch 1
     for note in trainer.warnings():
         warnings.warn(note, stacklevel=2)
     if trainer.random_init is None:

@@ -53,3 +53,20 @@ def without_numba(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_numba)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """An empty folder whose mode (0o555) forbids making files in it; skipped where this process
+    may write there anyway (root, whose capabilities override the mode: ``os.geteuid() == 0``
+    unless they were dropped). Made writable again afterwards, so that it can be removed."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("this process writes a read-only folder anyway (root): permissions are "
+                        "not enforced")
+        yield folder
+    finally:
+        folder.chmod(0o755)

@@ -1,5 +1,6 @@
 """The command line: every option's help and true default, errors reported without a traceback,
-a negative --seed refused by name, and `cpc` / `mi-bound` never overwriting an earlier run."""
+a negative --seed refused by name, an --out that cannot be written refused before anything runs,
+and `cpc` / `mi-bound` never overwriting an earlier run."""
 
 from __future__ import annotations
 
@@ -295,6 +296,84 @@ def test_signed_integer_images_are_refused_with_what_to_do(tmp_path, capsys):
     assert err.startswith("refmoco train: error: ")
     assert "'images'" in err and "int64" in err and "uint8" in err
     assert not out.exists()
+
+
+# ----------------------------------------------------- an --out that cannot be made or written
+
+
+@pytest.fixture
+def nothing_may_train(monkeypatch):
+    """Every command's data loading and training, each failing the test if it is called."""
+    for module, name in ((refmoco.train, "Trainer"), (refmoco.train, "load_dataset"),
+                         (refmoco.cpc, "train_cpc"), (refmoco.mi, "run_infonce_staircase"),
+                         (refmoco.mi, "run_moco_queue")):  # fmt: skip
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+
+
+def unwritable_out(tmp_path, read_only_folder, where: str):
+    """An --out of each kind that cannot be written."""
+    if where in ("a file", "below a file"):
+        afile = tmp_path / "afile"
+        afile.write_text("mine")
+        return afile if where == "a file" else afile / "run"
+    return read_only_folder if where == "a read-only folder" else read_only_folder / "run"
+
+
+def everything_under(folder) -> dict:
+    """Each folder and file under ``folder``: None for a folder, a file's bytes and mtime."""
+    return {p.relative_to(folder): None if p.is_dir() else (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+OUT_CASES = [("a file", "is a file"), ("below a file", "is below the file"),
+             ("a read-only folder", "is not writable"),
+             ("below a read-only folder", "cannot be made")]
+
+
+@pytest.mark.parametrize("command", ["train", "cpc", "mi-bound"])
+@pytest.mark.parametrize("where, words", OUT_CASES)
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(
+        request, tmp_path, capsys, nothing_may_train, command, where, words):
+    """A file, a path below a file, a read-only folder or a path below one: the command stops at
+    once (exit 2, one line naming --out, the path and the reason), before any data is loaded or
+    step run, and leaves every folder as it was (no folder made, no file of the write check)."""
+    read_only = request.getfixturevalue("read_only_folder") if "read-only" in where else None
+    out = unwritable_out(tmp_path, read_only, where)
+    before = everything_under(tmp_path)
+    assert main([command, "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"refmoco {command}: error: out: ") and err.count("\n") == 1
+    assert "(--out)" in err and f"{out} {words}" in err
+    if "read-only" in where:
+        assert "Permission denied" in err  # the reason
+    assert everything_under(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["train", "cpc", "mi-bound"])
+def test_the_write_check_leaves_nothing_in_a_folder_it_accepts(tmp_path, monkeypatch, command):
+    """An empty --out that exists, and one to be made below it: the check passes (the training
+    entry point is reached) and leaves no file. ``train`` makes a new folder once the data is
+    loaded (stopped here before), ``cpc`` and ``mi-bound`` before their first step."""
+    reached = []
+
+    def stop(*args, **kwargs):
+        reached.append(command)
+        raise _Stop
+
+    for module, name in ((refmoco.train, "Trainer"), (refmoco.cpc, "train_cpc"),
+                         (refmoco.mi, "run_infonce_staircase")):  # fmt: skip
+        monkeypatch.setattr(module, name, stop)
+    out = tmp_path / "out"
+    out.mkdir()
+    for folder in (out, out / "new" / "run"):
+        with pytest.raises(_Stop):
+            main([command, "--no-progress", "--out", str(folder)])
+        if command == "train" and folder != out:
+            assert not (out / "new").exists()
+        else:
+            assert list(folder.iterdir()) == []
+    assert len(reached) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing beside it either
 
 
 # ------------------------------------------------------------ cpc and mi-bound: no overwriting

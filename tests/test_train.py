@@ -194,6 +194,59 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_the_data_is_loaded(tmp
     assert afile.read_text() == "mine"
 
 
+@pytest.mark.parametrize("where", ["the folder", "below it"])
+def test_a_read_only_out_is_refused_before_the_data_is_loaded(read_only_folder, where,
+                                                              monkeypatch):
+    """A read-only --out, or a path below one, fails at once (not after the first epoch, when the
+    checkpoint is saved), naming the option and the reason, and nothing is left in it."""
+    import refmoco.train as train_module
+
+    out = read_only_folder if where == "the folder" else read_only_folder / "run"
+    monkeypatch.setattr(train_module, "Trainer", None)  # building one would fail differently
+    with pytest.raises(ValueError, match=r"out: .*\(--out\), but .*Permission denied"):
+        run(config(), str(out), progress=False)
+    assert os.listdir(read_only_folder) == []
+
+
+def test_resuming_in_a_read_only_folder(read_only_folder, small, monkeypatch):
+    """A finished run is returned without writing anything; one with epochs left is refused
+    once its checkpoint is read, before any evaluation or training."""
+    import refmoco.train as train_module
+
+    out = str(read_only_folder)
+    read_only_folder.chmod(0o755)
+    first = run(config(epochs=1), out, progress=False, dataset=small)
+    read_only_folder.chmod(0o555)
+    before = folder_bytes(out)
+    assert run(config(epochs=1), out, resume=True, progress=False, dataset=small) == \
+        json.loads(json.dumps(first))
+    for name in ("evaluate", "train_epoch"):
+        monkeypatch.setattr(train_module.Trainer, name,
+                            lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+    with pytest.raises(ValueError, match=r"out: .*\(--out\), but .* is not writable"):
+        run(config(epochs=2), out, resume=True, progress=False, dataset=small)
+    assert folder_bytes(out) == before
+
+
+def test_the_write_check_leaves_no_file_even_when_it_fails(tmp_path, monkeypatch):
+    """The check's file is removed when closing it fails, and the failure is reported."""
+    import errno
+
+    from refmoco.train import make_out
+
+    real_close = os.close
+
+    def close_fails(fd):
+        real_close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "close", close_fails)
+    with pytest.raises(ValueError, match="is not writable .*Input/output error"):
+        make_out(str(tmp_path / "run"))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path / "run") == []  # made by make_out, and empty
+
+
 def test_resuming_a_missing_run_makes_no_folder(tmp_path, small):
     out = tmp_path / "nothing"
     with pytest.raises(FileNotFoundError):
