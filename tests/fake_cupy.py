@@ -374,13 +374,17 @@ def on_host_col2im(dcols, h, w, s, p):
 
 
 def on_host_batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
-                               eps=1e-5):
+                               eps=1e-5, num_batches_tracked=None):
     """The CUDA batch-norm forward on the fake: the reference on the payloads (the running
-    statistics updated in place, as the kernel does), its cache boxed for the device."""
+    statistics and the counter updated in place, as the kernel does), its cache boxed for the
+    device."""
     from refmoco.nn import functional as F
 
+    counter = num_batches_tracked
+    counter = counter._a if isinstance(counter, FakeDeviceArray) else counter
     y, cache = F.batch_norm_forward(x._a, gamma._a, beta._a, running_mean._a, running_var._a,
-                                    train=train, momentum=momentum, eps=eps, backend="numpy")
+                                    train=train, momentum=momentum, eps=eps, backend="numpy",
+                                    num_batches_tracked=counter)
     return _wrap(y), cache._replace(x_hat=_wrap(cache.x_hat), inv_std=_wrap(cache.inv_std),
                                     gamma=_wrap(cache.gamma), backend="cupy")
 

@@ -71,10 +71,13 @@ def run_kernels(cupy, kernels, host, *, with_cublas=True):
     out += [y, denom, clamped, kernels.l2_normalize_rows_backward(y, d["k"], denom, clamped)]
     out.append(kernels.im2col(d["x_nhwc"], 3, 3, 2, 1, 4, 4))
     out.append(kernels.col2im(d["dcols"], 7, 7, 2, 1))
+    counter = cupy.asarray(np.array(41, np.int64))  # counted in the launch in training
     for train in (True, False):
         y, cache = kernels.batch_norm_forward(d["x_nchw"], d["gamma"], d["beta"], d["mean"],
-                                              d["var"], train=train)
-        out += [y, d["mean"].copy(), d["var"].copy(), *kernels.batch_norm_backward(d["dy"], cache)]
+                                              d["var"], train=train, num_batches_tracked=counter)
+        out += [y, d["mean"].copy(), d["var"].copy(), counter.copy(),
+                *kernels.batch_norm_backward(d["dy"], cache)]
+    assert int(counter) == 42
     cupy.cuda.get_current_stream().synchronize()
     return [cupy.asnumpy(a) for a in out]
 

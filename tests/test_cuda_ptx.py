@@ -112,10 +112,12 @@ def col2im_args(dtype):
 
 def bn_forward_args(dtype, m=6, c=3):
     """What ``batch_norm_forward`` passes: x as (rows, C), gamma, beta, the running mean and
-    variance, inv_std, x_hat, y, train, eps, 1 - momentum, momentum, m / (m - 1)."""
+    variance, inv_std, x_hat, y, train, eps, 1 - momentum, momentum, m / (m - 1), the batch
+    counter (int64, as a 1-element view), whether to count."""
     t = np.dtype(dtype).type
     rows, vec = np.zeros((m, c), dtype), np.zeros(c, dtype)
-    return (rows, vec, vec, vec, vec, vec, rows, rows, True, t(1e-5), t(0.9), t(0.1), t(1.2))
+    return (rows, vec, vec, vec, vec, vec, rows, rows, True, t(1e-5), t(0.9), t(0.1), t(1.2),
+            np.zeros(1, np.int64), True)
 
 
 def bn_backward_args(dtype, m=6, c=3):
@@ -289,7 +291,7 @@ def every_launch(kernels, dtype):
             ("bn_forward", kernels._bn_forward_kernel(dtype), bn_forward_args(dtype)),
             ("bn_forward strided", kernels._bn_forward_kernel(dtype),
              (strided, vec, vec, vec, vec, vec, rows, rows, False, t(1e-5), t(0.9), t(0.1),
-              t(1.2))),
+              t(1.2), np.zeros(1, np.int64), False)),
             ("bn_backward", kernels._bn_backward_kernel(dtype), bn_backward_args(dtype))]
 
 

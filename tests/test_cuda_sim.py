@@ -183,8 +183,10 @@ def bn_cases(rng, dtype) -> None:
             stats = rng.standard_normal(c).astype(dtype), (rng.random(c) + 0.5).astype(dtype)
             ref_stats, our_stats = [s.copy() for s in stats], [s.copy() for s in stats]
             y_ref, c_ref = F.batch_norm_forward(x, gamma, beta, *ref_stats, train=train)
+            counter = np.array(41, np.int64)  # counted by the kernel's launch in training
             y, cache = kernels.batch_norm_forward(x, gamma, beta, *our_stats, train=train,
-                                                  momentum=0.1, eps=1e-5)
+                                                  momentum=0.1, eps=1e-5,
+                                                  num_batches_tracked=counter)
             dy = rng.standard_normal(shape).astype(dtype)
             s_x = float(np.max(np.abs(x)) * np.max(c_ref.inv_std))
             d_max, m = float(np.max(np.abs(dy))), x.size // c
@@ -194,11 +196,12 @@ def bn_cases(rng, dtype) -> None:
                       "running_var": float(np.max(ref_stats[1])),
                       "dx": float(np.max(np.abs(gamma * c_ref.inv_std.reshape(-1)))) * d_max
                       * (1 + s_x * s_x),
-                      "dgamma": m * d_max * s_x, "dbeta": m * d_max}
+                      "dgamma": m * d_max * s_x, "dbeta": m * d_max, "num_batches_tracked": 0}
             results = {"y": (y, y_ref), "x_hat": (cache.x_hat, c_ref.x_hat),
                        "inv_std": (cache.inv_std, c_ref.inv_std),
                        "running_mean": (our_stats[0], ref_stats[0]),
-                       "running_var": (our_stats[1], ref_stats[1])}
+                       "running_var": (our_stats[1], ref_stats[1]),
+                       "num_batches_tracked": (counter, np.array(41 + train, np.int64))}
             grads = kernels.batch_norm_backward(dy, cache)
             for name, got, want in zip(("dx", "dgamma", "dbeta"), grads,
                                        F.batch_norm_backward(dy, c_ref), strict=True):
@@ -206,7 +209,7 @@ def bn_cases(rng, dtype) -> None:
             case = f"batch_norm {dtype} x={shape} last={last} train={train}"
             for name, (got, want) in results.items():
                 report(case, name, got, want, BN_TOL[dtype] * scales[name],
-                       got.dtype == dtype and got.shape == want.shape)
+                       got.dtype == want.dtype and got.shape == want.shape)
             # into given arrays (a model's gradient buffer): NaN before, the same bits after
             flat = np.full(2 * c + 1, np.nan, dtype)
             out = flat[1:c + 1], flat[c + 1:]
@@ -283,8 +286,8 @@ def test_conv_kernels_are_bitwise_the_reference(results):
 def test_batch_norm_kernels_match_the_reference(results):
     bn = [r for r in results if r["case"].startswith("batch_norm")]
     assert len({r["case"] for r in bn}) == 2 * 2 * len(BN_SHAPES)  # two dtypes, train and eval
-    # y, x_hat, inv_std, running stats, 3 gradients, 2 of them again into given arrays
-    assert len(bn) == 10 * 2 * 2 * len(BN_SHAPES)
+    # y, x_hat, inv_std, running stats, the counter, 3 gradients, 2 of them into given arrays
+    assert len(bn) == 11 * 2 * 2 * len(BN_SHAPES)
     bad = [r for r in bn if not (r["ok"] and r["over"] <= 0)]
     assert not bad, bad[:5]
 

@@ -407,6 +407,24 @@ def test_batch_norm_train_needs_two_values_and_eval_uses_running_stats():
     assert buffers["num_batches_tracked"] == 0
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_batch_norm_counts_training_batches_only(backend):
+    """``num_batches_tracked``: +1 per training pass, in place, on every backend; not in
+    evaluation, nor for a batch refused."""
+    pytest.importorskip("numba") if backend == "numba" else None
+    bn = BatchNorm2d(2)
+    params, buffers = bn.init_params(None, "float32"), bn.init_buffers("float32")
+    counter = buffers["num_batches_tracked"]
+    x = np.random.default_rng(0).standard_normal((3, 2, 2, 2)).astype(np.float32)
+    for _ in range(3):
+        bn.forward(params, buffers, x, train=True, backend=backend)
+    bn.forward(params, buffers, x, train=False, backend=backend)
+    with pytest.raises(ValueError, match="x"):
+        bn.forward(params, buffers, x[:1, :, :1, :1], train=True, backend=backend)
+    assert buffers["num_batches_tracked"] is counter and counter.dtype == np.int64
+    assert int(counter) == 3
+
+
 def test_bad_configurations_name_the_argument():
     for make, name in [(lambda: Linear(0, 3), "in_features"), (lambda: Conv2d(1, 2, 3, stride=0), "stride"),
                        (lambda: Conv2d(1, 2, 3, padding=-1), "padding"), (lambda: BatchNorm2d(2, momentum=2), "momentum"),

@@ -628,14 +628,17 @@ def col2im(dcols, h, w, s, p):
 def _bn_forward_kernel(dtype):
     """Batch norm's forward for one float dtype, one block per channel of a (rows, C) array:
     the statistics (train: two passes, summed in float64 as the Numba CPU kernel does), the
-    running averages (PyTorch's update, the reference's order), then ``x_hat`` and ``y``."""
+    running averages (PyTorch's update, the reference's order), then ``x_hat`` and ``y``;
+    ``count``: one more batch on the counter ``counter[0]`` (by block 0's first thread)."""
     cast, f64 = numba.from_dtype(np.dtype(dtype)), numba.float64
 
     def bn_forward(x, gamma, beta, running_mean, running_var, inv_std, x_hat, y, train, eps,
-                   keep, rate, unbias):
+                   keep, rate, unbias, counter, count):
         sh = cuda.shared.array(THREADS, numba.float64)
         tid = cuda.threadIdx.x
         m = x.shape[0]
+        if count and cuda.blockIdx.x == 0 and tid == 0:
+            counter[0] += 1
         for c in range(cuda.blockIdx.x, x.shape[1], cuda.gridDim.x):
             if train:
                 mean64 = var64 = f64(0.0)  # float64 on the device and in the simulator alike
@@ -706,10 +709,11 @@ def fits(*arrays):
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1,
-                       eps=1e-5):
+                       eps=1e-5, num_batches_tracked=None):
     """As :func:`refmoco.nn.functional.batch_norm_forward` (its arguments checked there, and
     :func:`fits`), in one launch: the reference's dozen or so CuPy launches per layer cost the
-    host more than the GPU spends on them (docs/benchmarks.md)."""
+    host more than the GPU spends on them (docs/benchmarks.md). A device counter
+    ``num_batches_tracked`` is counted in the launch too."""
     from ..nn import functional as F
 
     xp = namespace_of(x)
@@ -718,11 +722,19 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     m, ch = x2.shape
     x_hat, y = xp.empty_like(x2), xp.empty_like(x2)
     inv_std = xp.empty(ch, dtype)
+    counter = num_batches_tracked
+    count = bool(train) and counter is not None
+    in_launch = (count and ch > 0 and namespace_of(counter) is xp and counter.shape == ()
+                 and counter.dtype == np.int64)  # PyTorch's, where x is
+    if count and not in_launch:  # no launch, or a counter elsewhere or of another kind
+        counter += 1
     if ch:
         t = dtype.type
+        counter = counter.reshape(1) if in_launch else xp.empty(1, np.int64)  # unread if not
         _launch(_bn_forward_kernel(dtype.type), min(ch, MAX_BLOCKS), x2, gamma, beta,
                 running_mean, running_var, inv_std, x_hat, y, bool(train), t(eps),
-                t(1 - momentum), t(momentum), t(m / (m - 1) if m > 1 else 1.0))
+                t(1 - momentum), t(momentum), t(m / (m - 1) if m > 1 else 1.0), counter,
+                in_launch)
     view = (1, -1) + (1,) * (x.ndim - 2)
     cache = F.BatchNormCache(F.from_channel_rows(x_hat, x.shape), inv_std.reshape(view),
                              gamma.reshape(view), train, "cupy")

@@ -305,7 +305,7 @@ def update_running_stats(running_mean, running_var, mean, var, m, momentum):
 
 
 def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, momentum=0.1, eps=1e-5,
-                       backend=None):
+                       backend=None, num_batches_tracked=None):
     r"""Batch normalisation over every axis but axis 1, as ``torch.nn.BatchNorm{1,2}d``.
 
     Parameters
@@ -324,6 +324,9 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
         (summed in float64) and the normalisation with Numba kernels; ``"cupy"`` (and ``None``
         with CuPy arrays) with one Numba CUDA kernel, when the arrays share a float32 or float64
         dtype (else the reference's CuPy code runs).
+    num_batches_tracked : 0-d integer ndarray, optional
+        PyTorch's batch counter, where the running statistics live: counted (``+= 1``, in
+        place) in training. The CUDA kernel counts it in its launch.
 
     Returns
     -------
@@ -354,19 +357,23 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     if backend == "numba":
         from refmoco.kernels import nn_cpu
 
-        return nn_cpu.batch_norm_forward(x, gamma, beta, running_mean, running_var, train=train,
-                                         momentum=momentum, eps=eps)
+        y, cache = nn_cpu.batch_norm_forward(x, gamma, beta, running_mean, running_var,
+                                             train=train, momentum=momentum, eps=eps)
+        _count(num_batches_tracked, train)
+        return y, cache
     if backend == "cupy":
         from refmoco.kernels import cuda
 
         # empty batches (eval) and other dtypes: the reference below (no zero-size launches)
         if x.size and cuda.fits(x, gamma, beta, running_mean, running_var):
             return cuda.batch_norm_forward(x, gamma, beta, running_mean, running_var,
-                                           train=train, momentum=momentum, eps=eps)
+                                           train=train, momentum=momentum, eps=eps,
+                                           num_batches_tracked=num_batches_tracked)
     if train:
         mean = x.mean(axis=axes)  # (C,)
         var = x.var(axis=axes)  # (C,) biased
         update_running_stats(running_mean, running_var, mean, var, x.size // x.shape[1], momentum)
+        _count(num_batches_tracked, train)
     else:
         mean, var = running_mean, running_var
     inv_std = _channel_view(1 / namespace_of(x).sqrt(var + eps), x.ndim)  # (1, C, 1, ...)
@@ -374,6 +381,12 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     g = _channel_view(gamma, x.ndim)
     y = g * x_hat + _channel_view(beta, x.ndim)
     return y, BatchNormCache(x_hat, inv_std, g, train, backend)
+
+
+def _count(num_batches_tracked, train) -> None:
+    """One more batch on the counter (the caller's 0-d array, in place), in training."""
+    if train and num_batches_tracked is not None:
+        num_batches_tracked += 1
 
 
 def batch_norm_backward(dy, cache, out=None):

@@ -264,14 +264,11 @@ class _BatchNorm(Layer):
 
     def forward(self, params, buffers, x, *, train=False, backend=None):
         _check_input(x, self._ndims, self.num_features, type(self).__name__)
-        y, cache = F.batch_norm_forward(
+        return F.batch_norm_forward(
             x, params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"],
             train=train, momentum=self.momentum, eps=self.eps, backend=backend,
+            num_batches_tracked=buffers["num_batches_tracked"],  # the caller's, counted in place
         )  # fmt: skip
-        if train:
-            count = buffers["num_batches_tracked"]  # the caller's 0-d array, counted in place
-            count += 1
-        return y, cache
 
     def backward(self, params, cache, dy):
         dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
