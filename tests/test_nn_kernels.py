@@ -229,6 +229,20 @@ def test_relu_backward_on_numba_with_another_dy_dtype_is_the_reference():
         assert_same(F.relu_backward(dy, cache), dy * (x > 0), str(dy.dtype))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_cache_is_its_output_and_the_gradient_passes_where_x_is_positive(backend, dtype):
+    """The cache keeps ``y`` (no mask of its own); ``y > 0`` is ``x > 0`` at the kink, for
+    both zeros, a subnormal, the infinities and NaN; the gradient is ``dy`` there, else 0."""
+    x = np.array([[-1.0, -0.0, 0.0, np.finfo(dtype).smallest_subnormal, 2.0, np.inf, -np.inf,
+                   np.nan]], dtype)
+    y, cache = F.relu_forward(x, backend=backend)
+    assert cache.y is y
+    np.testing.assert_array_equal(cache.mask, x > 0)
+    dy = np.array([[3.0, -3.0, 3.0, -3.0, 3.0, -3.0, 3.0, 3.0]], dtype)
+    np.testing.assert_array_equal(F.relu_backward(dy, cache), np.where(x > 0, dy, 0.0))
+
+
 def _bn_both(x, params, *, train, dy_dtype=None):
     """Forward and backward of batch norm on both backends, each on its own copy of the
     running statistics; returns {backend: (y, running_mean, running_var, dx, dgamma, dbeta)}."""

@@ -224,19 +224,19 @@ def batch_norm_backward(dy, cache, out=None):
 
 
 @jit
-def _relu(x, y, mask):
-    """``y = max(x, 0)`` (NaN stays NaN, as ``np.maximum``) and ``mask = x > 0``, one pass."""
+def _relu(x, y):
+    """``y = max(x, 0)`` (NaN stays NaN, as ``np.maximum``)."""
     for i in range(x.size):
         v = x[i]
-        mask[i] = v > 0
         y[i] = 0 if v <= 0 else v
 
 
 @jit
-def _relu_grad(dy, mask, dx):
-    """``dx = dy * mask``, the reference's product (NaN in ``dy`` survives a 0 in the mask)."""
+def _relu_grad(dy, y, dx):
+    """``dx = dy * (y > 0)``, the reference's product (NaN in ``dy`` survives a 0 in the
+    mask), the mask read from the forward's output."""
     for i in range(dy.size):
-        dx[i] = dy[i] * mask[i]
+        dx[i] = dy[i] * (y[i] > 0)
 
 
 def _order(a):
@@ -264,18 +264,19 @@ def relu_forward(x):
         y, cache = F.relu_forward(x, backend="numpy")
         return y, cache._replace(backend="numba")
     flat, back = _flat(x)
-    y, mask = np.empty_like(flat), np.empty(flat.shape, np.bool_)
-    _relu(flat, y, mask)
-    return back(y), ReLUCache(back(mask), "numba")
+    y = np.empty_like(flat)
+    _relu(flat, y)
+    y = back(y)
+    return y, ReLUCache(y, "numba")
 
 
 def relu_backward(dy, cache):
     """As :func:`refmoco.nn.functional.relu_backward`."""
-    mask = cache.mask
-    if not _fits(dy) or _order(mask) is None or _order(mask) != _order(dy):  # NumPy's product
-        return dy * mask
+    y = cache.y
+    if not _fits(dy, y) or _order(y) is None or _order(y) != _order(dy):  # NumPy's product
+        return dy * cache.mask
     flat_dy, back = _flat(dy)
-    flat_mask, _ = _flat(mask)
+    flat_y, _ = _flat(y)
     dx = np.empty_like(flat_dy)
-    _relu_grad(flat_dy, flat_mask, dx)
+    _relu_grad(flat_dy, flat_y, dx)
     return back(dx)

@@ -234,24 +234,33 @@ def conv2d_backward(dy, cache, out=None):
 
 
 class ReLUCache(NamedTuple):
-    mask: np.ndarray  # x > 0, same shape as x
+    y: np.ndarray  # the output max(x, 0): the gradient passes where y > 0, exactly where x > 0
     backend: str = "numpy"  # where the forward ran; the backward runs there too
+
+    @property
+    def mask(self):
+        """``x > 0``, computed as ``y > 0``: the same (``y = x`` where ``x > 0``, else 0;
+        NaN fails both)."""
+        return self.y > 0
 
 
 def relu_forward(x, *, backend=None):
     r"""``y = max(x, 0)``; the gradient passes where :math:`x > 0` (PyTorch's convention at 0).
 
-    ``backend="numba"`` computes ``y`` and the mask in one pass (same values)."""
+    The cache keeps ``y`` itself, not a mask: :math:`y > 0` exactly where :math:`x > 0`, so a
+    forward whose backward never comes (MoCo's key encoder) is one operation, not two.
+    ``backend="numba"`` computes ``y`` with a Numba kernel (same values)."""
     backend = _check_backend(backend, x)
     if backend == "numba":
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.relu_forward(x)
-    return namespace_of(x).maximum(x, 0), ReLUCache(x > 0, backend)
+    y = namespace_of(x).maximum(x, 0)
+    return y, ReLUCache(y, backend)
 
 
 def relu_backward(dy, cache):
-    """Gradient ``dx = dy * (x > 0)`` of :func:`relu_forward`.
+    """Gradient ``dx = dy * (x > 0)`` of :func:`relu_forward`, as ``dy * (y > 0)``.
 
     A product with the mask rather than ``np.where`` (several times slower on random masks);
     the two differ only for non-finite ``dy`` at inactive units.
