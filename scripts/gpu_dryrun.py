@@ -23,7 +23,8 @@ does ``ascontiguousarray`` of an array that is contiguous already (nor ``reshape
 strides allow a view; a ``reshape`` that copies is counted apart), nor ``may_share_memory`` (a
 host-side bounds check); the total without them is what a GPU pays launches for
 (docs/benchmarks.md quotes it). The row normalisation's kernels are counted but their work is
-done by the reference on the host (in the simulator they take minutes at these sizes). It also
+done by the reference on the host (in the simulator they take minutes at these sizes), and so
+is batch norm's (the kernels' bodies written in NumPy: a step's values, not the kernels'). It also
 counts the device-to-host reads (``float()``,
 ``bool()``, ``.get()``), each of which makes the host wait for the GPU.
 """
@@ -133,7 +134,7 @@ def count_step_ops():
 
     def counted_launch(kernel, blocks, *args):
         counts["numba-cuda kernel"] += 1
-        if kernel in normalizing:  # in the simulator: ~10 minutes at the bench's sizes
+        if kernel in normalizing:  # in the simulator: minutes at the bench's sizes
             return normalizing[kernel](*args)
         return launch_on_payloads(kernel, blocks, *args)
 
@@ -144,9 +145,41 @@ def count_step_ops():
     def normalize_rows_backward(y, dy, denom, clamped, dx):
         dx._a[...] = fake_cupy.on_host_l2_normalize_rows_backward(y, dy, denom, clamped)._a
 
-    normalizing = {kernels._normalize_kernel(t): normalize_rows for t in (np.float32, np.float64)}
-    normalizing.update({kernels._normalize_backward_kernel(t): normalize_rows_backward
-                        for t in (np.float32, np.float64)})
+    def bn_forward(x, gamma, beta, running_mean, running_var, inv_std, x_hat, y, train, eps,
+                   keep, rate, unbias, counter, count):  # the kernel's body, in NumPy
+        x, gamma, beta, rm, rv, inv_std, x_hat, y, counter = (
+            a._a for a in (x, gamma, beta, running_mean, running_var, inv_std, x_hat, y, counter))
+        if count:
+            counter[0] += 1
+        if train:
+            mean64 = x.mean(axis=0, dtype=np.float64)
+            var64 = ((x - mean64) ** 2).mean(axis=0)
+            mean, var = mean64.astype(x.dtype), var64.astype(x.dtype)
+            rm[...], rv[...] = rm * keep + rate * mean, rv * keep + rate * var * unbias
+        else:
+            mean, var = rm, rv
+        inv_std[...] = 1 / np.sqrt(var + eps)
+        x_hat[...] = (x - mean) * inv_std
+        y[...] = gamma * x_hat + beta
+
+    def bn_backward(dy, x_hat, gamma, inv_std, dx, dgamma, dbeta, train):
+        dy, x_hat, gamma, inv_std, dx, dgamma, dbeta = (
+            a._a for a in (dy, x_hat, gamma, inv_std, dx, dgamma, dbeta))
+        m = dy.shape[0]
+        sg, sb = (dy * x_hat).sum(axis=0, dtype=np.float64), dy.sum(axis=0, dtype=np.float64)
+        dgamma[...], dbeta[...] = sg, sb
+        if train:
+            dx[...] = gamma * inv_std * (dy - sb / m - x_hat * (sg / m))
+        else:
+            dx[...] = dy * gamma * inv_std
+
+    # in the simulator these take minutes at the bench's sizes: their work by NumPy instead
+    normalizing = {}
+    for t in (np.float32, np.float64):
+        normalizing.update({kernels._normalize_kernel(t): normalize_rows,
+                            kernels._normalize_backward_kernel(t): normalize_rows_backward,
+                            kernels._bn_forward_kernel(t): bn_forward,
+                            kernels._bn_backward_kernel(t): bn_backward})
 
     def counted(label, method):  # a launch that does not go through fake_cupy._call
         def run(*args, **kwargs):
