@@ -137,7 +137,7 @@ def backprop(encoder, params, branch: Branch, dz, grads, *, accumulate: bool) ->
     dout = branch.normalize_backward(dz)
     for i, (rows, cache) in enumerate(zip(branch.groups, branch.caches)):
         encoder.backward(params, cache, dout[rows], grads=grads,
-                         accumulate=accumulate or i > 0)
+                         accumulate=accumulate or i > 0, input_grad=False)  # no dx
 
 
 def split_groups(n: int, num_groups: int) -> list:

@@ -350,6 +350,47 @@ def test_gradients_computed_into_grads_are_the_new_arrays_bitwise(kind, dtype, b
     np.testing.assert_array_equal(grads.flat, model.backward(params, cache, u)[1].flat)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_without_input_grad_the_parameters_gradients_are_the_same_bits(kind, backend,
+                                                                       monkeypatch):
+    """``input_grad=False`` (what training asks): dx is None, the gradients are bitwise those
+    with dx, written or accumulated; the first convolution's col2im is not run."""
+    pytest.importorskip("numba") if backend == "numba" else None
+    rng = np.random.default_rng(7)
+    if kind == "mlp":  # Flatten first: skipped, and the first Linear makes no dx
+        model, x = mlp_encoder(12, 7, 6, 5), rng.standard_normal((5, 3, 4))
+    else:
+        model, x = cnn_encoder(2, (3, 4), 5), rng.standard_normal((3, 2, 5, 5))
+    params, buffers = model.init(rng, "float32")
+    z, h, cache = model.forward_features(params, buffers, x.astype(np.float32), train=True,
+                                         backend=backend)
+    u, w = (rng.standard_normal(a.shape).astype(np.float32) for a in (z, h))
+    _, want = model.backward_features(params, cache, u, w)
+    scatters = []
+    real = refmoco.nn.functional._gather_scatter
+
+    def counted(b):
+        im2col, col2im = real(b)
+        return im2col, lambda *a: scatters.append(1) or col2im(*a)
+
+    monkeypatch.setattr(refmoco.nn.functional, "_gather_scatter", counted)
+    grads = params.zeros_like()
+    grads.flat[...] = np.nan
+    dx, out = model.backward_features(params, cache, u, w, grads=grads, input_grad=False)
+    assert dx is None and out is grads
+    np.testing.assert_array_equal(grads.flat, want.flat)
+    convs = sum(isinstance(layer, Conv2d) for layer in model.backbone.layers.values())
+    assert len(scatters) == max(convs - 1, 0) and convs in (0, 2)  # not the first's
+    base = rng.standard_normal(params.size).astype(np.float32)
+    grads.flat[...] = base
+    assert model.backward(params, cache, u, grads=grads, accumulate=True, input_grad=False)[0] is None
+    np.testing.assert_array_equal(grads.flat, base + model.backward(params, cache, u)[1].flat)
+    dx, new = Model.backward(model, params, cache, u, input_grad=False)  # a new buffer
+    assert dx is None
+    np.testing.assert_array_equal(new.flat, model.backward(params, cache, u)[1].flat)
+
+
 @dataclass(frozen=True)
 class _Scale(Layer):
     """``y = a x`` for a learned scalar ``a``: a layer that defines ``backward`` only."""

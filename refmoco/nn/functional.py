@@ -64,15 +64,15 @@ def linear_forward(x, w, b=None):
     return y, LinearCache(x, w)
 
 
-def linear_backward(dy, cache, out=None):
+def linear_backward(dy, cache, out=None, input_grad=True):
     """Gradients ``(dx, dw, db)`` of :func:`linear_forward`; ``db`` has shape (out,).
 
     ``out``: optional ``(dw, db)``, arrays of their shapes and dtype to compute the parameter
-    gradients into (and return); ``db`` may be None.
+    gradients into (and return); ``db`` may be None. ``dx`` is None without ``input_grad``.
     """
     x, w = cache
     dw_out, db_out = (None, None) if out is None else out
-    dx = dy @ w  # (N, in)
+    dx = dy @ w if input_grad else None  # (N, in)
     dw = namespace_of(dy).matmul(dy.T, x, out=dw_out)  # (out, in)
     db = dy.sum(axis=0, out=db_out)  # (out,)
     return dx, dw, db
@@ -211,12 +211,13 @@ def conv2d_forward(x, w, b=None, *, stride=1, padding=0, backend=None):
     return y, Conv2dCache(cols, w_mat, w.shape, x.shape, s, p, backend)
 
 
-def conv2d_backward(dy, cache, out=None):
+def conv2d_backward(dy, cache, out=None, input_grad=True):
     """Gradients ``(dx, dw, db)`` of :func:`conv2d_forward`; ``db`` has shape (O,).
 
-    ``dx`` has channels-last memory, as the forward's output. ``out``: optional ``(dw, db)``,
-    arrays of their shapes and dtype to write the parameter gradients into (and return); ``db``
-    may be None.
+    ``dx`` has channels-last memory, as the forward's output; it is None without
+    ``input_grad`` (no ``dcols`` product, no col2im). ``out``: optional ``(dw, db)``, arrays of
+    their shapes and dtype to write the parameter gradients into (and return); ``db`` may be
+    None.
     """
     _, col2im = _gather_scatter(cache.backend)
     cols, w_mat, (O, _, kh, kw), (N, C, H, W), s, p, _ = cache
@@ -225,6 +226,8 @@ def conv2d_backward(dy, cache, out=None):
     dy_mat = dy.transpose(0, 2, 3, 1).reshape(N * Ho * Wo, O)  # (N*Ho*Wo, O)
     dw = (dy_mat.T @ cols).reshape(O, kh, kw, C).transpose(0, 3, 1, 2)  # (O, C, kh, kw)
     db = dy_mat.sum(axis=0, out=db_out)  # (O,)
+    if not input_grad:
+        return None, _into(dw_out, dw), db
     dcols = (dy_mat @ w_mat).reshape(N, Ho, Wo, kh, kw, C)
     dx = col2im(dcols, H, W, s, p).transpose(0, 3, 1, 2)  # (N, C, H, W)
     return dx, _into(dw_out, dw), db

@@ -116,10 +116,11 @@ class Layer:
         """``(dx, grads)``: the input's gradient and ``{name: gradient}`` for every parameter."""
         raise NotImplementedError
 
-    def backward_into(self, params: Mapping, cache: Any, dy: np.ndarray, grads: Mapping):
+    def backward_into(self, params: Mapping, cache: Any, dy: np.ndarray, grads: Mapping, *,
+                      input_grad: bool = True):
         """:meth:`backward`, the parameter gradients written into ``grads[name]`` (arrays of
         the parameters' shapes and dtype: the named views of a FlatParams of gradients, say);
-        returns ``dx``.
+        returns ``dx``, or None when ``input_grad`` is false (then a layer may skip it).
 
         This default copies what :meth:`backward` returns; the layers with parameters compute
         their gradients into ``grads`` (no new arrays, no copies).
@@ -127,7 +128,7 @@ class Layer:
         dx, g = self.backward(params, cache, dy)
         for name, value in g.items():
             grads[name][...] = value
-        return dx
+        return dx if input_grad else None
 
 
 def _targets(grads: Mapping, bias: bool) -> tuple:
@@ -169,8 +170,9 @@ class Linear(Layer):
         dx, dw, db = F.linear_backward(dy, cache)
         return dx, ({"weight": dw, "bias": db} if self.bias else {"weight": dw})
 
-    def backward_into(self, params, cache, dy, grads):
-        return F.linear_backward(dy, cache, out=_targets(grads, self.bias))[0]
+    def backward_into(self, params, cache, dy, grads, *, input_grad=True):
+        return F.linear_backward(dy, cache, out=_targets(grads, self.bias),
+                                 input_grad=input_grad)[0]
 
 
 @dataclass(frozen=True)
@@ -227,8 +229,9 @@ class Conv2d(Layer):
         dx, dw, db = F.conv2d_backward(dy, cache)
         return dx, ({"weight": dw, "bias": db} if self.bias else {"weight": dw})
 
-    def backward_into(self, params, cache, dy, grads):
-        return F.conv2d_backward(dy, cache, out=_targets(grads, self.bias))[0]
+    def backward_into(self, params, cache, dy, grads, *, input_grad=True):
+        return F.conv2d_backward(dy, cache, out=_targets(grads, self.bias),
+                                 input_grad=input_grad)[0]
 
 
 @dataclass(frozen=True)
@@ -274,8 +277,9 @@ class _BatchNorm(Layer):
         dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
         return dx, {"weight": dgamma, "bias": dbeta}
 
-    def backward_into(self, params, cache, dy, grads):
-        return F.batch_norm_backward(dy, cache, out=_targets(grads, True))[0]
+    def backward_into(self, params, cache, dy, grads, *, input_grad=True):
+        dx = F.batch_norm_backward(dy, cache, out=_targets(grads, True))[0]  # one pass for all
+        return dx if input_grad else None
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,7 @@ class Model:
         *,
         grads: FlatParams | None = None,
         accumulate: bool = False,
+        input_grad: bool = True,
     ):
         """Backpropagate ``dout`` through the pass that produced ``cache``.
 
@@ -234,19 +235,26 @@ class Model:
             Where to write the parameter gradients (a new FlatParams when omitted).
         accumulate : bool
             Add to ``grads`` instead of overwriting it (two passes through one network).
+        input_grad : bool
+            Whether to compute ``dx``. Training needs only the parameters' gradients: without
+            ``dx``, the layers before the first one with parameters are skipped and that one
+            computes no input gradient (the first convolution's col2im, say), as autograd does
+            for an input that does not require a gradient.
 
         Returns
         -------
-        dx : ndarray, shape of the input
+        dx : ndarray, shape of the input, or None without ``input_grad``
         grads : FlatParams
+
+        The layers compute the gradients into the views of ``grads`` (of a new buffer when
+        ``grads`` is omitted, or when they are added to it): no gradient array is made and
+        copied per parameter.
         """
         dtype, xp = _params_dtype(params), _params_xp(params)
         dout = self._check_grad(dout, "dout", cache.out_shape, dtype, xp)
-        if grads is not None and not accumulate:  # computed where they belong (no copies)
-            self._check_grads(grads, dtype, xp, params)
-            return self.net.backward_into(params, cache.net, dout, grads), grads
-        dx, g = self.net.backward(params, cache.net, dout)
-        return dx, self._write(g, grads, dtype, xp)
+        target = self._target(grads, accumulate, dtype, xp, params)
+        dx = self.net.backward_into(params, cache.net, dout, target, input_grad=bool(input_grad))
+        return dx, self._finish(grads, target)
 
     @staticmethod
     def _check_grad(d: Any, name: str, shape: tuple, dtype: np.dtype, xp) -> Any:
@@ -255,11 +263,31 @@ class Model:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(d.shape)}")
         return d
 
-    def _check_grads(self, grads: Any, dtype, xp, params: Mapping | None = None) -> None:
+    def _target(self, grads: Any, accumulate: bool, dtype, xp, params: Mapping) -> FlatParams:
+        """Where the layers write the gradients: ``grads`` itself (checked first), or a new
+        buffer when there is no ``grads`` or they are to be added to it."""
+        if grads is not None:
+            self._check_grads(grads, dtype, xp, params)
+            if not accumulate:
+                return grads
+        shapes, xp = self.param_shapes(), np if xp is None else xp
+        dtype = np.dtype("float32") if dtype is None else dtype  # no parameters: empty
+        size = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+        return FlatParams(shapes, dtype, flat=xp.zeros(size, dtype))  # what no layer writes: 0
+
+    @staticmethod
+    def _finish(grads: FlatParams | None, target: FlatParams) -> FlatParams:
+        """The gradients the layers wrote into ``target``, added to ``grads`` when it is another
+        buffer (accumulation: one pass over the whole buffer)."""
+        if grads is None or grads is target:
+            return target
+        grads.flat += target.flat
+        return grads
+
+    def _check_grads(self, grads: Any, dtype, xp, params: Mapping) -> None:
         """``grads`` must be a FlatParams of the model's layout and dtype, where the
-        parameters are, and, when ``params`` is given (the gradients are then written while
-        the parameters are still read), apart from the parameters. Checked before anything is
-        written into it."""
+        parameters are, and apart from the parameters (the gradients are written while the
+        parameters are still read). Checked before anything is written into it."""
         if not (
             isinstance(grads, FlatParams)
             and list(grads.shapes.items()) == list(self.param_shapes().items())
@@ -274,16 +302,6 @@ class Model:
         if isinstance(params, FlatParams) and xp.may_share_memory(grads.flat, params.flat):
             raise ValueError("grads: shares memory with params; expected a buffer of its own "
                              "(params.zeros_like())")
-
-    def _write(self, g: dict, grads: FlatParams | None, dtype, xp) -> FlatParams:
-        """The gradients ``g`` in a new FlatParams, or added to ``grads`` (accumulation)."""
-        if grads is None:
-            return FlatParams.from_arrays({k: g[k] for k in self.param_shapes()}, dtype)
-        self._check_grads(grads, dtype, xp)
-        for name, value in g.items():
-            target = grads[name]  # a view of grads.flat
-            target += value
-        return grads
 
     # --- state dicts (PyTorch-compatible) ----------------------------------------------------
     def state_dict(self, params: Mapping, buffers: Mapping) -> dict[str, np.ndarray]:
@@ -402,6 +420,7 @@ class Encoder(Model):
         *,
         grads: FlatParams | None = None,
         accumulate: bool = False,
+        input_grad: bool = True,
     ):
         """Backpropagate the gradient of ``z`` and, optionally, a gradient of ``h``.
 
@@ -413,44 +432,37 @@ class Encoder(Model):
         cache : EncoderCache
         dz : ndarray of shape (N, out_dim)
         dh : ndarray of shape (N, feature_dim), optional
-        grads, accumulate
+        grads, accumulate, input_grad
             As in :meth:`Model.backward`.
 
         Returns
         -------
-        dx : ndarray, shape of the input
+        dx : ndarray, shape of the input, or None without ``input_grad``
         grads : FlatParams
         """
         dtype, xp = _params_dtype(params), _params_xp(params)
         dz = self._check_grad(dz, "dz", cache.out_shape, dtype, xp)
         if dh is not None:
             dh = self._check_grad(dh, "dh", cache.feature_shape, dtype, xp)
-        return self._backward(params, cache, dz, dh, grads, accumulate, dtype, xp)
+        return self._backward(params, cache, dz, dh, grads, accumulate, input_grad, dtype, xp)
 
-    def backward(self, params, cache, dout, *, grads=None, accumulate=False):
+    def backward(self, params, cache, dout, *, grads=None, accumulate=False, input_grad=True):
         """As :meth:`Model.backward`: ``backward_features`` with ``dh=None``."""
         dtype, xp = _params_dtype(params), _params_xp(params)
         dout = self._check_grad(dout, "dout", cache.out_shape, dtype, xp)
-        return self._backward(params, cache, dout, None, grads, accumulate, dtype, xp)
+        return self._backward(params, cache, dout, None, grads, accumulate, input_grad, dtype, xp)
 
-    def _backward(self, params, cache, dz, dh, grads, accumulate, dtype, xp):
+    def _backward(self, params, cache, dz, dh, grads, accumulate, input_grad, dtype, xp):
         """:meth:`backward_features` of checked gradients (``dh`` may be None)."""
         c_backbone, c_head = cache.net
-        if grads is not None and not accumulate:  # computed where they belong (no copies)
-            self._check_grads(grads, dtype, xp, params)
-            dh_head = self.head.backward_into(Scoped(params, "head"), c_head, dz,
-                                              Scoped(grads, "head"))
-            if dh is not None:
-                dh_head = dh_head + dh
-            return self.backbone.backward_into(Scoped(params, "backbone"), c_backbone, dh_head,
-                                               Scoped(grads, "backbone")), grads
-        dh_head, g_head = self.head.backward(Scoped(params, "head"), c_head, dz)
+        target = self._target(grads, accumulate, dtype, xp, params)
+        dh_head = self.head.backward_into(Scoped(params, "head"), c_head, dz,
+                                          Scoped(target, "head"))
         if dh is not None:
             dh_head = dh_head + dh
-        dx, g_backbone = self.backbone.backward(Scoped(params, "backbone"), c_backbone, dh_head)
-        g = {f"backbone.{k}": v for k, v in g_backbone.items()}
-        g.update({f"head.{k}": v for k, v in g_head.items()})
-        return dx, self._write(g, grads, dtype, xp)
+        dx = self.backbone.backward_into(Scoped(params, "backbone"), c_backbone, dh_head,
+                                         Scoped(target, "backbone"), input_grad=bool(input_grad))
+        return dx, self._finish(grads, target)
 
 
 def _head(feature_dim: int, out_dim: int) -> Sequential:

@@ -120,7 +120,14 @@ class Sequential(Layer):
             grads.update({f"{name}.{k}": v for k, v in g.items()})
         return dy, grads
 
-    def backward_into(self, params, cache, dy, grads):
-        for (name, layer), c in reversed(list(zip(self.layers.items(), cache, strict=True))):
-            dy = layer.backward_into(Scoped(params, name), c, dy, Scoped(grads, name))
-        return dy
+    def backward_into(self, params, cache, dy, grads, *, input_grad=True):
+        steps = list(zip(self.layers.items(), cache, strict=True))
+        first = 0  # without input_grad: the layers before the first with parameters are skipped
+        if not input_grad:
+            first = next((i for i, ((_, layer), _) in enumerate(steps) if layer.param_shapes()),
+                         len(steps))
+        for i in range(len(steps) - 1, first - 1, -1):
+            (name, layer), c = steps[i]
+            dy = layer.backward_into(Scoped(params, name), c, dy, Scoped(grads, name),
+                                     input_grad=input_grad or i > first)
+        return dy if input_grad else None
