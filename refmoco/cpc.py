@@ -206,12 +206,10 @@ class CPC:
         out = cpc_loss(z, c, self._W(params))
         dz_gru, _, *dgru = gru_backward(out.grads["c"], gru_cache)  # (B, T, D), ...
         dz = out.grads["z"] + dz_gru  # (B, T, D): direct and through the contexts
-        _, denc = self.encoder.backward(
-            Scoped(params, "encoder"), enc_cache, dz.reshape(-1, dz.shape[2])
-        )
         grads = params.zeros_like()
-        for k, v in denc.items():
-            grads[f"encoder.{k}"][...] = v
+        self.encoder.backward_into(Scoped(params, "encoder"), enc_cache,  # into grads' views
+                                   dz.reshape(-1, dz.shape[2]), Scoped(grads, "encoder"),
+                                   input_grad=False)
         for k, v in zip(_GRU_NAMES, dgru, strict=True):
             grads[f"gru.{k}"][...] = v
         for s in range(self.num_steps):
