@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from refmoco.train import CHECKPOINT, TrainConfig, run
+from refmoco.train import CHECKPOINT, TrainConfig, make_out, run
 
 # (series label, mechanism, dictionary sizes, options other than the defaults). The dictionary
 # size K is the queue size (moco), the number of sampled negatives (memory bank), or the batch
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare")
     args = p.parse_args(argv)
+    make_out(args.out)  # a folder that cannot be made or written: refused before any run
     results = []
     for label, mechanism, sizes, options in GRID:
         for size in sizes:
