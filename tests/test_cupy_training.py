@@ -525,3 +525,45 @@ def test_cli_trains_with_backend_cupy(xp, tmp_path, capsys):
     assert 0 <= summary["final"]["knn_accuracy"] <= 1
     metrics = json.load(open(tmp_path / "o" / "metrics.json"))
     assert metrics["config"]["backend"] == "cupy" and len(metrics["epochs"]) == 1
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_a_moco_step_on_the_device_copies_no_gradient_and_reads_the_device_twice(kind,
+                                                                                  monkeypatch):
+    """What a step costs a GPU's host, watched on the stand-in (no timing): the layers compute
+    the gradients into the buffer's views, so the only strided writes are the convolutions'
+    transposed weight gradients, the unshuffle of the keys and the enqueue (before, one more per
+    parameter); and the device is read twice, at the end (the queue's finiteness check and the
+    statistics), never in the middle of the step."""
+    import fake_cupy
+
+    xp = fake_device(monkeypatch)
+    writes, reads = [], []
+    setitem = fake_cupy.FakeDeviceArray.__setitem__
+
+    def watched_setitem(self, idx, value):
+        writes.append(self._a.shape)
+        return setitem(self, idx, value)
+
+    monkeypatch.setattr(fake_cupy.FakeDeviceArray, "__setitem__", watched_setitem)
+    for name in ("get", "__float__", "__int__", "__bool__"):
+        method = getattr(fake_cupy.FakeDeviceArray, name)
+
+        def read(self, *args, method=method, name=name, **kwargs):
+            reads.append(name)
+            return method(self, *args, **kwargs)
+
+        monkeypatch.setattr(fake_cupy.FakeDeviceArray, name, read)
+    enc, shape = build(kind)
+    params, buffers = enc.init(np.random.default_rng(0), "float32", backend="cupy")
+    mech = MoCo(enc, params, buffers, SGD(LR, momentum=SGD_M, weight_decay=WD, backend="cupy"),
+                momentum=0.9, temperature=T, queue=Queue(16, 6, dtype="float32", backend="cupy"))
+    x_q, x_k = views(shape, 8, 0, "float32")
+    x_q, x_k = xp.asarray(x_q), xp.asarray(x_k)
+    mech.step(x_q, x_k, np.arange(8), LR)  # the first step makes the optimizer's buffer
+    writes.clear(), reads.clear()
+    stats = mech.step(x_q, x_k, np.arange(8) + 8, LR)
+    convs = [w.shape for w in (params[k] for k in params) if w.ndim == 4]
+    assert sorted(writes) == sorted([*convs, (8, 6), (16, 6)]), writes  # dw's; k; the queue
+    assert len(reads) == 2, reads
+    assert np.isfinite(stats.loss)
