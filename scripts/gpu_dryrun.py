@@ -15,8 +15,9 @@ tests/test_cuda_sim.py runs them).
     python scripts/gpu_dryrun.py            # both
     python scripts/gpu_dryrun.py count      # device operations in one MoCo step (the bench's)
 
-``count`` tallies, for one training step of each bench encoder, the stand-in's device operations
-by name: each CuPy function, array method or operator call (in-place ones too), strided write
+``count`` tallies, for one training step of each bench encoder and each way of launching the
+Numba CUDA kernels (``REFMOCO_CUDA_LAUNCHER``: with CuPy's, ReLU's backward is one kernel), the
+stand-in's device operations by name: each CuPy function, array method or operator call (in-place ones too), strided write
 (``setitem``), gather (indexing with an array), copy of a host array to the device (``asarray``)
 and Numba CUDA kernel launch. Views (``reshape``, ``transpose``, ``T``) launch nothing on a GPU, nor
 does ``ascontiguousarray`` of an array that is contiguous already (nor ``reshape`` of one whose
@@ -173,13 +174,17 @@ def count_step_ops():
         else:
             dx[...] = dy * gamma * inv_std
 
+    def relu_backward(dy, y, dx):
+        dx._a[...] = dy._a * (y._a > 0)
+
     # in the simulator these take minutes at the bench's sizes: their work by NumPy instead
     normalizing = {}
     for t in (np.float32, np.float64):
         normalizing.update({kernels._normalize_kernel(t): normalize_rows,
                             kernels._normalize_backward_kernel(t): normalize_rows_backward,
                             kernels._bn_forward_kernel(t): bn_forward,
-                            kernels._bn_backward_kernel(t): bn_backward})
+                            kernels._bn_backward_kernel(t): bn_backward,
+                            kernels._relu_backward_kernel(t): relu_backward})
 
     def counted(label, method):  # a launch that does not go through fake_cupy._call
         def run(*args, **kwargs):
@@ -224,17 +229,21 @@ def count_step_ops():
     kernels._launch = counted_launch
     views = ("reshape", "transpose", "moveaxis", "ascontiguousarray", "T",  # no launch
              "may_share_memory")
+    launcher_before = kernels.LAUNCHER
     for name, encoder, shape in _step_specs():
         rng, n = np.random.default_rng(0), 256
         xq, xk = (FAKE.asarray(rng.random((n, *shape), dtype=np.float32)) for _ in range(2))
         step = _refmoco_moco_step(encoder, "cupy", xq, xk, 4096, 0.1, 0.99, 0.03)  # a first step
-        counts.clear()
-        step()
-        syncs = sum(v for k, v in counts.items() if k.endswith("(synchronises)"))
-        launches = sum(v for k, v in counts.items() if k not in views) - syncs
-        print(f"{name}: {sum(counts.values()) - syncs} device operations, {launches} without "
-              f"views; {syncs} device-to-host reads")
-        print("  " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+        for launcher in kernels.LAUNCHERS:  # what dispatches on it: ReLU's backward kernel
+            kernels.LAUNCHER = launcher
+            counts.clear()
+            step()
+            syncs = sum(v for k, v in counts.items() if k.endswith("(synchronises)"))
+            launches = sum(v for k, v in counts.items() if k not in views) - syncs
+            print(f"{name}, {launcher} launch: {sum(counts.values()) - syncs} device operations, "
+                  f"{launches} without views; {syncs} device-to-host reads")
+            print("  " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+        kernels.LAUNCHER = launcher_before
     return 0
 
 

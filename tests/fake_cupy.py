@@ -327,6 +327,14 @@ def on_host_momentum_update(real, target, source, momentum, *, backend=None):
     return target
 
 
+def on_host_relu_backward(dy, y):
+    """ReLU's CUDA backward (``refmoco.kernels.cuda.relu_backward``) on the fake: the
+    reference's product on the payloads, in ``dy``'s memory order, as the kernel writes it."""
+    out = np.empty_like(dy._a)  # order "K": dy's memory order
+    np.multiply(dy._a, y._a > 0, out=out)
+    return _wrap(out)
+
+
 def on_host_l2_normalize_rows(x, eps):
     """The CUDA row normalisation (``refmoco.kernels.cuda.l2_normalize_rows``) on the fake: the
     reference's arithmetic on the payload, with its per-row denominator and clamp."""

@@ -69,6 +69,7 @@ def run_kernels(cupy, kernels, host, *, with_cublas=True):
     out += [d["p"], d["buf"]]
     y, denom, clamped = kernels.l2_normalize_rows(d["q"] * 1e-13, 1e-12)  # a clamped row or more
     out += [y, denom, clamped, kernels.l2_normalize_rows_backward(y, d["k"], denom, clamped)]
+    out.append(kernels.relu_backward(d["dy"], d["x_nchw"]))  # x as ReLU's output: signs mixed
     out.append(kernels.im2col(d["x_nhwc"], 3, 3, 2, 1, 4, 4))
     out.append(kernels.col2im(d["dcols"], 7, 7, 2, 1))
     counter = cupy.asarray(np.array(41, np.int64))  # counted in the launch in training

@@ -131,6 +131,8 @@ def all_kernels(kernels, dtype):
     """(name, PTX) of every kernel for one dtype."""
     return [("xent", ptx_of(kernels._xent_kernel(dtype), *xent_args(dtype))),
             ("lerp", ptx_of(kernels._lerp_kernel(dtype), *lerp_args(dtype))),
+            ("relu_backward", ptx_of(kernels._relu_backward_kernel(dtype),
+                                     *(np.zeros(10, dtype) for _ in range(3)))),
             ("sgd", ptx_of(kernels._sgd_kernel(dtype), *sgd_args(dtype))),
             ("normalize", ptx_of(kernels._normalize_kernel(dtype), *normalize_args(dtype))),
             ("normalize_backward", ptx_of(kernels._normalize_backward_kernel(dtype),
@@ -158,7 +160,8 @@ def test_kernels_compile_for_the_gpu(kernels, dtype):
     width = 32 if dtype == np.float32 else 64
     for name in ("xent", "normalize", "normalize_backward"):  # block reductions synchronise
         assert "bar.sync" in ptx[name], name
-    for name in ("xent", "lerp", "sgd", "normalize", "normalize_backward", "col2im"):
+    for name in ("xent", "lerp", "sgd", "normalize", "normalize_backward", "col2im",
+                 "relu_backward"):
         assert float_arithmetic(ptx[name], width), name
 
 
@@ -280,6 +283,8 @@ def every_launch(kernels, dtype):
     t = np.dtype(dtype).type
     return [("xent", kernels._xent_kernel(dtype), xent_args(dtype)),
             ("lerp", kernels._lerp_kernel(dtype), lerp_args(dtype)),
+            ("relu_backward", kernels._relu_backward_kernel(dtype),
+             (np.zeros(10, dtype), np.zeros(10, dtype), np.zeros(10, dtype))),
             ("sgd", kernels._sgd_kernel(dtype), sgd_args(dtype)),
             ("normalize", kernels._normalize_kernel(dtype), normalize_args(dtype)),
             ("normalize_backward", kernels._normalize_backward_kernel(dtype),

@@ -83,11 +83,42 @@ def child() -> None:
         bn_cases(rng, dtype)
         sgd_cases(rng, dtype)
         normalize_cases(rng, dtype)
+        relu_cases(rng, dtype)
 
 
 # (rows, columns): rows beyond 3 blocks, columns beyond 4 threads, one column
 NORMALIZE_SHAPES = [(1, 1), (5, 3), (7, 9), (4, 1)]
 NORMALIZE_TOL = {"float64": 1e-13, "float32": 1e-5}  # relative to the size of the terms
+
+
+# (shape, channels-last memory): more elements than 3 blocks of 4 threads (grid-stride loop)
+RELU_SHAPES = [((7,), False), ((5, 3), False), ((4, 5, 3, 2), False), ((4, 5, 3, 2), True),
+               ((2, 3, 1, 1), True)]
+
+
+def relu_cases(rng, dtype) -> None:
+    """ReLU's backward kernel against ``dy * (y > 0)``, bitwise: the zeros' signs and where the
+    NaNs are included (``y``: both zeros, a subnormal, the infinities, NaN; ``dy``: negatives,
+    NaN)."""
+    from refmoco.kernels import cuda as kernels
+
+    special = np.array([0.0, -0.0, np.finfo(dtype).smallest_subnormal, np.inf, -np.inf, np.nan],
+                       dtype)
+    for shape, last in RELU_SHAPES:
+        y = np.maximum(rng.standard_normal(shape), 0).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        y.reshape(-1)[:len(special)] = special[:y.size]
+        dy.reshape(-1)[-1] = np.nan
+        if last:
+            y, dy = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+                     for a in (y, dy))
+        want = dy * (y > 0)
+        fits = kernels.relu_backward_fits(dy, y)
+        got = kernels.relu_backward(dy, y)
+        same_bits = (np.array_equal(np.isnan(got), np.isnan(want))
+                     and np.array_equal(np.signbit(got), np.signbit(want)))
+        report(f"relu {dtype} {shape} last={last}", "dx", np.nan_to_num(got), np.nan_to_num(want),
+               0.0, fits and same_bits and got.dtype == want.dtype and got.strides == want.strides)
 
 
 def normalize_cases(rng, dtype) -> None:
@@ -296,6 +327,13 @@ def test_normalize_kernels_match_the_reference(results):
     rows = [r for r in results if r["case"].startswith("normalize")]
     assert len(rows) == 3 * 2 * 2 * len(NORMALIZE_SHAPES)  # y, dx, clamped; dtypes; layouts
     bad = [r for r in rows if not (r["ok"] and r["over"] <= 0)]
+    assert not bad, bad[:5]
+
+
+def test_relu_backward_kernel_is_bitwise_the_reference(results):
+    rows = [r for r in results if r["case"].startswith("relu")]
+    assert len(rows) == 2 * len(RELU_SHAPES)
+    bad = [r for r in rows if not (r["ok"] and r["err"] == 0)]
     assert not bad, bad[:5]
 
 

@@ -209,6 +209,47 @@ def test_l2_normalize_on_the_device_dispatches_rows_to_its_kernel(shape, axis, d
                                                         else "float32")
 
 
+@pytest.mark.parametrize("shape, dy_last, y_last, dtype, launcher, kernel", [
+    ((5, 3), False, False, "float32", "cupy", True),
+    ((4, 5, 3, 2), True, True, "float64", "cupy", True),  # channels-last, as the CNN's
+    ((4, 5, 3, 2), False, False, "float32", "cupy", True),
+    ((4, 5, 3, 2), True, False, "float32", "cupy", False),  # two memory orders
+    ((5, 3), False, False, "float16", "cupy", False),
+    ((0, 3), False, False, "float32", "cupy", False),
+    ((5, 3), False, False, "float32", "numba", False),  # numba-cuda's launch: CuPy's two ops
+])
+def test_relu_backward_on_the_device_takes_its_kernel_only_with_the_cupy_launcher(
+        shape, dy_last, y_last, dtype, launcher, kernel, monkeypatch):
+    """ReLU's backward is one CUDA launch where launches are cheap (REFMOCO_CUDA_LAUNCHER=cupy)
+    and ``dy`` and ``y`` share a float32/float64 dtype and a memory order; else the reference's
+    two CuPy operations. Both give the NumPy reference's values bitwise, in ``dy``'s memory
+    order (the stand-in runs the kernel's reference on the host; tests/test_cuda_sim.py runs
+    the kernel)."""
+    import fake_cupy
+
+    from refmoco.kernels import cuda as kernels
+
+    xp = fake_device(monkeypatch)
+    calls = []
+    monkeypatch.setattr(kernels, "LAUNCHER", launcher)
+    monkeypatch.setattr(kernels, "relu_backward",
+                        lambda *a: calls.append(1) or fake_cupy.on_host_relu_backward(*a))
+    rng = np.random.default_rng(0)
+    x, dy = (rng.normal(size=shape).astype(dtype) for _ in range(2))
+
+    def laid_out(a, last):
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1) if last else a
+
+    x, dy = laid_out(x, y_last), laid_out(dy, dy_last)
+    y, cache = F.relu_forward(xp.asarray(x))
+    dx = F.relu_backward(xp.asarray(dy), cache)
+    assert len(calls) == kernel
+    want = dy * (x > 0)
+    assert dx.dtype == want.dtype and dx.strides == want.strides  # dy's memory order
+    np.testing.assert_array_equal(to_numpy(dx), want)
+    assert np.array_equal(np.signbit(to_numpy(dx)), np.signbit(want))
+
+
 # -- host-only checks of the transfer logic ---------------------------------------------------------
 
 

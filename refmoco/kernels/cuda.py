@@ -453,6 +453,62 @@ def l2_normalize_rows_backward(y, dy, denom, clamped):
     return dx
 
 
+# -- ReLU's backward -------------------------------------------------------------------------------
+
+
+@functools.cache
+def _relu_backward_kernel(dtype):
+    """``dx = dy * (y > 0)`` for one float dtype, grid-stride over the memory: the mask as 1 or
+    0 in the dtype and the reference's product (a NaN in ``dy`` survives a 0 of the mask, a
+    negative ``dy`` gives -0)."""
+    cast = numba.from_dtype(np.dtype(dtype))
+
+    def relu_backward(dy, y, dx):
+        one, zero = cast(1), cast(0)
+        for i in range(cuda.grid(1), dy.shape[0], cuda.gridsize(1)):
+            dx[i] = dy[i] * (one if y[i] > 0 else zero)
+
+    return cuda_jit(relu_backward)
+
+
+def _memory(a):
+    """``a``'s memory as a 1-d view, element order as stored, for a C-contiguous or a
+    channels-last ``a`` (else None)."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1)
+    if a.ndim > 2:
+        channels_last = a.transpose(0, *range(2, a.ndim), 1)  # (N, ..., C), a view
+        if channels_last.flags.c_contiguous:
+            return channels_last.reshape(-1)
+    return None
+
+
+def relu_backward_fits(dy, y):
+    """Whether :func:`relu_backward` takes ``dy`` and ``y``: one float32/float64 dtype, one
+    non-empty shape, and the same memory order (both C-contiguous, or both channels-last)."""
+    if not (dy.dtype in KERNEL_DTYPES and y.dtype == dy.dtype and y.shape == dy.shape
+            and dy.size):
+        return False
+    if dy.flags.c_contiguous:
+        return bool(y.flags.c_contiguous)
+    return _memory(dy) is not None and not y.flags.c_contiguous and _memory(y) is not None
+
+
+def relu_backward(dy, y):
+    """ReLU's ``dx = dy * (y > 0)`` in one launch (the reference makes two: the mask, the
+    product), bitwise the reference, ``dx`` in ``dy``'s memory order; for arrays that
+    :func:`relu_backward_fits`."""
+    from ..nn import functional as F
+
+    xp = namespace_of(dy)
+    flat = xp.empty(dy.size, dy.dtype)
+    _launch(_relu_backward_kernel(dy.dtype.type), _blocks(dy.size), _memory(dy), _memory(y),
+            flat)
+    if dy.flags.c_contiguous:
+        return flat.reshape(dy.shape)
+    return F.from_channel_rows(flat.reshape(-1, dy.shape[1]), dy.shape)  # channels-last
+
+
 # -- momentum update ----------------------------------------------------------------------------
 
 

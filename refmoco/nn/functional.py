@@ -272,6 +272,12 @@ def relu_backward(dy, cache):
         from refmoco.kernels import nn_cpu
 
         return nn_cpu.relu_backward(dy, cache)
+    if cache.backend == "cupy":
+        from refmoco.kernels import cuda
+
+        # one launch for two CuPy ones: worth it only where a launch costs what CuPy's does
+        if cuda.LAUNCHER == "cupy" and cuda.relu_backward_fits(dy, cache.y):
+            return cuda.relu_backward(dy, cache.y)
     return dy * cache.mask
 
 
