@@ -201,6 +201,9 @@ def test_relu_flatten_pool_l2_grads(seed, shape):
         check_layer_grads(layer, x, True, rng)
     if len(shape) == 4:
         check_layer_grads(GlobalAvgPool2d(), x, True, rng)
+        y, cache = GlobalAvgPool2d().forward({}, {}, x)
+        dx, _ = GlobalAvgPool2d().backward({}, cache, np.ones_like(y))
+        assert np.moveaxis(dx, 1, -1).flags.c_contiguous  # channels-last, as the convolutions'
 
 
 def test_l2_normalize_layer_is_losses_l2_normalize():

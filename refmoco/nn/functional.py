@@ -463,9 +463,11 @@ def global_avg_pool_forward(x):
 
 
 def global_avg_pool_backward(dy, x_shape):
-    """Gradient ``dx`` (N, C, H, W) of :func:`global_avg_pool_forward`."""
-    H, W = x_shape[2], x_shape[3]
+    """Gradient ``dx`` (N, C, H, W) of :func:`global_avg_pool_forward`, with channels-last
+    memory, as the convolutions' outputs before it (so that the ReLU and batch norm kernels
+    read it as (rows, C) rows, without a copy)."""
+    N, C, H, W = x_shape
     xp = namespace_of(dy)
-    dx = xp.empty(x_shape, dtype=dy.dtype)
+    dx = xp.empty((N, H, W, C), dtype=dy.dtype).transpose(0, 3, 1, 2)  # (N, C, H, W) view
     xp.divide(dy[:, :, None, None], H * W, out=dx)  # dy / (H W), the same at every pixel
     return dx
