@@ -243,6 +243,32 @@ def test_relu_cache_is_its_output_and_the_gradient_passes_where_x_is_positive(ba
     np.testing.assert_array_equal(F.relu_backward(dy, cache), np.where(x > 0, dy, 0.0))
 
 
+def test_elementwise_passes_on_several_threads_give_the_bits_of_one(monkeypatch):
+    """Batch norm's normalisation and input gradient and ReLU's two passes are cut into parts
+    of rows on several threads from ELEMENTWISE_MIN elements a thread: elementwise, so the
+    result is bitwise the one-thread result (a channels-last 4-d input, as the CNN's)."""
+    from refmoco.kernels import _jit, nn_cpu
+
+    rng = np.random.default_rng(3)
+    x = channels_last(rng.standard_normal((49, 64, 16, 16)).astype(np.float32))  # > 3 * 2^18
+    dy = channels_last(rng.standard_normal(x.shape).astype(np.float32))
+    gamma, beta = rng.standard_normal(64).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    assert x.size // nn_cpu.ELEMENTWISE_MIN >= 3  # three parts below, none too small
+
+    def run():
+        stats = np.zeros(64, np.float32), np.ones(64, np.float32)
+        y, cache = F.batch_norm_forward(x, gamma, beta, *stats, train=True, backend="numba")
+        dx, dgamma, dbeta = F.batch_norm_backward(dy, cache)
+        r, rc = F.relu_forward(y, backend="numba")
+        return [y, cache.x_hat, *stats, dx, dgamma, dbeta, r, F.relu_backward(dx, rc)]
+
+    monkeypatch.setattr(_jit, "num_threads", lambda: 3)
+    parts = run()
+    monkeypatch.setattr(nn_cpu, "ELEMENTWISE_MIN", x.size + 1)  # one part each
+    for i, (a, b) in enumerate(zip(parts, run(), strict=True)):
+        assert a.strides == b.strides and np.array_equal(a.view(np.uint32), b.view(np.uint32)), i
+
+
 def _bn_both(x, params, *, train, dy_dtype=None):
     """Forward and backward of batch norm on both backends, each on its own copy of the
     running statistics; returns {backend: (y, running_mean, running_var, dx, dgamma, dbeta)}."""

@@ -47,6 +47,7 @@ def _fits(*arrays):
 # -- convolution ----------------------------------------------------------------------------------
 
 PARALLEL_MIN = 1 << 19  # copied elements per thread below which one thread is faster
+ELEMENTWISE_MIN = 1 << 18  # the same for the elementwise passes (as the momentum update's)
 
 
 @jit
@@ -134,7 +135,7 @@ def _column_mean_var(x):
 
 
 @jit
-def _normalize(x, mean, inv_std, gamma, beta, x_hat, y):
+def _normalize(x, x_hat, y, mean, inv_std, gamma, beta):
     """``x_hat = (x - mean) inv_std``, ``y = gamma x_hat + beta``, row by row (one pass)."""
     m, ch = x.shape
     for r in range(m):
@@ -158,7 +159,7 @@ def _column_sums(dy, x_hat):
 
 
 @jit
-def _bn_input_grad(dy, x_hat, scale, mean_dy, mean_dy_xhat, dx):
+def _bn_input_grad(dy, x_hat, dx, scale, mean_dy, mean_dy_xhat):
     """``dx = scale (dy - mean(dy) - x_hat mean(dy x_hat))`` with ``scale = gamma inv_std``."""
     m, ch = dy.shape
     for r in range(m):
@@ -186,7 +187,8 @@ def batch_norm_forward(x, gamma, beta, running_mean, running_var, *, train, mome
     inv_std = (1 / np.sqrt(var + eps)).astype(dtype, copy=False)  # (C,)
     x_hat = np.empty_like(x2)
     y = np.empty_like(x2)
-    _normalize(x2, mean, inv_std, gamma, beta, x_hat, y)
+    run_parts(_normalize, (x2, x_hat, y), (mean, inv_std, gamma, beta), work=x2.size,
+              min_work=ELEMENTWISE_MIN)  # parts: groups of rows
     view = (1, -1) + (1,) * (x.ndim - 2)
     cache = BatchNormCache(F.from_channel_rows(x_hat, x.shape), inv_std.reshape(view),
                            gamma.reshape(view), train, "numba")
@@ -209,7 +211,8 @@ def batch_norm_backward(dy, cache, out=None):
         scale = (g * inv_std).reshape(-1)  # gamma / sqrt(var + eps), (C,)
         mean_dy, mean_dy_xhat = (dbeta64 / m).astype(dtype), (dgamma64 / m).astype(dtype)
         dx = np.empty_like(dy2)
-        _bn_input_grad(dy2, x_hat2, scale, mean_dy, mean_dy_xhat, dx)
+        run_parts(_bn_input_grad, (dy2, x_hat2, dx), (scale, mean_dy, mean_dy_xhat),
+                  work=dy2.size, min_work=ELEMENTWISE_MIN)
     else:  # constants: dx = gamma inv_std dy
         dx = dy2 * g.reshape(-1)
         dx *= inv_std.reshape(-1)
@@ -265,7 +268,7 @@ def relu_forward(x):
         return y, cache._replace(backend="numba")
     flat, back = _flat(x)
     y = np.empty_like(flat)
-    _relu(flat, y)
+    run_parts(_relu, (flat, y), work=flat.size, min_work=ELEMENTWISE_MIN)
     y = back(y)
     return y, ReLUCache(y, "numba")
 
@@ -278,5 +281,5 @@ def relu_backward(dy, cache):
     flat_dy, back = _flat(dy)
     flat_y, _ = _flat(y)
     dx = np.empty_like(flat_dy)
-    _relu_grad(flat_dy, flat_y, dx)
+    run_parts(_relu_grad, (flat_dy, flat_y, dx), work=dx.size, min_work=ELEMENTWISE_MIN)
     return back(dx)
