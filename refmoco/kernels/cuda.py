@@ -471,27 +471,14 @@ def _relu_backward_kernel(dtype):
     return cuda_jit(relu_backward)
 
 
-def _memory(a):
-    """``a``'s memory as a 1-d view, element order as stored, for a C-contiguous or a
-    channels-last ``a`` (else None)."""
-    if a.flags.c_contiguous:
-        return a.reshape(-1)
-    if a.ndim > 2:
-        channels_last = a.transpose(0, *range(2, a.ndim), 1)  # (N, ..., C), a view
-        if channels_last.flags.c_contiguous:
-            return channels_last.reshape(-1)
-    return None
-
-
 def relu_backward_fits(dy, y):
     """Whether :func:`relu_backward` takes ``dy`` and ``y``: one float32/float64 dtype, one
     non-empty shape, and the same memory order (both C-contiguous, or both channels-last)."""
-    if not (dy.dtype in KERNEL_DTYPES and y.dtype == dy.dtype and y.shape == dy.shape
-            and dy.size):
-        return False
-    if dy.flags.c_contiguous:
-        return bool(y.flags.c_contiguous)
-    return _memory(dy) is not None and not y.flags.c_contiguous and _memory(y) is not None
+    from ..nn import functional as F
+
+    order = F.memory_order(dy)
+    return bool(dy.dtype in KERNEL_DTYPES and y.dtype == dy.dtype and y.shape == dy.shape
+                and dy.size and order is not None and F.memory_order(y) == order)
 
 
 def relu_backward(dy, y):
@@ -501,12 +488,11 @@ def relu_backward(dy, y):
     from ..nn import functional as F
 
     xp = namespace_of(dy)
+    flat_dy, back = F.flat_memory(dy)
     flat = xp.empty(dy.size, dy.dtype)
-    _launch(_relu_backward_kernel(dy.dtype.type), _blocks(dy.size), _memory(dy), _memory(y),
-            flat)
-    if dy.flags.c_contiguous:
-        return flat.reshape(dy.shape)
-    return F.from_channel_rows(flat.reshape(-1, dy.shape[1]), dy.shape)  # channels-last
+    _launch(_relu_backward_kernel(dy.dtype.type), _blocks(dy.size), flat_dy,
+            F.flat_memory(y)[0], flat)
+    return back(flat)
 
 
 # -- momentum update ----------------------------------------------------------------------------

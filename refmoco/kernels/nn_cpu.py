@@ -242,31 +242,12 @@ def _relu_grad(dy, y, dx):
         dx[i] = dy[i] * (y[i] > 0)
 
 
-def _order(a):
-    """``"C"`` for C-contiguous memory, ``"last"`` for channels-last, else None."""
-    if a.flags.c_contiguous:
-        return "C"
-    if a.ndim > 2 and np.moveaxis(a, 1, -1).flags.c_contiguous:
-        return "last"
-    return None
-
-
-def _flat(x):
-    """``x``'s memory as a 1-d array (a view when x is C-contiguous or channels-last, else a
-    C-ordered copy) and the function that gives a 1-d result of that memory back x's shape and
-    strides."""
-    if _order(x) == "last":
-        rows = F.channel_rows(x)  # (rows, C), a view
-        return rows.reshape(-1), lambda r: F.from_channel_rows(r.reshape(rows.shape), x.shape)
-    return np.ascontiguousarray(x).reshape(-1), lambda r: r.reshape(x.shape)
-
-
 def relu_forward(x):
     """As :func:`refmoco.nn.functional.relu_forward`, in one pass."""
     if not _fits(x):
         y, cache = F.relu_forward(x, backend="numpy")
         return y, cache._replace(backend="numba")
-    flat, back = _flat(x)
+    flat, back = F.flat_memory(x)
     y = np.empty_like(flat)
     run_parts(_relu, (flat, y), work=flat.size, min_work=ELEMENTWISE_MIN)
     y = back(y)
@@ -276,10 +257,11 @@ def relu_forward(x):
 def relu_backward(dy, cache):
     """As :func:`refmoco.nn.functional.relu_backward`."""
     y = cache.y
-    if not _fits(dy, y) or _order(y) is None or _order(y) != _order(dy):  # NumPy's product
+    order = F.memory_order(y)
+    if not _fits(dy, y) or order is None or order != F.memory_order(dy):  # NumPy's product
         return dy * cache.mask
-    flat_dy, back = _flat(dy)
-    flat_y, _ = _flat(y)
+    flat_dy, back = F.flat_memory(dy)
+    flat_y, _ = F.flat_memory(y)
     dx = np.empty_like(flat_dy)
     run_parts(_relu_grad, (flat_dy, flat_y, dx), work=dx.size, min_work=ELEMENTWISE_MIN)
     return back(dx)

@@ -313,6 +313,26 @@ def from_channel_rows(rows, shape):
     return y.transpose(0, y.ndim - 1, *range(1, y.ndim - 1))  # (N, C, ...): the last axis to 1
 
 
+def memory_order(a):
+    """``"C"`` for C-contiguous memory, ``"last"`` for channels-last memory (an (N, ..., C)
+    array seen as (N, C, ...), as the convolutions make them), else None."""
+    if a.flags.c_contiguous:
+        return "C"
+    if a.ndim > 2 and a.transpose(0, *range(2, a.ndim), 1).flags.c_contiguous:
+        return "last"
+    return None
+
+
+def flat_memory(a):
+    """``a``'s memory as a 1-d array (a view when :func:`memory_order` names it, else a C-ordered
+    copy) and the function that gives a 1-d result laid out as that memory back ``a``'s shape
+    and memory order: what the elementwise kernels (Numba CPU and CUDA) run over."""
+    if memory_order(a) == "last":
+        rows = channel_rows(a)  # (rows, C), a view
+        return rows.reshape(-1), lambda r: from_channel_rows(r.reshape(rows.shape), a.shape)
+    return namespace_of(a).ascontiguousarray(a).reshape(-1), lambda r: r.reshape(a.shape)
+
+
 def update_running_stats(running_mean, running_var, mean, var, m, momentum):
     """In place, PyTorch's update from a batch of ``m`` values per channel: the running variance
     tracks the unbiased variance ``var * m / (m - 1)``."""
