@@ -54,7 +54,7 @@ from refmoco.nn.layers import (
     ReLU,
     check_dtype,
 )
-from refmoco.nn.params import FlatParams
+from refmoco.nn.params import FlatParams, flat_size
 from refmoco.nn.sequential import Scoped, Sequential
 
 
@@ -272,8 +272,7 @@ class Model:
                 return grads
         shapes, xp = self.param_shapes(), np if xp is None else xp
         dtype = np.dtype("float32") if dtype is None else dtype  # no parameters: empty
-        size = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
-        return FlatParams(shapes, dtype, flat=xp.zeros(size, dtype))  # what no layer writes: 0
+        return FlatParams(shapes, dtype, flat=xp.zeros(flat_size(shapes), dtype))  # unwritten: 0
 
     @staticmethod
     def _finish(grads: FlatParams | None, target: FlatParams) -> FlatParams:

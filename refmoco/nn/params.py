@@ -43,6 +43,11 @@ from refmoco.backend import (
 from refmoco.nn.layers import check_dtype
 
 
+def flat_size(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The number of entries of a flat buffer holding arrays of these shapes."""
+    return sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+
+
 class FlatParams(Mapping):
     """Named parameter arrays that are views into one 1-D buffer.
 
@@ -82,7 +87,7 @@ class FlatParams(Mapping):
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype: Any = "float32", *, flat=None):
         self.dtype = check_dtype(dtype)
         self.shapes = {str(k): tuple(int(n) for n in s) for k, s in shapes.items()}
-        self.size = sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes.values())
+        self.size = flat_size(self.shapes)
         if flat is None:
             flat = np.zeros(self.size, self.dtype)
         elif not (
@@ -117,8 +122,7 @@ class FlatParams(Mapping):
             dtype = next(iter(arrays.values())).dtype if arrays else "float32"
         dtype = check_dtype(dtype)
         shapes = {k: tuple(a.shape) for k, a in arrays.items()}
-        size = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
-        p = cls(shapes, dtype, flat=xp.empty(size, dtype=dtype))
+        p = cls(shapes, dtype, flat=xp.empty(flat_size(shapes), dtype=dtype))
         p.load_state_dict(arrays)
         return p
 
